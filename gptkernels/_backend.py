@@ -1,0 +1,122 @@
+"""Backend selection: which implementation serves a call.
+
+Every public op takes ``backend=None | "triton" | "cuda" | "torch"`` and resolves it here, so the
+rules live in one place:
+
+* ``None``: ``$GPTKERNELS_BACKEND`` if set, else the fastest backend for the tensors' device:
+  ``"triton"`` on CUDA tensors (``"cuda"`` if Triton is missing), ``"torch"`` on CPU tensors, except
+  under ``TRITON_INTERPRET=1`` where CPU tensors go to ``"triton"`` (that is how CPU tests run kernels).
+* An explicit backend that cannot serve the call raises :class:`BackendUnavailableError` saying why.
+  Nothing ever falls back silently.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("triton", "cuda", "torch")
+ENV_BACKEND = "GPTKERNELS_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot serve this call (not built, wrong device, unsupported option)."""
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def debug_checks() -> bool:
+    """True under ``GPTKERNELS_DEBUG=1``: run the input checks that need a device sync."""
+    return os.environ.get("GPTKERNELS_DEBUG", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as e:  # pragma: no cover - triton ships with Linux torch
+        return f"triton cannot be imported ({type(e).__name__}: {e})"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_ext_import_error() -> str | None:
+    try:
+        from gptkernels import _C  # noqa: F401
+    except Exception as e:
+        return (
+            "the CUDA extension gptkernels._C is not built "
+            f"({type(e).__name__}: {e}); build it with `pip install --no-build-isolation -e .` "
+            "or `python setup.py build_ext --inplace` on a machine with nvcc and a CUDA build of torch"
+        )
+    return None
+
+
+def unavailable_reason(backend: str, device: torch.device | str | None = None) -> str | None:
+    """Why ``backend`` cannot run on ``device`` (None: it can). ``device=None`` asks about this machine."""
+    if backend not in BACKENDS:
+        return f"unknown backend {backend!r}; expected one of {BACKENDS}"
+    dev_type = None if device is None else torch.device(device).type
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        err = _triton_import_error()
+        if err:
+            return err
+        if dev_type is None:
+            if torch.cuda.is_available() or triton_interpret():
+                return None
+            return "no CUDA GPU is visible and TRITON_INTERPRET=1 is not set (the CPU interpreter)"
+        if dev_type == "cuda":
+            if triton_interpret():
+                return "TRITON_INTERPRET=1 is set: Triton kernels run on CPU tensors, not CUDA tensors"
+            return None
+        if dev_type == "cpu":
+            if triton_interpret():
+                return None
+            return ("Triton kernels run on CPU tensors only in the interpreter: set TRITON_INTERPRET=1 "
+                    "before importing triton")
+        return f"Triton kernels do not run on {dev_type} tensors"
+    # cuda
+    err = _cuda_ext_import_error()
+    if err:
+        return err
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible (torch.cuda.is_available() is False)"
+    if dev_type not in (None, "cuda"):
+        return f"the CUDA extension runs on CUDA tensors, got {dev_type} tensors"
+    return None
+
+
+def backends() -> dict[str, str | None]:
+    """Every backend and why it is unavailable on this machine (None where it is available)."""
+    return {b: unavailable_reason(b) for b in BACKENDS}
+
+
+def resolve(backend: str | None, device: torch.device, op: str) -> str:
+    """The backend that serves ``op`` on tensors of ``device``; raises if the choice cannot."""
+    if backend is None:
+        backend = os.environ.get(ENV_BACKEND) or None
+        source = f"${ENV_BACKEND}"
+    else:
+        source = "backend="
+    if backend is None:
+        if device.type == "cuda":
+            backend = "triton" if _triton_import_error() is None else "cuda"
+        elif device.type == "cpu" and triton_interpret():
+            backend = "triton"
+        else:
+            backend = "torch"
+        source = "the default choice"
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be None or one of {BACKENDS}, got {backend!r} (from {source})")
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        raise BackendUnavailableError(f"{op}: backend {backend!r} (from {source}) is unavailable: {reason}")
+    return backend

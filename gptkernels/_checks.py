@@ -1,0 +1,133 @@
+"""Input checks shared by every op and backend.
+
+Each check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong shape, value
+or device) with a message that names the argument and says what was expected. Checks that would need
+a device sync (the *values* of index tensors) are in :func:`debug_enabled` blocks of the callers and
+run only under ``GPTKERNELS_DEBUG=1``; the kernels mask their loads so unchecked indices stay in bounds.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+from ._backend import debug_checks as debug_enabled  # noqa: F401  (re-exported for callers)
+
+#: dtypes the kernels compute in (activations, caches).
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: largest head dim the attention kernels support.
+MAX_HEAD_DIM = 256
+
+
+def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tensor(
+    x,
+    name: str,
+    *,
+    ndim: int | Sequence[int] | None = None,
+    dtypes: Sequence[torch.dtype] | None = None,
+    op: str,
+) -> torch.Tensor:
+    """``x`` is a tensor with one of ``ndim`` dimensions and one of ``dtypes``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if x.dim() not in allowed:
+            want = " or ".join(str(n) for n in allowed)
+            raise ValueError(f"{op}: {name} must have {want} dimensions, got shape {tuple(x.shape)}")
+    if dtypes is not None and x.dtype not in dtypes:
+        raise TypeError(f"{op}: {name} must have dtype {_dtype_names(dtypes)}, got {x.dtype}")
+    return x
+
+
+def check_same_dtype(op: str, ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
+    for name, t in others.items():
+        if t is not None and t.dtype != ref.dtype:
+            raise TypeError(f"{op}: {name} must have the same dtype as {ref_name} ({ref.dtype}), got {t.dtype}")
+
+
+def check_same_device(op: str, ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{op}: {name} must be on {ref_name}'s device ({ref.device}), got {t.device}")
+
+
+def check_dim(op: str, name: str, x: torch.Tensor, dim: int, expected: int, what: str) -> None:
+    """``x.shape[dim] == expected``; ``what`` says where ``expected`` comes from."""
+    if x.shape[dim] != expected:
+        raise ValueError(
+            f"{op}: {name}.shape[{dim}] must be {expected} ({what}), got shape {tuple(x.shape)}"
+        )
+
+
+def check_head_dim(op: str, name: str, head_dim: int, max_head_dim: int = MAX_HEAD_DIM) -> None:
+    if head_dim < 1 or head_dim > max_head_dim:
+        raise ValueError(f"{op}: head dim of {name} must be between 1 and {max_head_dim}, got {head_dim}")
+
+
+def check_gqa(op: str, hq: int, hkv: int, q_name: str = "q", kv_name: str = "k") -> int:
+    """Query heads must be a multiple of KV heads; returns the group size Hq // Hkv."""
+    if hkv < 1 or hq % hkv != 0:
+        raise ValueError(
+            f"{op}: the number of heads of {q_name} ({hq}) must be a multiple of the number of heads "
+            f"of {kv_name} ({hkv}) (GQA/MQA)"
+        )
+    return hq // hkv
+
+
+def check_window(op: str, window, causal: bool) -> int | None:
+    """``window`` is None or an int >= 1, and needs causal attention."""
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, int):
+        raise TypeError(f"{op}: window must be None or an int >= 1, got {window!r}")
+    if window < 1:
+        raise ValueError(f"{op}: window must be >= 1 (the number of keys a query sees, itself included), got {window}")
+    if not causal:
+        raise ValueError(f"{op}: window={window} needs causal attention (causal=True / is_causal=True)")
+    return window
+
+
+def check_scale(op: str, name: str, scale) -> None:
+    if scale is None:
+        return
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{op}: {name} must be None or a float, got {scale!r}")
+    if not (scale == scale) or scale in (float("inf"), float("-inf")):
+        raise ValueError(f"{op}: {name} must be finite, got {scale}")
+
+
+def check_index_tensor(
+    op: str, name: str, x, *, ndim: int, dtypes: Sequence[torch.dtype], device: torch.device
+) -> torch.Tensor:
+    """An integer index tensor (cu_seqlens, block tables, slot mappings, positions)."""
+    check_tensor(x, name, ndim=ndim, dtypes=dtypes, op=op)
+    if x.device != device:
+        raise ValueError(f"{op}: {name} must be on the same device as the data ({device}), got {x.device}")
+    return x
+
+
+def check_cu_seqlens(op: str, name: str, cu: torch.Tensor, batch: int | None, total: int) -> None:
+    """Shape/dtype of cu_seqlens; under GPTKERNELS_DEBUG=1 also its values (starts at 0, non-decreasing,
+    ends at ``total``)."""
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{op}: {name} must be a 1-D int32 tensor of B+1 running offsets, got shape {tuple(cu.shape)}")
+    if batch is not None and cu.numel() != batch + 1:
+        raise ValueError(
+            f"{op}: {name} must have B+1 = {batch + 1} entries (like the other cu_seqlens), got {cu.numel()}"
+        )
+    if debug_enabled():
+        c = cu.to("cpu", torch.int64)
+        if int(c[0]) != 0:
+            raise ValueError(f"{op}: {name}[0] must be 0, got {int(c[0])}")
+        if bool((c[1:] < c[:-1]).any()):
+            raise ValueError(f"{op}: {name} must be non-decreasing, got {c.tolist()}")
+        if int(c[-1]) != total:
+            raise ValueError(
+                f"{op}: {name}[-1] must equal the number of packed tokens ({total}), got {int(c[-1])}"
+            )

@@ -1,0 +1,320 @@
+"""Public attention API: :func:`flash_attn` and the SDPA drop-in :func:`sdpa`.
+
+Checks inputs at the boundary, resolves the backend, and runs either the eager reference
+(``"torch"``) or a kernel backend through the ``torch.library`` ops ``gptkernels::flash_attn_fwd`` /
+``gptkernels::flash_attn_bwd``, so that ``torch.compile(fullgraph=True)`` sees one opaque op with a
+fake (meta) implementation and an autograd formula.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import _checks as C
+from . import reference
+from ._backend import BackendUnavailableError, resolve
+from ._ops import backend_fn, needs_grad
+
+OP = "flash_attn"
+
+# --------------------------------------------------------------------------------------------------
+# torch.library ops (kernel backends only: "torch" is plain eager code that autograd and
+# torch.compile trace by themselves)
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("gptkernels::flash_attn_fwd", mutates_args=())
+def _flash_attn_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: Optional[torch.Tensor],
+    cu_seqlens_k: Optional[torch.Tensor],
+    block_table: Optional[torch.Tensor],
+    seqlens_k: Optional[torch.Tensor],
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    window: Optional[int],
+    softmax_scale: float,
+    bottom_right: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    fwd = backend_fn(backend, "flash_attn_forward", OP)
+    return fwd(q, k, v, causal=causal, window=window, softmax_scale=softmax_scale,
+               cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+               max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+               block_table=block_table, seqlens_k=seqlens_k, bottom_right=bottom_right)
+
+
+def _lse_shape(q: torch.Tensor) -> tuple[int, ...]:
+    # dense q (B, Sq, Hq, D) -> (B, Hq, Sq); varlen q (Tq, Hq, D) -> (Hq, Tq)
+    if q.dim() == 4:
+        return (q.shape[0], q.shape[2], q.shape[1])
+    return (q.shape[1], q.shape[0])
+
+
+@_flash_attn_fwd.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k, max_seqlen_q, max_seqlen_k,
+      causal, window, softmax_scale, bottom_right, backend):
+    return q.new_empty(q.shape), q.new_empty(_lse_shape(q), dtype=torch.float32)
+
+
+@torch.library.custom_op("gptkernels::flash_attn_bwd", mutates_args=())
+def _flash_attn_bwd(
+    dout: torch.Tensor,
+    dlse: Optional[torch.Tensor],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens_q: Optional[torch.Tensor],
+    cu_seqlens_k: Optional[torch.Tensor],
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    window: Optional[int],
+    softmax_scale: float,
+    bottom_right: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    bwd = backend_fn(backend, "flash_attn_backward", OP)
+    return bwd(dout, dlse, q, k, v, out, lse, causal=causal, window=window,
+               softmax_scale=softmax_scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+               max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, bottom_right=bottom_right)
+
+
+@_flash_attn_bwd.register_fake
+def _(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+      causal, window, softmax_scale, bottom_right, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    (q, k, v, cu_q, cu_k, block_table, seqlens_k, max_q, max_k, causal, window, scale,
+     bottom_right, backend) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.params = (max_q, max_k, causal, window, scale, bottom_right, backend)
+    ctx.paged = block_table is not None
+
+
+def _fwd_backward(ctx, dout, dlse):
+    if ctx.paged:
+        raise BackendUnavailableError(f"{OP}: attention over a paged KV cache is not differentiable")
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    max_q, max_k, causal, window, scale, bottom_right, backend = ctx.params
+    dq, dk, dv = _flash_attn_bwd(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal,
+                                 window, scale, bottom_right, backend)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
+
+
+_flash_attn_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# Input checks
+# --------------------------------------------------------------------------------------------------
+
+
+def _max_seqlen(name: str, given, cu: torch.Tensor | None) -> int:
+    if given is not None:
+        if isinstance(given, bool) or not isinstance(given, int) or given < 0:
+            raise TypeError(f"{OP}: {name} must be None or an int >= 0, got {given!r}")
+        return given
+    if cu is None:
+        return 0
+    # Needs a host sync; pass max_seqlen_* to avoid it (CUDA graphs, torch.compile).
+    return int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+
+
+def _check_flash_attn(q, k, v, causal, window, softmax_scale, cu_seqlens_q, cu_seqlens_k,
+                      max_seqlen_q, max_seqlen_k, block_table, seqlens_k):
+    """Validate a flash_attn call; returns (max_seqlen_q, max_seqlen_k) for the kernels."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        C.check_tensor(t, name, dtypes=C.FLOAT_DTYPES, op=OP)
+    C.check_same_dtype(OP, "q", q, k=k, v=v)
+    C.check_same_device(OP, "q", q, k=k, v=v)
+    if not isinstance(causal, bool):
+        raise TypeError(f"{OP}: causal must be a bool, got {causal!r}")
+    C.check_window(OP, window, causal)
+    C.check_scale(OP, "softmax_scale", softmax_scale)
+    if k.shape != v.shape:
+        raise ValueError(f"{OP}: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    idx = dict(dtypes=(torch.int32,), device=q.device)
+    paged = block_table is not None or seqlens_k is not None
+    varlen_q = cu_seqlens_q is not None
+
+    if paged:
+        if block_table is None or seqlens_k is None:
+            raise ValueError(f"{OP}: block_table and seqlens_k must be given together (paged keys)")
+        if cu_seqlens_k is not None:
+            raise ValueError(f"{OP}: cu_seqlens_k must be None with a paged cache (use seqlens_k)")
+        C.check_tensor(k, "k", ndim=4, op=OP)  # (num_blocks, block_size, Hkv, D)
+        block_size = k.shape[1]
+        if block_size < 8 or block_size > 256 or block_size & (block_size - 1):
+            raise ValueError(f"{OP}: the paged cache's block size (k.shape[1]) must be a power of two "
+                             f"from 8 to 256, got {block_size}")
+        C.check_index_tensor(OP, "block_table", block_table, ndim=2, **idx)
+        batch = block_table.shape[0]
+        C.check_index_tensor(OP, "seqlens_k", seqlens_k, ndim=1, **idx)
+        C.check_dim(OP, "seqlens_k", seqlens_k, 0, batch, "block_table.shape[0], the batch size")
+        if varlen_q:
+            C.check_tensor(q, "q", ndim=3, op=OP)
+            C.check_index_tensor(OP, "cu_seqlens_q", cu_seqlens_q, ndim=1, **idx)
+            C.check_cu_seqlens(OP, "cu_seqlens_q", cu_seqlens_q, batch, q.shape[0])
+        else:
+            C.check_tensor(q, "q", ndim=4, op=OP)
+            C.check_dim(OP, "q", q, 0, batch, "block_table.shape[0], the batch size")
+        if C.debug_enabled():
+            _debug_check_paged(OP, k, block_table, seqlens_k, "seqlens_k")
+        max_k = block_table.shape[1] * block_size if max_seqlen_k is None else _max_seqlen(
+            "max_seqlen_k", max_seqlen_k, None)
+    elif varlen_q or cu_seqlens_k is not None:
+        if not varlen_q or cu_seqlens_k is None:
+            raise ValueError(f"{OP}: cu_seqlens_q and cu_seqlens_k must be given together (varlen)")
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            C.check_tensor(t, name, ndim=3, op=OP)
+        C.check_index_tensor(OP, "cu_seqlens_q", cu_seqlens_q, ndim=1, **idx)
+        C.check_index_tensor(OP, "cu_seqlens_k", cu_seqlens_k, ndim=1, **idx)
+        C.check_cu_seqlens(OP, "cu_seqlens_q", cu_seqlens_q, None, q.shape[0])
+        C.check_cu_seqlens(OP, "cu_seqlens_k", cu_seqlens_k, cu_seqlens_q.numel() - 1, k.shape[0])
+        max_k = _max_seqlen("max_seqlen_k", max_seqlen_k, cu_seqlens_k)
+    else:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            C.check_tensor(t, name, ndim=4, op=OP)
+        C.check_dim(OP, "k", k, 0, q.shape[0], "the batch size of q")
+        max_k = k.shape[1]
+    max_q = _max_seqlen("max_seqlen_q", max_seqlen_q, cu_seqlens_q) if varlen_q else q.shape[1]
+
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"{OP}: q and k must have the same head dim, got {q.shape[-1]} and {k.shape[-1]}")
+    C.check_head_dim(OP, "q", q.shape[-1])
+    C.check_gqa(OP, q.shape[-2], k.shape[-2])
+    return max_q, max_k
+
+
+def _debug_check_paged(op, cache, block_table, seq_lens, lens_name):
+    """GPTKERNELS_DEBUG=1: every block a sequence uses lies inside the cache (needs a sync)."""
+    num_blocks, block_size = cache.shape[0], cache.shape[1]
+    lens = seq_lens.to("cpu", torch.int64)
+    table = block_table.to("cpu", torch.int64)
+    for b in range(table.shape[0]):
+        n = int(lens[b])
+        if n < 0 or n > table.shape[1] * block_size:
+            raise ValueError(f"{op}: {lens_name}[{b}] = {n} does not fit in block_table's "
+                             f"{table.shape[1]} blocks of {block_size} tokens")
+        used = table[b, : (n + block_size - 1) // block_size]
+        bad = (used < 0) | (used >= num_blocks)
+        if bool(bad.any()):
+            raise ValueError(f"{op}: block_table[{b}] points outside the cache ({num_blocks} blocks): "
+                             f"{used[bad].tolist()} (sequence {b})")
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
+
+
+def _flash_attn(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, cu_seqlens_k,
+                max_seqlen_q, max_seqlen_k, block_table, seqlens_k, return_lse, backend,
+                bottom_right):
+    max_q, max_k = _check_flash_attn(q, k, v, causal, window, softmax_scale, cu_seqlens_q,
+                                     cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table, seqlens_k)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    backend = resolve(backend, q.device, OP)
+    if backend == "torch":
+        out, lse = reference.attention(
+            q, k, v, causal=causal, window=window, softmax_scale=scale, cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k, block_table=block_table, seqlens_k=seqlens_k,
+            bottom_right=bottom_right, return_lse=True)
+    else:
+        if needs_grad(q, k, v):
+            if block_table is not None:
+                raise BackendUnavailableError(
+                    f"{OP}: attention over a paged KV cache (block_table) is not differentiable; "
+                    "call it under torch.no_grad() or detach q, k, v")
+            backend_fn(backend, "flash_attn_backward", OP)  # fail now, not in backward
+        out, lse = _flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k,
+                                   max_q, max_k, causal, window, scale, bottom_right, backend)
+    return (out, lse) if return_lse else out
+
+
+def flash_attn(q, k, v, *, causal=True, window=None, softmax_scale=None, cu_seqlens_q=None,
+               cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, block_table=None,
+               seqlens_k=None, return_lse=False, backend=None):
+    """Fused softmax attention (causal, sliding window, GQA, varlen, paged keys).
+
+    Dense: q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D). Varlen: q (Tq, Hq, D), k/v (Tk, Hkv, D) with int32
+    ``cu_seqlens_q``/``cu_seqlens_k`` (B+1,). Paged keys: k/v are caches (num_blocks, block_size, Hkv, D)
+    with ``block_table`` (B, max_blocks) and ``seqlens_k`` (B,) int32.
+
+    Query row i sits at position ``i + Sk - Sq`` (bottom-right). ``causal``: it sees keys ``j <= p``;
+    ``window=W``: at most W keys, itself included (``p - W < j <= p``), which is FlashAttention's
+    ``window_size=(W - 1, 0)``. Rows that see no key output zeros (lse -inf).
+
+    Returns ``out`` like q, or ``(out, lse)`` with ``return_lse=True`` (lse float32, (B, Hq, Sq) dense
+    or (Hq, Tq) varlen). Pass ``max_seqlen_q``/``max_seqlen_k`` with varlen inputs to avoid a host sync.
+    """
+    return _flash_attn(q, k, v, causal=causal, window=window, softmax_scale=softmax_scale,
+                       cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                       max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                       block_table=block_table, seqlens_k=seqlens_k, return_lse=return_lse,
+                       backend=backend, bottom_right=True)
+
+
+def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+         enable_gqa=False, *, window=None, backend=None):
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` with a sliding ``window``.
+
+    Same layout (..., H, L, E) and semantics, including torch's top-left causal alignment when
+    L != S. Calls that the kernels do not cover go to torch's own SDPA: an ``attn_mask``, dropout,
+    a value head dim different from the query's, head dims over 256, or float64. ``window`` (which
+    needs ``is_causal=True``) is then folded into the mask.
+    """
+    op = "sdpa"
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        C.check_tensor(t, name, op=op)
+        if t.dim() < 3:
+            raise ValueError(f"{op}: {name} must be (..., H, L, E) with at least 3 dimensions, "
+                             f"got shape {tuple(t.shape)}")
+    C.check_window(op, window, is_causal)
+    hq, hkv = query.shape[-3], key.shape[-3]
+    if hq != hkv and not enable_gqa:
+        raise ValueError(f"{op}: query has {hq} heads and key {hkv}: pass enable_gqa=True for GQA/MQA")
+    kernel_ok = (attn_mask is None and dropout_p == 0.0 and query.dtype in C.FLOAT_DTYPES
+                 and value.shape[-1] == query.shape[-1] and query.shape[-1] <= C.MAX_HEAD_DIM)
+    if not kernel_ok:
+        mask = attn_mask
+        if window is not None:
+            band = reference.attention_mask(query.shape[-2], key.shape[-2], causal=True, window=window,
+                                            bottom_right=False, device=query.device)
+            if mask is None:
+                mask = band
+            elif mask.dtype == torch.bool:
+                mask = mask & band
+            else:
+                mask = mask.masked_fill(~band, float("-inf"))
+            is_causal = False
+        kw = {"enable_gqa": enable_gqa} if enable_gqa else {}
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=scale, **kw)
+
+    lead = query.shape[:-3]
+    if key.shape[:-3] != lead or value.shape[:-3] != lead:
+        raise ValueError(f"{op}: query, key and value must share their leading (batch) dims, got "
+                         f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+
+    def to_bshd(t):  # (..., H, L, E) -> (B, L, H, E), a view when the leading dims allow it
+        return t.reshape(-1, *t.shape[-3:]).transpose(1, 2)
+
+    out = _flash_attn(to_bshd(query), to_bshd(key), to_bshd(value), causal=bool(is_causal),
+                      window=window, softmax_scale=scale, cu_seqlens_q=None, cu_seqlens_k=None,
+                      max_seqlen_q=None, max_seqlen_k=None, block_table=None, seqlens_k=None,
+                      return_lse=False, backend=backend, bottom_right=False)
+    return out.transpose(1, 2).reshape(*lead, hq, query.shape[-2], value.shape[-1])

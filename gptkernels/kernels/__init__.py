@@ -1,0 +1,12 @@
+"""Triton kernels and their launchers.
+
+Each launcher has the same name and signature as its twin in :mod:`gptkernels._cuda`, so the public
+ops dispatch to either with one lookup (:mod:`gptkernels._ops`). Import this package only after
+deciding on ``TRITON_INTERPRET``: Triton reads it when the kernels are defined.
+"""
+
+from .flash_attn import flash_attn_backward, flash_attn_forward
+from .paged import paged_append, paged_decode
+from .rotary import apply_rotary
+
+__all__ = ["apply_rotary", "flash_attn_backward", "flash_attn_forward", "paged_append", "paged_decode"]

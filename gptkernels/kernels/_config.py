@@ -1,0 +1,23 @@
+"""Launch configuration shared by the Triton kernels.
+
+On a GPU the kernels autotune over a few configs; in the CPU interpreter (TRITON_INTERPRET=1) every
+config costs a full run, so each kernel uses one fixed config there.
+"""
+
+from __future__ import annotations
+
+import triton
+
+from .._backend import triton_interpret
+
+#: Whether these kernels were defined for the CPU interpreter (Triton reads the variable at definition).
+INTERPRET = triton_interpret()
+
+
+def configs(gpu: list[triton.Config], interpreter: triton.Config) -> list[triton.Config]:
+    """The autotune list: ``gpu`` on a GPU, the single ``interpreter`` config in the interpreter."""
+    return [interpreter] if INTERPRET else gpu
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()

@@ -1,0 +1,237 @@
+"""The eager PyTorch baseline: every op written plainly, the semantics every kernel is checked against.
+
+These functions are the ``"torch"`` backend (with ``upcast=True``: math in float32, or float64 for
+float64 inputs) and, called on float64 inputs, the reference of the parity tests. With
+``upcast=False`` they compute in the input dtype, like a user's eager model would; the tests use that
+as the yardstick a low-precision kernel may not be worse than (SPEC.md, "Numerics").
+
+They do no input checking: the public ops in :mod:`gptkernels` check before calling them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _compute_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32) if upcast else dtype
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------------
+
+
+def attention_mask(
+    seqlen_q: int,
+    seqlen_k: int,
+    *,
+    causal: bool,
+    window: int | None = None,
+    bottom_right: bool = True,
+    device=None,
+) -> torch.Tensor | None:
+    """Which keys each query sees: bool (seqlen_q, seqlen_k), True = visible; None = all visible.
+
+    This is the mask rule of SPEC.md, written once. Query row ``i`` sits at absolute position
+    ``p = i + seqlen_k - seqlen_q`` (bottom-right alignment; ``p = i`` when ``bottom_right=False``,
+    torch SDPA's top-left convention). Causal: it sees keys ``j <= p``. With ``window=W`` it sees at
+    most W keys, itself included: ``p - W < j <= p``.
+    """
+    if not causal:
+        return None
+    shift = seqlen_k - seqlen_q if bottom_right else 0
+    p = torch.arange(seqlen_q, device=device)[:, None] + shift
+    j = torch.arange(seqlen_k, device=device)[None, :]
+    visible = j <= p
+    if window is not None:
+        visible &= j > p - window
+    return visible
+
+
+def _attend(q, k, v, scale, mask, dtype):
+    """Softmax attention of one batch. q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D), mask (Sq, Sk) or None.
+
+    Returns out (B, Sq, Hq, D) in ``dtype`` and lse (B, Hq, Sq). Rows that see no key give zeros and
+    lse = -inf.
+    """
+    group = q.shape[2] // k.shape[2]
+    qt = q.to(dtype).transpose(1, 2)  # B, Hq, Sq, D
+    kt = k.to(dtype).transpose(1, 2).repeat_interleave(group, dim=1)
+    vt = v.to(dtype).transpose(1, 2).repeat_interleave(group, dim=1)
+    scores = (qt @ kt.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+        empty = ~mask.any(dim=-1, keepdim=True)  # (Sq, 1): rows that see no key
+        lse = torch.logsumexp(scores, dim=-1)
+        # softmax of an all -inf row is NaN: give those rows finite scores, then zero their weights.
+        probs = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    else:
+        lse = torch.logsumexp(scores, dim=-1)
+        probs = torch.softmax(scores, dim=-1)
+    out = probs @ vt
+    return out.transpose(1, 2), lse
+
+
+def gather_paged(cache: torch.Tensor, block_table_row: torch.Tensor, length: int) -> torch.Tensor:
+    """The first ``length`` tokens of one sequence from a paged cache (num_blocks, block_size, H, D)."""
+    block_size = cache.shape[1]
+    idx = torch.arange(length, device=cache.device)
+    blocks = block_table_row.long()[idx // block_size]
+    return cache[blocks, idx % block_size]
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    window: int | None = None,
+    softmax_scale: float | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    seqlens_k: torch.Tensor | None = None,
+    bottom_right: bool = True,
+    upcast: bool = True,
+    return_lse: bool = False,
+):
+    """Attention with exactly SPEC's semantics (dense, varlen, paged keys, GQA, window, lse).
+
+    * dense: q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D); lse (B, Hq, Sq).
+    * varlen: q (Tq, Hq, D) with ``cu_seqlens_q``; k/v (Tk, Hkv, D) with ``cu_seqlens_k``; lse (Hq, Tq).
+    * paged keys: k/v are caches (num_blocks, block_size, Hkv, D) with ``block_table`` (B, max_blocks)
+      and ``seqlens_k`` (B,); q is dense (B, Sq, Hq, D) or varlen with ``cu_seqlens_q``.
+    """
+    dtype = _compute_dtype(q.dtype, upcast)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    varlen_q = cu_seqlens_q is not None
+    paged = block_table is not None
+
+    if not varlen_q and not paged:
+        mask = attention_mask(q.shape[1], k.shape[1], causal=causal, window=window,
+                              bottom_right=bottom_right, device=q.device)
+        out, lse = _attend(q, k, v, scale, mask, dtype)
+        out = out.to(q.dtype)
+        return (out, lse.float() if dtype != torch.float64 else lse) if return_lse else out
+
+    # One sequence at a time: the plainest way to get every per-sequence offset right.
+    batch = block_table.shape[0] if paged else cu_seqlens_q.numel() - 1
+    cq = cu_seqlens_q.tolist() if varlen_q else None
+    ck = cu_seqlens_k.tolist() if cu_seqlens_k is not None else None
+    lens_k = seqlens_k.tolist() if paged else None
+    outs, lses = [], []
+    for b in range(batch):
+        qb = q[cq[b]:cq[b + 1]] if varlen_q else q[b]
+        if paged:
+            kb = gather_paged(k, block_table[b], lens_k[b])
+            vb = gather_paged(v, block_table[b], lens_k[b])
+        else:
+            kb, vb = k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]]
+        mask = attention_mask(qb.shape[0], kb.shape[0], causal=causal, window=window,
+                              bottom_right=bottom_right, device=q.device)
+        ob, lb = _attend(qb[None], kb[None], vb[None], scale, mask, dtype)
+        outs.append(ob[0])
+        lses.append(lb[0])
+    if varlen_q:
+        out = torch.cat(outs, dim=0) if outs else q.new_zeros(q.shape, dtype=dtype)
+        lse = torch.cat(lses, dim=-1) if lses else q.new_zeros((q.shape[1], 0), dtype=dtype)
+    else:
+        out, lse = torch.stack(outs), torch.stack(lses)
+    out = out.to(q.dtype)
+    if not return_lse:
+        return out
+    return out, (lse.float() if dtype != torch.float64 else lse)
+
+
+# --------------------------------------------------------------------------------------------------
+# Rotary embedding
+# --------------------------------------------------------------------------------------------------
+
+
+def rotary_positions(x: torch.Tensor, positions=None, offset=0) -> torch.Tensor:
+    """Absolute position of every token of ``x`` (B, S, H, D) or (T, H, D): int64 (B, S) or (T,).
+
+    ``positions`` if given, else ``offset + s`` with ``s`` the index along S (or T); ``offset`` is an int
+    or, for dense x, a (B,) tensor of per-sequence offsets.
+    """
+    if positions is not None:
+        return positions.long()
+    seq_dim = x.dim() - 3
+    idx = torch.arange(x.shape[seq_dim], device=x.device)
+    if isinstance(offset, torch.Tensor):
+        offset = offset.to(x.device).long()
+        if seq_dim == 1:
+            return offset[:, None] + idx[None, :]
+        return offset + idx
+    if seq_dim == 1:
+        return (idx + offset)[None, :].expand(x.shape[0], -1)
+    return idx + offset
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, *,
+           interleaved: bool = False, upcast: bool = True) -> torch.Tensor:
+    """Rotate the first R = 2 * cos.shape[-1] channels of x (..., H, D) at positions ``pos``.
+
+    ``interleaved=False`` (GPT-NeoX): channel d pairs with d + R/2 and uses frequency d.
+    ``interleaved=True`` (GPT-J): channel 2d pairs with 2d + 1 and uses frequency d.
+    out_a = a*cos - b*sin, out_b = b*cos + a*sin; channels R..D pass through unchanged.
+    """
+    dtype = _compute_dtype(x.dtype, upcast)
+    half = cos.shape[-1]
+    rot = 2 * half
+    c = cos[pos].to(dtype).unsqueeze(-2)  # (..., 1, R/2): broadcast over heads
+    s = sin[pos].to(dtype).unsqueeze(-2)
+    xr = x[..., :rot].to(dtype)
+    if interleaved:
+        a, b = xr[..., 0::2], xr[..., 1::2]
+        out = torch.stack((a * c - b * s, b * c + a * s), dim=-1).flatten(-2)
+    else:
+        a, b = xr[..., :half], xr[..., half:]
+        out = torch.cat((a * c - b * s, b * c + a * s), dim=-1)
+    return torch.cat((out.to(x.dtype), x[..., rot:]), dim=-1)
+
+
+def apply_rotary(q, k, cos, sin, *, positions=None, offset=0, interleaved=False, inplace=False,
+                 upcast=True):
+    """Rotary embedding of q and (optionally) k, per SPEC.md. Returns (q_out, k_out or None)."""
+    pos = rotary_positions(q, positions, offset)
+    q_out = rotate(q, cos, sin, pos, interleaved=interleaved, upcast=upcast)
+    k_out = None if k is None else rotate(k, cos, sin, pos, interleaved=interleaved, upcast=upcast)
+    if inplace:
+        q.copy_(q_out)
+        if k is not None:
+            k.copy_(k_out)
+        return q, k
+    return q_out, k_out
+
+
+# --------------------------------------------------------------------------------------------------
+# Paged KV cache
+# --------------------------------------------------------------------------------------------------
+
+
+def paged_append(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """Write k, v (T, Hkv, D) to the cache slots ``slot_mapping`` (T,); a slot of -1 is skipped."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    block_size = k_cache.shape[1]
+    blocks, offsets = slots // block_size, slots % block_size
+    k_cache[blocks, offsets] = k[keep].to(k_cache.dtype)
+    v_cache[blocks, offsets] = v[keep].to(v_cache.dtype)
+
+
+def paged_decode(q, k_cache, v_cache, block_table, seq_lens, *, softmax_scale=None, window=None,
+                 upcast=True, return_lse=False):
+    """One query token per sequence against its paged cache: q (B, Hq, D) -> (B, Hq, D) [, lse (B, Hq)].
+
+    This is causal paged attention with one query row at position seq_lens - 1.
+    """
+    out, lse = attention(q[:, None], k_cache, v_cache, causal=True, window=window,
+                         softmax_scale=softmax_scale, block_table=block_table, seqlens_k=seq_lens,
+                         upcast=upcast, return_lse=True)
+    out, lse = out[:, 0], lse[:, :, 0]
+    return (out, lse) if return_lse else out

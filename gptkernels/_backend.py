@@ -12,7 +12,6 @@ rules live in one place:
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -35,27 +34,36 @@ def debug_checks() -> bool:
     return os.environ.get("GPTKERNELS_DEBUG", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+# Import failures are looked up once. A plain dict memo rather than functools.lru_cache, which
+# torch.compile warns about when it traces a call.
+_IMPORT_ERRORS: dict[str, str | None] = {}
+
+
 def _triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as e:  # pragma: no cover - triton ships with Linux torch
-        return f"triton cannot be imported ({type(e).__name__}: {e})"
-    return None
+    if "triton" not in _IMPORT_ERRORS:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+
+            _IMPORT_ERRORS["triton"] = None
+        except Exception as e:  # pragma: no cover - triton ships with Linux torch
+            _IMPORT_ERRORS["triton"] = f"triton cannot be imported ({type(e).__name__}: {e})"
+    return _IMPORT_ERRORS["triton"]
 
 
-@functools.lru_cache(maxsize=None)
 def _cuda_ext_import_error() -> str | None:
-    try:
-        from gptkernels import _C  # noqa: F401
-    except Exception as e:
-        return (
-            "the CUDA extension gptkernels._C is not built "
-            f"({type(e).__name__}: {e}); build it with `pip install --no-build-isolation -e .` "
-            "or `python setup.py build_ext --inplace` on a machine with nvcc and a CUDA build of torch"
-        )
-    return None
+    if "cuda" not in _IMPORT_ERRORS:
+        try:
+            from gptkernels import _C  # noqa: F401
+
+            _IMPORT_ERRORS["cuda"] = None
+        except Exception as e:
+            _IMPORT_ERRORS["cuda"] = (
+                "the CUDA extension gptkernels._C is not built "
+                f"({type(e).__name__}: {e}); build it with `pip install --no-build-isolation -e .` "
+                "or `python setup.py build_ext --inplace` on a machine with nvcc and a CUDA build of torch"
+            )
+    return _IMPORT_ERRORS["cuda"]
 
 
 def unavailable_reason(backend: str, device: torch.device | str | None = None) -> str | None:

@@ -131,3 +131,28 @@ def check_cu_seqlens(op: str, name: str, cu: torch.Tensor, batch: int | None, to
             raise ValueError(
                 f"{op}: {name}[-1] must equal the number of packed tokens ({total}), got {int(c[-1])}"
             )
+
+
+def check_block_size(op: str, name: str, block_size: int) -> None:
+    """A paged cache's block size is a power of two from 8 to 256 (SPEC.md, "Paged KV cache")."""
+    if block_size < 8 or block_size > 256 or block_size & (block_size - 1):
+        raise ValueError(f"{op}: the block size of {name} must be a power of two from 8 to 256, got {block_size}")
+
+
+def debug_check_block_table(op: str, cache: torch.Tensor, block_table: torch.Tensor,
+                            seq_lens: torch.Tensor, lens_name: str) -> None:
+    """Under GPTKERNELS_DEBUG=1 (needs a sync): every block a sequence uses lies inside the paged
+    ``cache`` (num_blocks, block_size, H, D), and its length fits in its block table row."""
+    num_blocks, block_size = cache.shape[0], cache.shape[1]
+    lens = seq_lens.to("cpu", torch.int64)
+    table = block_table.to("cpu", torch.int64)
+    for b in range(table.shape[0]):
+        n = int(lens[b])
+        if n < 0 or n > table.shape[1] * block_size:
+            raise ValueError(f"{op}: {lens_name}[{b}] = {n} (sequence {b}) must be between 0 and the "
+                             f"{table.shape[1]} blocks x {block_size} tokens of block_table")
+        used = table[b, : (n + block_size - 1) // block_size]
+        bad = (used < 0) | (used >= num_blocks)
+        if bool(bad.any()):
+            raise ValueError(f"{op}: block_table[{b}] (sequence {b}) points outside the cache "
+                             f"({num_blocks} blocks): {used[bad].tolist()}")

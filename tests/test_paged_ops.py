@@ -1,0 +1,457 @@
+"""paged_append and paged_decode: parity against float64, split-K, windows, the end-to-end cache loop,
+torch.compile, CUDA graphs, dispatch and bad input.
+
+On CPU the Triton kernels run in the interpreter (float16, float32, small grid); on a GPU the grid is
+bigger and bfloat16 is added.
+"""
+
+import math
+
+import pytest
+import torch
+
+import gptkernels
+from gptkernels import PagedKVCache, paged_append, paged_decode, reference
+from gptkernels._backend import BackendUnavailableError, unavailable_reason
+from gptkernels.paged import MAX_SPLITS, MIN_SPLIT_TOKENS, num_splits_heuristic
+from tests.helpers import DEVICE, DTYPES, ON_GPU, assert_parity, grid, randn, requires_gpu
+
+
+def _paged_case(lens, hq, hkv, d, block_size, dtype, *, seed=0, extra_blocks=3, extra_cols=1):
+    """Random caches whose blocks are handed out in a shuffled order; pad entries point at valid,
+    unrelated blocks (they must never be read)."""
+    g = torch.Generator().manual_seed(seed)
+    need = [-(-n // block_size) for n in lens]
+    num_blocks = sum(need) + extra_blocks
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    width = max(need, default=0) + extra_cols
+    table = torch.randint(0, num_blocks, (len(lens), max(width, 1)), generator=g, dtype=torch.int32)
+    i = 0
+    for b, n in enumerate(need):
+        table[b, :n] = torch.tensor(perm[i:i + n], dtype=torch.int32)
+        i += n
+    kc = randn(num_blocks, block_size, hkv, d, dtype=dtype, generator=g)
+    vc = randn(num_blocks, block_size, hkv, d, dtype=dtype, generator=g)
+    q = randn(len(lens), hq, d, dtype=dtype, generator=g)
+    return q, kc, vc, table.to(DEVICE), torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+
+
+def _check_decode(q, kc, vc, table, lens, **kw):
+    out, lse = paged_decode(q, kc, vc, table, lens, return_lse=True, **kw)
+    kw.pop("num_splits", None)
+    kw.pop("backend", None)
+    ref, ref_lse = reference.paged_decode(q.double(), kc.double(), vc.double(), table, lens,
+                                          return_lse=True, **kw)
+    base, base_lse = reference.paged_decode(q, kc, vc, table, lens, upcast=False, return_lse=True, **kw)
+    assert out.dtype == q.dtype and out.shape == q.shape and lse.dtype == torch.float32
+    assert_parity(out, ref, base)
+    assert_parity(lse, ref_lse, base_lse, name="lse")
+    return out, lse
+
+
+# --------------------------------------------------------------------------------------------------
+# decode parity
+# --------------------------------------------------------------------------------------------------
+
+# (block_size, group, head_dim): every block size, group and head dim of the issue appears; on the
+# GPU every block size meets every group (the head dims rotate, to bound the compile time).
+_SHAPES = grid(
+    [(8, 1, 64), (16, 2, 80), (64, 4, 128), (256, 8, 64), (16, 8, 80), (8, 4, 128)],
+    [(bs, g, (64, 80, 128)[(i + j) % 3]) for i, bs in enumerate((8, 16, 64, 256))
+     for j, g in enumerate((1, 2, 4, 8))],
+)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size, group, head_dim", _SHAPES)
+def test_decode_parity(block_size, group, head_dim, dtype):
+    hkv = 2 if group < 8 else 1
+    lens = grid([1, 17, 97, 130], [1, 17, 97, 130, 1000, 4099])
+    case = _paged_case(lens, hkv * group, hkv, head_dim, block_size, dtype, seed=block_size + group + head_dim)
+    _check_decode(*case)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_long_context(dtype):
+    """A few thousand keys: the split heuristic splits (also on CPU: 16 nominal SMs) and matches."""
+    lens = grid([2903], [2903, 31001])
+    case = _paged_case(lens, 8, 2, 64, 64, dtype, seed=5)
+    assert num_splits_heuristic(len(lens), 2, case[3].shape[1] * 64, gptkernels.paged._sm_count(case[0].device)) > 1
+    _check_decode(*case)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", [1, 7, 40, 1000])
+@pytest.mark.parametrize("block_size", grid([8, 64], [8, 16, 64, 256]))
+def test_decode_window(window, block_size, dtype):
+    lens = grid([1, 5, 41, 150], [1, 5, 41, 150, 2000])
+    case = _paged_case(lens, 4, 2, 80, block_size, dtype, seed=window)
+    for splits in (1, 3):
+        _check_decode(*case, window=window, num_splits=splits, softmax_scale=0.3)
+
+
+def test_window_never_reads_blocks_outside_it():
+    """Blocks wholly before the window may hold garbage (NaN), or even be outside the cache."""
+    bs = 8
+    q, kc, vc, table, lens = _paged_case([100, 61], 4, 2, 64, bs, torch.float32, seed=3)
+    window = 20
+    ref = reference.paged_decode(q.double(), kc.double(), vc.double(), table, lens, window=window)
+    for b, n in enumerate(lens.tolist()):
+        first_needed = (n - window) // bs
+        kc[table[b, :first_needed].long()] = float("nan")
+        vc[table[b, :first_needed].long()] = float("nan")
+        table[b, :first_needed] = -12345  # unreadable: would be out of bounds
+    for splits in (1, 4):
+        out = paged_decode(q, kc, vc, table, lens, window=window, num_splits=splits)
+        assert_parity(out, ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_and_unsplit_agree(dtype):
+    lens = [1, 40, 0, 517]
+    q, kc, vc, table, lens_t = _paged_case(lens, 4, 1, 64, 16, dtype, seed=11)
+    outs = {s: _check_decode(q, kc, vc, table, lens_t, num_splits=s) for s in (1, 2, 11)}
+    for s in (2, 11):  # 11 splits: most have no tile at all for the short sequences
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(outs[s][0].float(), outs[1][0].float(), rtol=tol, atol=tol)
+        torch.testing.assert_close(outs[s][1], outs[1][1], rtol=1e-4, atol=1e-4)
+    for s in (1, 11):  # the empty sequence: zeros and lse -inf on both paths
+        assert torch.equal(outs[s][0][2], torch.zeros_like(outs[s][0][2]))
+        assert bool(torch.isneginf(outs[s][1][2]).all())
+
+
+def test_decode_empty_batch():
+    q, kc, vc, _, _ = _paged_case([3], 4, 2, 64, 8, torch.float32)
+    out, lse = paged_decode(q[:0], kc, vc, torch.zeros(0, 2, dtype=torch.int32, device=DEVICE),
+                            torch.zeros(0, dtype=torch.int32, device=DEVICE), return_lse=True)
+    assert out.shape == (0, 4, 64) and lse.shape == (0, 4)
+
+
+def test_decode_strided_q():
+    """q a slice of a fused qkv projection: any strides, no copies needed by the caller."""
+    q, kc, vc, table, lens = _paged_case([9, 70], 4, 2, 64, 16, torch.float32, seed=2)
+    qkv = randn(2, 3 * 4, 64)
+    qs = qkv[:, 4:8]
+    qs.copy_(q)
+    assert not qs.is_contiguous()
+    torch.testing.assert_close(paged_decode(qs, kc, vc, table, lens), paged_decode(q, kc, vc, table, lens),
+                               rtol=0, atol=0)
+
+
+def test_num_splits_heuristic():
+    sms = 132
+    assert num_splits_heuristic(64, 8, 4096, sms) == 1  # 512 programs fill an H100 by themselves
+    s = num_splits_heuristic(1, 8, 128 * 1024, sms)
+    assert 1 < s <= MAX_SPLITS and 8 * s >= 2 * sms  # batch 1, 128k: split until the GPU is full
+    assert num_splits_heuristic(1, 8, 1000, sms) == 1  # too short to be worth a split
+    assert num_splits_heuristic(1, 1, 10 ** 7, sms) == min(2 * sms, MAX_SPLITS)
+    assert num_splits_heuristic(1, 8, 128 * 1024, sms) <= 128 * 1024 // MIN_SPLIT_TOKENS
+    for b in (1, 2, 4, 8, 16, 32):  # fewer splits as the batch grows
+        assert num_splits_heuristic(2 * b, 8, 32768, sms) <= num_splits_heuristic(b, 8, 32768, sms)
+
+
+# --------------------------------------------------------------------------------------------------
+# append
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size, hkv, d", [(8, 2, 80), (16, 3, 64), (256, 1, 128)])
+def test_append_writes_slots_and_skips(block_size, hkv, d, dtype):
+    g = torch.Generator().manual_seed(block_size)
+    num_blocks, T = 5, 37
+    kc, vc = randn(num_blocks, block_size, hkv, d, dtype=dtype, generator=g), randn(num_blocks, block_size, hkv, d, dtype=dtype, generator=g)
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:T]
+    slots[::4] = -1  # padding tokens: skipped
+    slots = slots.to(DEVICE)
+    k, v = randn(T, hkv, d, dtype=dtype, generator=g), randn(T, hkv, d, dtype=dtype, generator=g)
+    want_k, want_v = kc.clone(), vc.clone()
+    reference.paged_append(k, v, want_k, want_v, slots)
+    paged_append(k, v, kc, vc, slots)
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)  # written exactly, the rest untouched
+
+
+def test_append_strided_inputs_and_empty():
+    kc, vc = randn(4, 8, 2, 64), randn(4, 8, 2, 64)
+    qkv = randn(11, 3, 2, 64)
+    k, v = qkv[:, 1], qkv[:, 2]  # a fused projection's slices
+    slots = torch.arange(3, 14, device=DEVICE)
+    paged_append(k, v, kc, vc, slots)
+    torch.testing.assert_close(kc.view(-1, 2, 64)[3:14], k, rtol=0, atol=0)
+    torch.testing.assert_close(vc.view(-1, 2, 64)[3:14], v, rtol=0, atol=0)
+    before = kc.clone()
+    paged_append(k[:0], v[:0], kc, vc, slots[:0])
+    assert torch.equal(kc, before)
+
+
+def test_append_out_of_cache_slots_are_dropped(monkeypatch):
+    kc, vc = randn(2, 8, 1, 16), randn(2, 8, 1, 16)
+    k, v = randn(4, 1, 16), randn(4, 1, 16)
+    slots = torch.tensor([3, 16, -7, 10 ** 9], device=DEVICE)
+    before_k, before_v = kc.clone(), vc.clone()
+    paged_append(k, v, kc, vc, slots)  # unchecked: only the slot inside the cache is written
+    before_k.view(-1, 1, 16)[3] = k[0]
+    before_v.view(-1, 1, 16)[3] = v[0]
+    assert torch.equal(kc, before_k) and torch.equal(vc, before_v)
+    monkeypatch.setenv("GPTKERNELS_DEBUG", "1")
+    with pytest.raises(ValueError, match=r"slot_mapping\[1\] = 16"):
+        paged_append(k, v, kc, vc, slots)
+    with pytest.raises(ValueError, match="same slot twice"):
+        paged_append(k[:2], v[:2], kc, vc, torch.tensor([5, 5], device=DEVICE))
+
+
+def test_decode_out_of_cache_blocks(monkeypatch):
+    q, kc, vc, table, lens = _paged_case([20, 30], 2, 1, 64, 8, torch.float32, seed=4)
+    table[1, 2] = 10 ** 6
+    table[1, 1] = -3
+    lens[0] = 3001  # longer than its block table row can hold
+    out, lse = paged_decode(q, kc, vc, table, lens, return_lse=True)  # unchecked: no crash, finite
+    assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(lse).all())
+    monkeypatch.setenv("GPTKERNELS_DEBUG", "1")
+    with pytest.raises(ValueError, match=r"seq_lens\[0\] = 3001 \(sequence 0\)"):
+        paged_decode(q, kc, vc, table, lens)
+    lens[0] = 20
+    with pytest.raises(ValueError, match=r"block_table\[1\] \(sequence 1\) points outside"):
+        paged_decode(q, kc, vc, table, lens)
+
+
+# --------------------------------------------------------------------------------------------------
+# the cache loop end to end
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [8, 64])
+def test_end_to_end_reserve_append_decode(block_size, dtype):
+    """Prefill chunks and decode steps for several sequences, a fork and a free, against attention on
+    the dense history each sequence has seen."""
+    hq, hkv, d, layers = 4, 2, 64, 2
+    cache = PagedKVCache(layers, 40, block_size, hkv, d, dtype=dtype, device=DEVICE)
+    g = torch.Generator().manual_seed(block_size)
+    hist = {}  # seq -> per layer (k list, v list) of (Hkv, D) rows
+
+    def step(seq_ids, counts, window=None):
+        slots = cache.reserve(seq_ids, counts)
+        T = sum(counts)
+        for layer in range(layers):
+            k = randn(T, hkv, d, dtype=dtype, generator=g)
+            v = randn(T, hkv, d, dtype=dtype, generator=g)
+            paged_append(k, v, cache.k_cache[layer], cache.v_cache[layer], slots)
+            i = 0
+            for sid, n in zip(seq_ids, counts):
+                ks, vs = hist.setdefault(sid, [([], []) for _ in range(layers)])[layer]
+                ks.extend(k[i:i + n])
+                vs.extend(v[i:i + n])
+                i += n
+        live = list(hist)
+        table = cache.block_table(live, max_blocks=12)  # fixed width, as for CUDA graphs
+        lens = cache.seq_lens(live)
+        q = randn(len(live), hq, d, dtype=dtype, generator=g)
+        for layer in range(layers):
+            out = paged_decode(q, cache.k_cache[layer], cache.v_cache[layer], table, lens, window=window)
+            for b, sid in enumerate(live):
+                ks, vs = hist[sid][layer]
+                K, V = torch.stack(ks)[None], torch.stack(vs)[None]
+                qb = q[b][None, None]
+                ref = reference.attention(qb.double(), K.double(), V.double(), window=window)[0, 0]
+                base = reference.attention(qb, K, V, window=window, upcast=False)[0, 0]
+                assert_parity(out[b], ref, base, name=f"seq {sid} layer {layer}")
+
+    step([0, 1, 2], [37, 5, 64])       # prefill
+    step([0, 1, 2], [1, 1, 1])         # decode
+    cache.fork(1, 3)                   # a beam shares seq 1's prefix (copy-on-write of its last block)
+    hist[3] = [([*ks], [*vs]) for ks, vs in hist[1]]
+    step([1, 3, 0], [1, 2, 1], window=9)
+    cache.free(2)
+    del hist[2]
+    step([4, 0, 1, 3], [23, 1, 1, 1])  # a new sequence takes the freed blocks
+    step([0, 1, 3, 4], [1, 1, 1, 1])
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.compile, CUDA graphs, dispatch
+# --------------------------------------------------------------------------------------------------
+
+
+def test_torch_compile_decode_step():
+    torch._dynamo.reset()
+    dtype = torch.float16 if ON_GPU else torch.float32
+    cache = PagedKVCache(1, 16, 16, 2, 64, dtype=dtype, device=DEVICE)
+    cache.reserve([0, 1], [30, 7])
+    paged_append(randn(37, 2, 64, dtype=dtype), randn(37, 2, 64, dtype=dtype),
+                 cache.k_cache[0], cache.v_cache[0], torch.arange(37, device=DEVICE))
+    slots = cache.reserve([0, 1], [1, 1])
+    table, lens = cache.block_table([0, 1], max_blocks=4), cache.seq_lens([0, 1])
+    q, k, v = randn(2, 4, 64, dtype=dtype), randn(2, 2, 64, dtype=dtype), randn(2, 2, 64, dtype=dtype)
+
+    def decode_step(q, k, v, kc, vc, slots, table, lens):
+        paged_append(k, v, kc, vc, slots)
+        return paged_decode(q, kc, vc, table, lens, return_lse=True)
+
+    kc2, vc2 = cache.k_cache[0].clone(), cache.v_cache[0].clone()
+    want = decode_step(q, k, v, kc2, vc2, slots, table, lens)
+    compiled = torch.compile(decode_step, fullgraph=True, backend="inductor" if ON_GPU else "aot_eager")
+    got = compiled(q, k, v, cache.k_cache[0], cache.v_cache[0], slots, table, lens)
+    assert torch.equal(cache.k_cache[0], kc2) and torch.equal(cache.v_cache[0], vc2)  # the append happened
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+
+
+@requires_gpu
+@pytest.mark.parametrize("num_splits", [None, 1, 4])
+def test_cuda_graph_capture_and_replay(num_splits):
+    dtype = torch.bfloat16
+    cache = PagedKVCache(1, 64, 16, 2, 128, dtype=dtype, device="cuda")
+    prefill = cache.reserve([0, 1, 2], [100, 3, 300])
+    paged_append(randn(403, 2, 128, dtype=dtype), randn(403, 2, 128, dtype=dtype),
+                 cache.k_cache[0], cache.v_cache[0], prefill)
+    static = dict(q=randn(3, 8, 128, dtype=dtype), k=randn(3, 2, 128, dtype=dtype), v=randn(3, 2, 128, dtype=dtype),
+                  slots=cache.reserve([0, 1, 2], [1, 1, 1]), table=cache.block_table([0, 1, 2], max_blocks=32),
+                  lens=cache.seq_lens([0, 1, 2]))
+
+    def step():
+        paged_append(static["k"], static["v"], cache.k_cache[0], cache.v_cache[0], static["slots"])
+        return paged_decode(static["q"], cache.k_cache[0], cache.v_cache[0], static["table"], static["lens"],
+                            num_splits=num_splits, return_lse=True)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):  # warm up: autotuning and compilation happen outside the capture
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = step()
+    for _ in range(3):  # next decode steps: new inputs copied into the static buffers, then replay
+        static["q"].copy_(randn(3, 8, 128, dtype=dtype))
+        static["k"].copy_(randn(3, 2, 128, dtype=dtype))
+        static["v"].copy_(randn(3, 2, 128, dtype=dtype))
+        static["slots"].copy_(cache.reserve([0, 1, 2], [1, 1, 1]))
+        static["lens"].copy_(cache.seq_lens([0, 1, 2]))
+        static["table"].copy_(cache.block_table([0, 1, 2], max_blocks=32))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref, ref_lse = reference.paged_decode(static["q"].double(), cache.k_cache[0].double(),
+                                              cache.v_cache[0].double(), static["table"], static["lens"],
+                                              return_lse=True)
+        base, base_lse = reference.paged_decode(static["q"], cache.k_cache[0], cache.v_cache[0],
+                                                static["table"], static["lens"], upcast=False, return_lse=True)
+        assert_parity(out, ref, base)
+        assert_parity(lse, ref_lse, base_lse, name="lse")
+
+
+def test_dispatch(monkeypatch):
+    from gptkernels import kernels
+
+    q, kc, vc, table, lens = _paged_case([5, 9], 4, 2, 64, 8, torch.float32)
+    calls = []
+    real = kernels.paged_decode
+    monkeypatch.setattr(kernels, "paged_decode", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    paged_decode(q, kc, vc, table, lens)  # default: the Triton kernels (GPU, or the CPU interpreter)
+    assert len(calls) == 1 and calls[0]["num_splits"] >= 1 and calls[0]["window"] is None
+    paged_decode(q, kc, vc, table, lens, num_splits=3, window=4, softmax_scale=0.5)
+    assert calls[1] == dict(softmax_scale=0.5, window=4, num_splits=3)
+    out = paged_decode(q, kc, vc, table, lens, backend="torch")
+    monkeypatch.setenv("GPTKERNELS_BACKEND", "torch")
+    assert torch.equal(paged_decode(q, kc, vc, table, lens), out) and len(calls) == 2
+    monkeypatch.delenv("GPTKERNELS_BACKEND")
+    if unavailable_reason("cuda", q.device) is not None:
+        with pytest.raises(BackendUnavailableError, match="cuda"):
+            paged_decode(q, kc, vc, table, lens, backend="cuda")
+        with pytest.raises(BackendUnavailableError, match="cuda"):
+            paged_append(kc[0], vc[0], kc, vc, torch.arange(8, device=DEVICE), backend="cuda")
+    with pytest.raises(ValueError, match="backend"):
+        paged_decode(q, kc, vc, table, lens, backend="tpu")
+    # the torch backend is differentiable; the kernels say they are not
+    qg = q.clone().requires_grad_()
+    paged_decode(qg, kc, vc, table, lens, backend="torch").sum().backward()
+    assert qg.grad is not None
+    with pytest.raises(BackendUnavailableError, match="no_grad"):
+        paged_decode(qg, kc, vc, table, lens, backend="triton")
+
+
+# --------------------------------------------------------------------------------------------------
+# bad input
+# --------------------------------------------------------------------------------------------------
+
+
+def _decode_args(**over):
+    q, kc, vc, table, lens = _paged_case([5, 9], 4, 2, 64, 8, torch.float32)
+    args = dict(q=q, k_cache=kc, v_cache=vc, block_table=table, seq_lens=lens)
+    kwargs = {}
+    for name, val in over.items():
+        (args if name in args else kwargs)[name] = val(args) if callable(val) else val
+    return args, kwargs
+
+
+@pytest.mark.parametrize("over, exc, match", [
+    (dict(q=lambda a: a["q"][0]), ValueError, "q must have 3 dimensions"),
+    (dict(q=lambda a: a["q"].half()), TypeError, "k_cache must have the same dtype as q"),
+    (dict(q=lambda a: a["q"].int()), TypeError, "q must have dtype"),
+    (dict(q=lambda a: a["q"][:, :3]), ValueError, "multiple of the number of heads of k_cache"),
+    (dict(q=lambda a: a["q"][..., :32]), ValueError, "head dim"),
+    (dict(q=lambda a: a["q"][:1]), ValueError, "block_table.shape"),
+    (dict(k_cache=lambda a: a["k_cache"][:, :, :1]), ValueError, "same shape"),
+    (dict(v_cache=lambda a: a["v_cache"].double()), TypeError, "v_cache"),
+    (dict(k_cache=lambda a: a["k_cache"][:, :6], v_cache=lambda a: a["v_cache"][:, :6]), ValueError, "block size"),
+    (dict(k_cache=lambda a: a["k_cache"][0]), ValueError, "k_cache must have 4 dimensions"),
+    (dict(k_cache=lambda a: a["k_cache"].to("meta")), ValueError, "k_cache must be on q's device"),
+    (dict(block_table=lambda a: a["block_table"].long()), TypeError, "block_table must have dtype int32"),
+    (dict(block_table=lambda a: a["block_table"][0]), ValueError, "block_table must have 2 dimensions"),
+    (dict(block_table=lambda a: a["block_table"][:1]), ValueError, "block_table.shape"),
+    (dict(block_table=lambda a: a["block_table"][:, :0]), ValueError, "block_table must have at least one column"),
+    (dict(block_table=lambda a: a["block_table"].to("meta")), ValueError, "block_table must be on the same device"),
+    (dict(seq_lens=lambda a: a["seq_lens"].long()), TypeError, "seq_lens must have dtype int32"),
+    (dict(seq_lens=lambda a: a["seq_lens"][:1]), ValueError, "seq_lens.shape"),
+    (dict(window=0), ValueError, "window"),
+    (dict(window=2.0), TypeError, "window"),
+    (dict(num_splits=0), ValueError, "num_splits"),
+    (dict(num_splits=1.5), TypeError, "num_splits"),
+    (dict(softmax_scale="x"), TypeError, "softmax_scale"),
+    (dict(return_lse=1), TypeError, "return_lse"),
+])
+def test_decode_bad_input(over, exc, match):
+    args, kwargs = _decode_args(**over)
+    with pytest.raises(exc, match=match):
+        paged_decode(**args, **kwargs)
+
+
+@pytest.mark.parametrize("case, exc, match", [
+    ("k_ndim", ValueError, "k must have 3 dimensions"),
+    ("kv_shape", ValueError, "k and v must have the same shape"),
+    ("k_dtype", TypeError, "k_cache must have the same dtype as k"),
+    ("heads", ValueError, r"k.shape\[1\]"),
+    ("head_dim", ValueError, r"k.shape\[2\]"),
+    ("slot_dtype", TypeError, "slot_mapping must have dtype int64"),
+    ("slot_len", ValueError, r"slot_mapping.shape\[0\]"),
+    ("slot_device", ValueError, "slot_mapping must be on the same device"),
+    ("block_size", ValueError, "block size"),
+    ("cache_shape", ValueError, "k_cache and v_cache must have the same shape"),
+])
+def test_append_bad_input(case, exc, match):
+    kc, vc = randn(4, 8, 2, 16), randn(4, 8, 2, 16)
+    k, v = randn(5, 2, 16), randn(5, 2, 16)
+    slots = torch.arange(5, device=DEVICE)
+    if case == "k_ndim":
+        k = k[0]
+    elif case == "kv_shape":
+        v = v[:4]
+    elif case == "k_dtype":
+        k, v = k.half(), v.half()
+    elif case == "heads":
+        k, v = k[:, :1], v[:, :1]
+    elif case == "head_dim":
+        k, v = k[..., :8], v[..., :8]
+    elif case == "slot_dtype":
+        slots = slots.int()
+    elif case == "slot_len":
+        slots = slots[:3]
+    elif case == "slot_device":
+        slots = slots.to("meta")
+    elif case == "block_size":
+        kc, vc = randn(4, 12, 2, 16), randn(4, 12, 2, 16)
+    elif case == "cache_shape":
+        vc = vc[:3]
+    with pytest.raises(exc, match=match):
+        paged_append(k, v, kc, vc, slots)

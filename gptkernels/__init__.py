@@ -28,7 +28,7 @@ __all__ = [
 def __getattr__(name):
     # generate pulls in the model code; load it on first use.
     if name == "generate":
-        from .generate import generate
+        from .generation import generate
 
         return generate
     raise AttributeError(f"module 'gptkernels' has no attribute {name!r}")

@@ -1,0 +1,368 @@
+"""Shared building blocks of the reference models: config, attention with backend dispatch, MLP,
+norms, embeddings, and the decoder-only transformer every family is an instance of.
+
+GPT-2, GPT-Neo, GPT-NeoX and OPT differ in a handful of switches (where positions come from, the
+softmax scale, windowed layers, where the LayerNorms sit, parallel residual, projections around the
+embedding); those switches live in :class:`ModelConfig` and the family files translate an HF config
+into them. Weights are converted to one layout (a fused ``qkv`` Linear whose output is q | k | v,
+each ``heads x head_dim``) by the family files too, so the model code below has no per-family
+branches on weight layout.
+
+How a forward pass runs attention is described by an :class:`AttnContext`:
+
+* dense: hidden states (B, S, C), causal :func:`gptkernels.flash_attn` on (B, S, H, D);
+* packed: hidden states (T, C) of the real tokens of a padded batch, varlen flash_attn with
+  ``cu_seqlens`` (padding never enters the attention: no mask, exact on every backend);
+* packed + cache (generation prefill): as packed, and K/V also go to the paged cache
+  (:func:`gptkernels.paged_append`);
+* decode: hidden states (B, C), one new token per sequence: paged_append, then
+  :func:`gptkernels.paged_decode` over the cache.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attention import flash_attn
+from ..paged import paged_append, paged_decode
+from ..rotary import apply_rotary, rotary_cos_sin
+
+FAMILIES = ("gpt2", "gpt-neo", "gpt-neox", "opt")
+
+#: HF activation names -> function. The tanh forms are the same formula HF's NewGELU computes.
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+@dataclass
+class ModelConfig:
+    """Everything that shapes a model's numbers. Built from an HF config by
+    :func:`gptkernels.models.from_hf_config`; every field is plain data (dataclass, JSON-friendly)."""
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_positions: int
+    activation: str = "gelu_new"
+    norm_eps: float = 1e-5
+    norm_affine: bool = True           # OPT's layer_norm_elementwise_affine
+    #: per-layer softmax scale; None -> 1/sqrt(head_dim) for every layer
+    softmax_scales: Optional[list[float]] = None
+    #: per-layer sliding window (GPT-Neo's local layers); None -> every layer global
+    windows: Optional[list[Optional[int]]] = None
+    qkv_bias: bool = True
+    out_bias: bool = True
+    mlp_bias: bool = True
+    #: learned absolute position embeddings (GPT-2, GPT-Neo, OPT); False for rotary models
+    learned_positions: bool = True
+    position_offset: int = 0           # OPT: position p reads row p + 2 of its table
+    rotary_dim: int = 0                # GPT-NeoX: channels that rotate (rotary_pct * head_dim)
+    rope_base: float = 10000.0
+    rope_scaling: Optional[dict] = None
+    parallel_residual: bool = False    # GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
+    norm_before: bool = True           # False: OPT-350m's post-LayerNorm blocks
+    final_norm: bool = True
+    embed_dim: Optional[int] = None    # OPT's word_embed_proj_dim (project_in/out when != hidden)
+    tie_word_embeddings: bool = True
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[int] = None
+    pad_token_id: Optional[int] = None
+    extra: dict = field(default_factory=dict)  # anything the family wants to keep (model_type...)
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"ModelConfig: family must be one of {FAMILIES}, got {self.family!r}")
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                     "max_positions"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ModelConfig: {name} must be an int >= 1, got {value!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"ModelConfig: hidden_size ({self.hidden_size}) must be a multiple of "
+                             f"num_heads ({self.num_heads})")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"ModelConfig: activation must be one of {sorted(ACTIVATIONS)}, "
+                             f"got {self.activation!r}")
+        for name in ("softmax_scales", "windows"):
+            value = getattr(self, name)
+            if value is not None and len(value) != self.num_layers:
+                raise ValueError(f"ModelConfig: {name} must have one entry per layer "
+                                 f"({self.num_layers}), got {len(value)}")
+        if self.windows is not None:
+            for w in self.windows:
+                if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
+                    raise ValueError(f"ModelConfig: windows must hold None or ints >= 1, got {w!r}")
+        if self.rotary_dim:
+            if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
+                raise ValueError(f"ModelConfig: rotary_dim must be even and at most head_dim "
+                                 f"({self.head_dim}), got {self.rotary_dim}")
+        if self.embed_dim is None:
+            self.embed_dim = self.hidden_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def softmax_scale(self, layer: int) -> float:
+        if self.softmax_scales is None:
+            return 1.0 / math.sqrt(self.head_dim)
+        return float(self.softmax_scales[layer])
+
+    def window(self, layer: int) -> Optional[int]:
+        return None if self.windows is None else self.windows[layer]
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+# --------------------------------------------------------------------------------------------------
+# How attention runs in one forward pass
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AttnContext:
+    """Per-forward attention metadata shared by every layer (see the module docstring)."""
+
+    positions: torch.Tensor                    # int64, shaped like the hidden states' leading dims
+    backend: Optional[str] = None
+    cu_seqlens: Optional[torch.Tensor] = None  # packed: int32 (B+1,)
+    max_seqlen: int = 0
+    k_cache: Optional[list] = None             # per-layer paged caches (generation)
+    v_cache: Optional[list] = None
+    slot_mapping: Optional[torch.Tensor] = None  # int64, one slot per token of this pass
+    block_table: Optional[torch.Tensor] = None   # decode: int32 (B, max_blocks)
+    seq_lens: Optional[torch.Tensor] = None      # decode: int32 (B,), including the new token
+
+    @property
+    def decode(self) -> bool:
+        return self.block_table is not None
+
+    def attend(self, layer: int, q, k, v, *, softmax_scale: float, window: Optional[int]):
+        """Causal attention of q over k, v (and the cache), per this context's mode."""
+        if self.k_cache is not None:
+            paged_append(k, v, self.k_cache[layer], self.v_cache[layer], self.slot_mapping,
+                         backend=self.backend)
+        if self.decode:
+            return paged_decode(q, self.k_cache[layer], self.v_cache[layer], self.block_table,
+                                self.seq_lens, softmax_scale=softmax_scale, window=window,
+                                backend=self.backend)
+        return flash_attn(q, k, v, causal=True, window=window, softmax_scale=softmax_scale,
+                          cu_seqlens_q=self.cu_seqlens, cu_seqlens_k=self.cu_seqlens,
+                          max_seqlen_q=self.max_seqlen if self.cu_seqlens is not None else None,
+                          max_seqlen_k=self.max_seqlen if self.cu_seqlens is not None else None,
+                          backend=self.backend)
+
+
+# --------------------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Self-attention: fused qkv projection (q | k | v), optional partial rotary, backend attention,
+    output projection. The softmax scale and window are the layer's own (GPT-2's inverse layer
+    index scaling, GPT-Neo's unscaled global/local layers)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.qkv_bias)
+        self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.out_bias)
+        self.softmax_scale = cfg.softmax_scale(layer)
+        self.window = cfg.window(layer)
+        self.rotary = cfg.rotary_dim > 0
+
+    def forward(self, x: torch.Tensor, ctx: AttnContext, rope) -> torch.Tensor:
+        lead = x.shape[:-1]
+        # (..., 3, H, D) views: no copies; the kernels take any strides.
+        q, k, v = self.qkv(x).view(*lead, 3, self.num_heads, self.head_dim).unbind(-3)
+        if self.rotary:
+            cos, sin = rope
+            q, k = apply_rotary(q, k, cos, sin, positions=ctx.positions, backend=ctx.backend)
+        o = ctx.attend(self.layer, q, k, v, softmax_scale=self.softmax_scale, window=self.window)
+        return self.out(o.reshape(*lead, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc_in = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.fc_out = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.act = ACTIVATIONS[cfg.activation]
+
+    def forward(self, x):
+        return self.fc_out(self.act(self.fc_in(x)))
+
+
+def layer_norm(cfg: ModelConfig, dim: int | None = None) -> nn.LayerNorm:
+    return nn.LayerNorm(dim or cfg.hidden_size, eps=cfg.norm_eps, elementwise_affine=cfg.norm_affine)
+
+
+class Block(nn.Module):
+    """One transformer layer, in the residual arrangement the config names:
+
+    * pre-LN (GPT-2, GPT-Neo, OPT, NeoX sequential): x += attn(ln1(x)); x += mlp(ln2(x))
+    * parallel (GPT-NeoX default): x + attn(ln1(x)) + mlp(ln2(x))
+    * post-LN (OPT-350m): x = ln1(x + attn(x)); x = ln2(x + mlp(x))
+    """
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.norm1 = layer_norm(cfg)
+        self.attn = Attention(cfg, layer)
+        self.norm2 = layer_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.parallel = cfg.parallel_residual
+        self.norm_before = cfg.norm_before
+
+    def forward(self, x, ctx: AttnContext, rope):
+        if self.parallel:
+            return x + self.attn(self.norm1(x), ctx, rope) + self.mlp(self.norm2(x))
+        if self.norm_before:
+            x = x + self.attn(self.norm1(x), ctx, rope)
+            return x + self.mlp(self.norm2(x))
+        x = self.norm1(x + self.attn(x, ctx, rope))
+        return self.norm2(x + self.mlp(x))
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------
+
+
+class CausalLM(nn.Module):
+    """Decoder-only transformer with an LM head; the four families are configurations of it.
+
+    ``model(input_ids, attention_mask=None, position_ids=None, backend=None)`` -> logits
+    (B, S, vocab) in the model's dtype. See :meth:`forward`.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
+        self.pos_emb = (nn.Embedding(cfg.max_positions + cfg.position_offset, cfg.hidden_size)
+                        if cfg.learned_positions else None)
+        project = cfg.embed_dim != cfg.hidden_size
+        self.proj_in = nn.Linear(cfg.embed_dim, cfg.hidden_size, bias=False) if project else None
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm_f = layer_norm(cfg) if cfg.final_norm else None
+        self.proj_out = nn.Linear(cfg.hidden_size, cfg.embed_dim, bias=False) if project else None
+        self.lm_head = nn.Linear(cfg.embed_dim, cfg.vocab_size, bias=False)
+        self.tie_weights()
+        self._rope: dict = {}  # device -> (cos, sin), float32, built on first use
+
+    # ---- bookkeeping ---------------------------------------------------------------------------
+
+    def tie_weights(self) -> None:
+        """Share the LM head with the token embedding when the config says so (again after
+        ``to_empty``, which unties)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_emb.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_emb.weight.dtype
+
+    def rope(self, device: torch.device):
+        """The (cos, sin) float32 tables of this model on ``device`` (None without rotary). Kept out
+        of the module's buffers so ``model.to(dtype)`` leaves them in float32."""
+        cfg = self.config
+        if not cfg.rotary_dim:
+            return None
+        key = str(device)
+        if key not in self._rope:
+            self._rope[key] = rotary_cos_sin(cfg.rotary_dim, cfg.max_positions, base=cfg.rope_base,
+                                             scaling=cfg.rope_scaling, device=device)
+        return self._rope[key]
+
+    def load_hf_state_dict(self, state_dict: dict, *, strict: bool = True) -> None:
+        """Load weights from a Hugging Face state dict (HF's own key names; with or without the
+        ``transformer.`` / ``gpt_neox.`` / ``model.`` prefixes). Conversion is the family's
+        (:mod:`gptkernels.models.gpt2` etc.); missing or unexpected weights raise a ValueError."""
+        from .loading import convert_hf_state_dict
+
+        converted = convert_hf_state_dict(self.config, state_dict)
+        if self.config.tie_word_embeddings:
+            converted["lm_head.weight"] = converted["tok_emb.weight"]
+        mine = self.state_dict()
+        missing = sorted(set(mine) - set(converted))
+        unexpected = sorted(set(converted) - set(mine))
+        if strict and (missing or unexpected):
+            raise ValueError(f"load_hf_state_dict: state_dict does not match a {self.config.family} "
+                             f"model: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                             f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+        for name, t in converted.items():
+            if name in mine and tuple(t.shape) != tuple(mine[name].shape):
+                raise ValueError(f"load_hf_state_dict: state_dict weight for {name} has shape "
+                                 f"{tuple(t.shape)}, the model expects {tuple(mine[name].shape)}")
+        with torch.no_grad():
+            for name, t in converted.items():
+                if name in mine:
+                    mine[name].copy_(t)
+
+    # ---- forward ---------------------------------------------------------------------------------
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        h = self.tok_emb(input_ids)
+        if self.proj_in is not None:
+            h = self.proj_in(h)
+        if self.pos_emb is not None:
+            h = h + self.pos_emb(positions + self.config.position_offset)
+        return h
+
+    def body(self, input_ids: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        """Token ids (any leading shape matching ``ctx``) -> final hidden states (before the head)."""
+        rope = self.rope(input_ids.device)
+        h = self.embed(input_ids, ctx.positions)
+        for layer in self.layers:
+            h = layer(h, ctx, rope)
+        if self.norm_f is not None:
+            h = self.norm_f(h)
+        if self.proj_out is not None:
+            h = self.proj_out(h)
+        return h
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(h)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, backend=None):
+        """Logits (B, S, vocab) for ``input_ids`` (B, S).
+
+        ``attention_mask`` (B, S) of 0/1: padding (left or right: each row's ones must be one
+        contiguous run) is dropped before the layers and the real tokens run packed through varlen
+        attention, so padding cannot change any real token's result; padded positions get logits
+        0. Positions count real tokens (``cumsum(mask) - 1``, what HF's ``generate`` and OPT use);
+        pass ``position_ids`` (B, S) to override (HF's GPT-2/Neo/NeoX forward uses ``arange(S)`` even
+        with a padded mask). ``backend`` goes to every kernel call.
+        """
+        from .inputs import pack_batch
+
+        batch = pack_batch(self.config, input_ids, attention_mask, position_ids, op="model")
+        ctx = AttnContext(positions=batch.positions, backend=backend, cu_seqlens=batch.cu_seqlens,
+                          max_seqlen=batch.max_seqlen)
+        logits = self.head(self.body(batch.ids, ctx))
+        return batch.unpack(logits)

@@ -1,0 +1,91 @@
+"""GPT-NeoX (Pythia): rotary positions, no position table. Quirks that change numbers:
+
+* the fused ``query_key_value`` output is laid out per head, (H, 3, D): it is regrouped to
+  q | k | v on load;
+* partial rotary: only the first ``rotary_pct * head_dim`` channels rotate (GPT-NeoX half-split
+  pairing), with HF's rope scaling if the config has one;
+* ``use_parallel_residual`` (default): x + attn(ln1(x)) + mlp(ln2(x)); else sequential pre-LN;
+* an untied output embedding (``embed_out``, ``lm_head`` in transformers >= 5).
+"""
+
+from __future__ import annotations
+
+from ._convert import StateDict, cfg_get
+from .common import ModelConfig
+
+MODEL_TYPE = "gpt_neox"
+
+
+def rope_parameters(d: dict) -> dict:
+    """HF's rope parameters (rope_theta, partial_rotary_factor, rope_type and scaling keys), from a
+    transformers >= 5 config or an older config.json (rotary_pct, rotary_emb_base, rope_scaling)."""
+    params = d.get("rope_parameters")
+    if isinstance(params, dict) and params:
+        params = dict(params)
+    else:
+        params = dict(d.get("rope_scaling") or {})
+        params.setdefault("rope_theta", cfg_get(d, "rotary_emb_base", "rope_theta", default=10000.0))
+        params.setdefault("partial_rotary_factor", cfg_get(d, "rotary_pct", default=0.25))
+    params.setdefault("rope_type", params.get("type", "default"))
+    params.setdefault("rope_theta", 10000.0)
+    params.setdefault("partial_rotary_factor", 1.0)
+    return params
+
+
+def config_from_hf(d: dict) -> ModelConfig:
+    hidden = cfg_get(d, "hidden_size")
+    heads = cfg_get(d, "num_attention_heads")
+    max_positions = cfg_get(d, "max_position_embeddings")
+    rope = rope_parameters(d)
+    rotary_dim = int((hidden // heads) * rope["partial_rotary_factor"])
+    scaling = None
+    if rope["rope_type"] != "default":
+        scaling = {k: v for k, v in rope.items() if k not in ("partial_rotary_factor", "type")}
+        if rope["rope_type"] == "dynamic":  # HF: the original length is max_position_embeddings
+            scaling.setdefault("original_max_position_embeddings", max_positions)
+    bias = cfg_get(d, "attention_bias", default=True)
+    return ModelConfig(
+        family="gpt-neox", vocab_size=cfg_get(d, "vocab_size"), hidden_size=hidden,
+        num_layers=cfg_get(d, "num_hidden_layers"), num_heads=heads,
+        intermediate_size=cfg_get(d, "intermediate_size"), max_positions=max_positions,
+        activation=cfg_get(d, "hidden_act", default="gelu"),
+        norm_eps=cfg_get(d, "layer_norm_eps", default=1e-5), qkv_bias=bias, out_bias=bias,
+        learned_positions=False, rotary_dim=rotary_dim, rope_base=float(rope["rope_theta"]),
+        rope_scaling=scaling, parallel_residual=cfg_get(d, "use_parallel_residual", default=True),
+        tie_word_embeddings=cfg_get(d, "tie_word_embeddings", default=False),
+        bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
+        pad_token_id=d.get("pad_token_id"), extra={"model_type": MODEL_TYPE})
+
+
+def _qkv_per_head_to_grouped(t, heads: int):
+    """(H * 3 * D, ...) rows ordered (head, q/k/v, d) -> (3 * H * D, ...) ordered (q/k/v, head, d)."""
+    rest = t.shape[1:]
+    return t.reshape(heads, 3, -1, *rest).transpose(0, 1).reshape(-1, *rest)
+
+
+def convert_state_dict(cfg: ModelConfig, state_dict: dict) -> dict:
+    sd = StateDict(state_dict, ("gpt_neox.",),
+                   ignore=(".attention.bias", ".attention.masked_bias", ".attention.rotary_emb.inv_freq"))
+    sd.put("tok_emb.weight", sd.take("embed_in.weight"))
+    for i in range(cfg.num_layers):
+        src, dst = f"layers.{i}", f"layers.{i}"
+        sd.norm(f"{dst}.norm1", f"{src}.input_layernorm")
+        sd.put(f"{dst}.attn.qkv.weight",
+               _qkv_per_head_to_grouped(sd.take(f"{src}.attention.query_key_value.weight"), cfg.num_heads))
+        if cfg.qkv_bias:
+            sd.put(f"{dst}.attn.qkv.bias",
+                   _qkv_per_head_to_grouped(sd.take(f"{src}.attention.query_key_value.bias"), cfg.num_heads))
+        sd.linear(f"{dst}.attn.out", f"{src}.attention.dense", bias=cfg.out_bias)
+        sd.norm(f"{dst}.norm2", f"{src}.post_attention_layernorm")
+        sd.linear(f"{dst}.mlp.fc_in", f"{src}.mlp.dense_h_to_4h")
+        sd.linear(f"{dst}.mlp.fc_out", f"{src}.mlp.dense_4h_to_h")
+    sd.norm("norm_f", "final_layer_norm")
+    for name in ("embed_out.weight", "lm_head.weight"):  # older checkpoints / transformers >= 5
+        if sd.has(name):
+            head = sd.take(name)
+            if not cfg.tie_word_embeddings:
+                sd.put("lm_head.weight", head)
+    if not cfg.tie_word_embeddings and "lm_head.weight" not in sd.out:
+        raise ValueError("load_hf_state_dict: state_dict has no output embedding (embed_out.weight or "
+                         "lm_head.weight) and the config does not tie it to the input embedding")
+    return sd.finish()

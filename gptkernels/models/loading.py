@@ -1,0 +1,154 @@
+"""Configs and weights from Hugging Face: :func:`from_hf_config`, :func:`from_pretrained`,
+:func:`from_config`. Only local files are read (config.json, *.safetensors or pytorch_model*.bin,
+sharded or not); nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+
+from . import gpt2, gpt_neo, gpt_neox, opt
+from .common import CausalLM, ModelConfig
+
+#: HF model_type (and our family names) -> family module
+FAMILY_MODULES = {
+    "gpt2": gpt2, "gpt_neo": gpt_neo, "gpt-neo": gpt_neo, "gpt_neox": gpt_neox, "gpt-neox": gpt_neox,
+    "opt": opt,
+}
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _config_dict(config) -> dict:
+    if isinstance(config, dict):
+        return dict(config)
+    to_dict = getattr(config, "to_dict", None)  # a transformers PretrainedConfig
+    if callable(to_dict):
+        return to_dict()
+    raise TypeError(f"from_hf_config: config must be a transformers config or a config.json dict, "
+                    f"got {type(config).__name__}")
+
+
+def from_hf_config(config) -> ModelConfig:
+    """A :class:`ModelConfig` from an HF config object (``GPT2Config`` ...) or a config.json dict."""
+    if isinstance(config, ModelConfig):
+        return config
+    d = _config_dict(config)
+    model_type = d.get("model_type")
+    if model_type not in FAMILY_MODULES:
+        raise ValueError(f"from_hf_config: config's model_type must be one of "
+                         f"{sorted(set(m.MODEL_TYPE for m in FAMILY_MODULES.values()))}, got {model_type!r}")
+    return FAMILY_MODULES[model_type].config_from_hf(d)
+
+
+def convert_hf_state_dict(cfg: ModelConfig, state_dict: dict) -> dict:
+    """HF weights (HF key names) -> this package's key names and layout, per the config's family."""
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"load_hf_state_dict: state_dict must be a dict of tensors, got {type(state_dict).__name__}")
+    return FAMILY_MODULES[cfg.family].convert_state_dict(cfg, state_dict)
+
+
+def resolve_dtype(dtype, default: torch.dtype = torch.float32) -> torch.dtype:
+    if dtype is None:
+        return default
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.replace("torch.", "") in _DTYPES:
+        return _DTYPES[dtype.replace("torch.", "")]
+    raise TypeError(f"dtype must be a torch dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
+
+
+def init_weights_(model: CausalLM, std: float = 0.02, generator=None) -> CausalLM:
+    """GPT-style random init, in place: weights and embeddings N(0, std), biases 0, LayerNorms 1/0."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif ".norm" in name or name.startswith("norm_f"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std, generator=generator)
+    return model
+
+
+def from_config(config, *, dtype=None, device=None, std: float = 0.02) -> CausalLM:
+    """A random model (:func:`init_weights_`) from a ModelConfig, an HF config or a config.json
+    dict, built directly on ``device`` (default CPU) in ``dtype`` (default float32)."""
+    cfg = from_hf_config(config)
+    dtype = resolve_dtype(dtype)
+    with torch.device(device if device is not None else "cpu"):
+        model = init_weights_(CausalLM(cfg), std)
+    return model.to(dtype=dtype).eval()
+
+
+def _read_weights(path: str) -> dict:
+    """Every tensor of the checkpoint in ``path``: model.safetensors (or its shards) preferred,
+    else pytorch_model.bin (or its shards)."""
+    files = sorted(os.listdir(path))
+    st = [f for f in files if f.endswith(".safetensors")]
+    if st:
+        from safetensors.torch import load_file
+
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                st = sorted(set(json.load(f)["weight_map"].values()))
+        out = {}
+        for name in st:
+            out.update(load_file(os.path.join(path, name)))
+        return out
+    bins = [f for f in files if f.startswith("pytorch_model") and f.endswith(".bin")]
+    if bins:
+        index = os.path.join(path, "pytorch_model.bin.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                bins = sorted(set(json.load(f)["weight_map"].values()))
+        out = {}
+        for name in bins:
+            out.update(torch.load(os.path.join(path, name), map_location="cpu", weights_only=True))
+        return out
+    raise FileNotFoundError(f"from_pretrained: no *.safetensors or pytorch_model*.bin weights in {path!r}")
+
+
+def from_pretrained(path, *, dtype=None, device=None) -> CausalLM:
+    """Load a local HF checkpoint directory (config.json + weights). Never downloads.
+
+    ``dtype`` defaults to the ``dtype``/``torch_dtype`` recorded in config.json, else float32;
+    ``device`` to CPU.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"from_pretrained: path must be a local directory, got {type(path).__name__}")
+    path = os.fspath(path)
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise FileNotFoundError(f"from_pretrained: path {path!r} has no config.json (a local HF "
+                                "checkpoint directory is expected; nothing is downloaded)")
+    with open(cfg_file) as f:
+        d = json.load(f)
+    cfg = from_hf_config(d)
+    saved = d.get("dtype") or d.get("torch_dtype")
+    dtype = resolve_dtype(dtype, _DTYPES.get(str(saved).replace("torch.", ""), torch.float32))
+    weights = _read_weights(path)
+    with torch.device("meta"):  # no random init: every weight comes from the checkpoint
+        model = CausalLM(cfg)
+    model = model.to_empty(device=device if device is not None else "cpu").to(dtype)
+    model.tie_weights()
+    model.load_hf_state_dict(weights)
+    return model.eval()
+
+
+def find_tokenizer(path: Optional[str]):
+    """A tokenizer saved in the local directory ``path`` (transformers, local files only), or None."""
+    if path is None:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception:
+        return None

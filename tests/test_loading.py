@@ -1,0 +1,118 @@
+"""Loading local Hugging Face checkpoints (safetensors, .bin, sharded, older NeoX layouts) and the
+``python -m gptkernels generate`` command. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gptkernels.__main__ import main
+from gptkernels.models import from_pretrained
+from gptkernels.models.loading import find_tokenizer
+from tests.helpers import DEVICE
+from tests.hf_models import VARIANTS, hf_model, padded_batch
+
+
+def save_checkpoint(hf, path, safe: bool) -> None:
+    """HF's save_pretrained (safetensors), or the pytorch_model.bin layout older transformers wrote
+    (transformers 5 writes safetensors only)."""
+    if safe:
+        hf.save_pretrained(path)
+    else:
+        hf.config.save_pretrained(path)
+        torch.save(hf.state_dict(), path / "pytorch_model.bin")
+
+
+def _same_logits(hf, ours, vocab):
+    ids, _ = padded_batch(2, 9, vocab, seed=7)
+    with torch.no_grad():
+        ref = hf(ids).logits
+        got = ours(ids, backend="torch")
+    assert float((ref - got).abs().max()) <= 1e-4
+
+
+@pytest.mark.parametrize("variant,safe", [("gpt2", True), ("gpt-neox-sequential-pct0.25", False),
+                                          ("opt-post-ln", True), ("gpt-neo-window4", False)])
+def test_from_pretrained_matches_hf(tmp_path, variant, safe):
+    hf = hf_model(VARIANTS[variant])
+    save_checkpoint(hf, tmp_path, safe)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert ("model.safetensors" if safe else "pytorch_model.bin") in names
+    ours = from_pretrained(tmp_path, dtype=torch.float32, device=DEVICE)
+    assert ours.dtype == torch.float32 and ours.device.type == torch.device(DEVICE).type
+    assert (ours.lm_head.weight is ours.tok_emb.weight) == ours.config.tie_word_embeddings
+    _same_logits(hf, ours, ours.config.vocab_size)
+
+
+def test_from_pretrained_sharded_and_dtype(tmp_path):
+    hf = hf_model(VARIANTS["gpt-neox-parallel-pct0.5"])
+    hf.save_pretrained(tmp_path, max_shard_size="60KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    ours = from_pretrained(tmp_path, device=DEVICE)  # dtype from config.json (float32)
+    _same_logits(hf, ours, ours.config.vocab_size)
+    half = from_pretrained(str(tmp_path), dtype="float16", device=DEVICE)
+    assert half.dtype == torch.float16 and half.lm_head.weight.dtype == torch.float16
+
+
+def test_from_pretrained_old_neox_checkpoint(tmp_path):
+    """A transformers-4 era Pythia directory: rotary_pct/rotary_emb_base in config.json, the output
+    embedding named embed_out, rotary inv_freq buffers in the weights."""
+    d = VARIANTS["gpt-neox-sequential-pct0.25"]
+    hf = hf_model(d)
+    sd = {("embed_out.weight" if k == "lm_head.weight" else k): v for k, v in hf.state_dict().items()}
+    sd["gpt_neox.layers.0.attention.rotary_emb.inv_freq"] = torch.ones(2)
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps(dict(d, rotary_emb_base=10000)))
+    ours = from_pretrained(tmp_path, device=DEVICE)
+    assert ours.config.rotary_dim == 4
+    _same_logits(hf, ours, ours.config.vocab_size)
+
+
+def test_from_pretrained_bad_input(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        from_pretrained(tmp_path / "missing")
+    (tmp_path / "config.json").write_text(json.dumps(VARIANTS["gpt2"]))
+    with pytest.raises(FileNotFoundError, match="weights"):
+        from_pretrained(tmp_path)
+    with pytest.raises(TypeError, match="path"):
+        from_pretrained(42)
+    with pytest.raises(TypeError, match="dtype"):
+        from_pretrained(tmp_path, dtype="float8")
+
+
+# --------------------------------------------------------------------------------------------------
+# The command line
+# --------------------------------------------------------------------------------------------------
+
+
+def test_cli_tiny(capsys):
+    rc = main(["generate", "--tiny", "gpt-neox", "--prompt", "1 2 3", "--prompt", "4,5",
+               "--max-new-tokens", "4", "--backend", "torch", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    lines = [ln for ln in out.splitlines() if "new tokens:" in ln]
+    assert len(lines) == 2 and all(len(ln.split(":")[1].split()) == 4 for ln in lines)
+    assert "tokens/s" in out
+    with pytest.raises(SystemExit):
+        main(["generate", "--tiny", "gpt2", "--prompt", "not ids", "--device", "cpu"])
+
+
+def test_cli_checkpoint_with_tokenizer(tmp_path, capsys):
+    import tokenizers  # a dependency of transformers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(128)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok.decoder = tokenizers.decoders.WordPiece(prefix="##")  # joins words with spaces
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(tmp_path)
+    hf_model(VARIANTS["opt-pre-ln-project"], device="cpu").save_pretrained(tmp_path)
+    assert find_tokenizer(str(tmp_path)) is not None
+    rc = main(["generate", "--model", str(tmp_path), "--prompt", "w5 w7 w9", "--max-new-tokens", "3",
+               "--backend", "torch", "--device", "cpu", "--dtype", "float32", "--eos-token-id", "127"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    text = [ln for ln in out.splitlines() if "text:" in ln]
+    assert len(text) == 1 and text[0].split("text: ")[1].startswith("w5 w7 w9")

@@ -1,0 +1,236 @@
+"""The benchmark suite's command line (the main job behind ``make bench``).
+
+    python -m benchmarks.run --suite {attention,rotary,paged,model,all} [--quick] [--out DIR]
+
+On a GPU: measure the device's ceilings (bf16 matmul TFLOP/s, device copy GB/s), then every benchmark
+of the chosen suites beside its peers, each checked against the reference before it is timed; write
+one JSON per run and PNG plots under --out, and print a short table last. Exit status 1 when one of
+our kernels gave a wrong answer or failed to run (peers never fail the run).
+
+Without a GPU (or with --parity): the parity sweep of every kernel of those suites in the Triton
+interpreter, printed as a table; timings need a GPU. Exit status 1 when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+SUITES = ("attention", "rotary", "paged", "model")
+#: --quick's wall-clock budget per suite (seconds): `make bench` must end within 10 minutes.
+QUICK_BUDGET_S = {"attention": 230, "rotary": 30, "paged": 90, "model": 150}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--suite", default="all",
+                    help=f"which benchmarks: {', '.join(SUITES)}, all, or a comma-separated list (default: all)")
+    ap.add_argument("--quick", action="store_true",
+                    help="fewer shapes, shorter timings, a per-suite time budget (the `make bench` run)")
+    ap.add_argument("--out", default="bench_out", help="directory for the JSON and the plots (default: bench_out)")
+    ap.add_argument("--parity", action="store_true",
+                    help="run the parity sweep instead of timings (what runs anyway without a GPU)")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="total wall-clock budget in seconds, shared by the suites (default: none, or "
+                         f"{sum(QUICK_BUDGET_S.values())} with --quick)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--verbose", "-v", action="store_true", help="print every row as it is measured")
+    args = ap.parse_args(argv)
+    if args.budget is not None and args.budget <= 0:
+        ap.error(f"--budget must be a positive number of seconds, got {args.budget}")
+    names = [n.strip() for n in args.suite.split(",") if n.strip()]
+    bad = [n for n in names if n not in (*SUITES, "all")]
+    if bad or not names:
+        ap.error(f"--suite must be one of {', '.join((*SUITES, 'all'))} or a comma-separated list of them, "
+                 f"got {args.suite!r}")
+    args.suites = list(SUITES) if "all" in names else [s for s in SUITES if s in names]
+    return args
+
+
+def budgets(args) -> dict[str, float | None]:
+    """Each chosen suite's share of the time budget."""
+    if args.budget is None and not args.quick:
+        return {s: None for s in args.suites}
+    total = args.budget if args.budget is not None else sum(QUICK_BUDGET_S[s] for s in args.suites)
+    weight = sum(QUICK_BUDGET_S[s] for s in args.suites)
+    return {s: total * QUICK_BUDGET_S[s] / weight for s in args.suites}
+
+
+def _progress(total: int, disable: bool, desc: str):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is a bench dependency; without it, no bar
+        return None
+    return tqdm(total=total, desc=desc, disable=disable or None, file=sys.stderr, dynamic_ncols=True)
+
+
+def _stamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def run_parity(args) -> int:
+    from . import parity
+
+    parity.ensure_interpreter()  # before anything imports triton
+    import torch
+
+    from . import results
+    from .env import environment
+
+    ops = [op for s in args.suites for op in parity.SUITE_OPS[s]]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    start = time.monotonic()
+    bar = _progress(parity.planned_rows(ops, device), args.no_progress, "parity")
+    rows = parity.run(ops, device=device, progress=bar)
+    if bar is not None:
+        bar.close()
+    doc = results.new_document("parity", environment(), suites=args.suites, quick=args.quick, ceilings=None,
+                               tables=[parity.TABLE], rows=rows, duration_s=time.monotonic() - start,
+                               notes=["Parity sweep only: timings need a GPU."])
+    path = results.save(doc, Path(args.out) / f"parity-{_stamp()}.json")
+    bad = parity.failed(rows)
+    print(f"\nwrote {path}")
+    if "model" in args.suites:
+        print("model suite: needs a GPU (the models' CPU parity against HF is in tests/test_models.py)")
+    print()
+    print(parity.format_table(rows))
+    print()
+    where = ("in the Triton interpreter on CPU (TRITON_INTERPRET=1)" if device == "cpu"
+             else "on the GPU (parity only, --parity)")
+    print(f"Parity sweep {where}: {sum(r.status == 'pass' for r in rows)} passed, {len(bad)} failed, "
+          f"{sum(r.status == 'unavailable' for r in rows)} unavailable, in {time.monotonic() - start:.0f} s.")
+    if device == "cpu":
+        print("Timings need a GPU: no CUDA GPU is visible here, so no benchmark figure was measured.")
+    return 1 if bad else 0
+
+
+def run_gpu(args) -> int:
+    import torch
+
+    from . import plots, results, suite_attention, suite_model, suite_paged, suite_rotary, targets, timing
+    from .env import environment
+    from .harness import Session
+
+    modules = {"attention": suite_attention, "rotary": suite_rotary, "paged": suite_paged, "model": suite_model}
+    start = time.monotonic()
+    torch.backends.cuda.matmul.allow_tf32 = False  # nothing here is float32, but never flatter a peer
+    env = environment()
+    print(f"device: {env['device']} (driver {env.get('driver')}), torch {env['torch']}, triton {env['triton']}, "
+          f"commit {env['commit']}", flush=True)
+    ceilings = timing.measure_ceilings(quick=args.quick).as_dict()
+    print(f"ceilings: bf16 matmul {ceilings['matmul_tflops']:.0f} TFLOP/s, device copy {ceilings['copy_gbps']:.0f} GB/s",
+          flush=True)
+    out = Path(args.out)
+    name = f"run-{_stamp()}-{'-'.join(args.suites) if len(args.suites) < len(SUITES) else 'all'}" + \
+        ("-quick" if args.quick else "")
+    path = out / f"{name}.json"
+
+    def save(plot: bool):
+        """The run so far as JSON (after every suite: a run stopped from outside keeps what it measured)."""
+        doc = results.new_document("gpu", env, suites=args.suites, quick=args.quick, ceilings=ceilings,
+                                   tables=list(sess.tables.values()), rows=list(sess.rows),
+                                   duration_s=time.monotonic() - start, targets=targets.evaluate(sess.rows))
+        if plot:
+            try:
+                doc["plots"] = [str(p) for p in plots.plot(doc, out / name)]
+            except Exception as e:  # a plotting problem must not lose the figures
+                print(f"plots failed: {type(e).__name__}: {e}", file=sys.stderr)
+        results.save(doc, path)
+        return doc
+
+    planned = sum(modules[s].planned_rows(args.quick) for s in args.suites)
+    bar = _progress(planned, args.no_progress, "bench")
+    sess = Session(quick=args.quick, ceilings=ceilings, progress=bar, verbose=args.verbose)
+    shares = budgets(args)
+    for s in args.suites:
+        sess.budget = timing.Budget(shares[s])
+        t0 = time.monotonic()
+        try:
+            modules[s].run(sess, args.quick)
+        except Exception as e:  # a suite's own bug must not lose the other suites' figures
+            import traceback
+
+            traceback.print_exc()
+            print(f"suite {s} stopped: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"[{s}: {time.monotonic() - t0:.0f} s]", file=sys.stderr, flush=True)
+        save(plot=False)
+    if bar is not None:
+        bar.close()
+    doc = save(plot=True)
+    rows = sess.rows
+    print(f"\nwrote {path}" + (f" and {len(doc['plots'])} plots under {out / name}" if doc["plots"] else ""))
+    print(summary(doc))
+    bad = [r for r in rows if r.ours and r.status in ("mismatch", "error")]
+    return 1 if bad else 0
+
+
+def summary(doc: dict) -> str:
+    """The short table printed last: per table, its largest case, ours beside the best peer; the targets."""
+    from . import targets as tg
+    from .results import rows_of, tables_of
+
+    rows, tables = rows_of(doc), tables_of(doc)
+    lines = ["", f"{'table':18s} {'case':>20s} {'triton':>16s} {'cuda':>16s} {'best peer':>16s}  peer", "-" * 100]
+
+    def fig(r, unit):
+        if r is None:
+            return "-"
+        if r.status != "ok":
+            return {"mismatch": "WRONG", "unavailable": "n/a"}.get(r.status, r.status)
+        if r.value is None:
+            return f"{r.ms:.3f} ms"
+        pct = f" ({r.pct:.0f}%)" if r.pct is not None else ""
+        return f"{r.value:.0f}{pct}" if r.value >= 10 else f"{r.value:.2f}{pct}"
+
+    for t in tables.values():
+        trs = [r for r in rows if r.table == t.id]
+        if not trs:
+            continue
+        cases = list(dict.fromkeys(r.case for r in trs))
+        if t.plot == "line":  # the largest x (longest sequence, context, block)
+            cases = [max(trs, key=lambda r: r.x if r.x is not None else float("-inf")).case]
+        for case in cases:
+            at = {r.impl: r for r in trs if r.case == case}
+            peers = [r for r in at.values() if not r.ours and r.status == "ok"]
+            best = max(peers, key=lambda r: r.value) if peers else None
+            lines.append(f"{t.id:18s} {case:>20s} {fig(at.get('gptkernels triton'), t.unit):>16s} "
+                         f"{fig(at.get('gptkernels cuda'), t.unit):>16s} {fig(best, t.unit):>16s}  "
+                         f"{best.impl if best else '-'} [{t.unit}]")
+    ts = doc.get("targets") or []
+    if ts:
+        lines += ["", f"{'target':78s} {'figure':40s} status", "-" * 130]
+        for t in ts:
+            fig_text = t["figure"][:40]
+            lines.append(f"{t['what'][:78]:78s} {fig_text:40s} {tg.gap_text(t)}")
+        met = sum(t["met"] is True for t in ts)
+        lines.append(f"targets: {met} met, {sum(t['met'] is False for t in ts)} not met, "
+                     f"{sum(t['met'] is None for t in ts)} not measured")
+    failed = [r for r in rows if r.status in ("mismatch", "error")]
+    if failed:
+        lines.append(f"{len(failed)} rows failed (WRONG answers or errors): see the JSON's messages")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.parity:
+        return run_parity(args)
+    import torch
+
+    if not torch.cuda.is_available():
+        return run_parity(args)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("benchmarks.run: TRITON_INTERPRET is set: unset it to time kernels on the GPU "
+              "(or pass --parity)", file=sys.stderr)
+        return 2
+    return run_gpu(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""Models (issue 5): random-weight pythia-1.4b-shaped (GPT-NeoX) and gpt2-medium-shaped models, bf16.
+
+Prefill tokens/s and decode tokens/s at batch 1 and 32 (prompt 512, 256 new), beside HF
+transformers' ``generate`` with its SDPA attention, on the same weights (HF's random init, loaded
+into ours with ``load_hf_state_dict``). Batch-1 decode step time against its bandwidth floor
+(weight bytes + KV bytes per step / copy GB/s), shown as effective GB/s and % of the copy ceiling.
+
+* prefill: the median time of one forward over B x 512 tokens (full logits, both sides).
+* decode: generate(N) and generate(1) timed whole (CUDA events); decode step = (t_N - t_1)/(N - 1);
+  decode tokens/s = B / step. Greedy, no EOS, so every row makes N tokens.
+* check first: our logits on the batch-1 prompt against HF's model in float64 (SPEC's parity rule,
+  HF's bf16 logits as the yardstick); a failing check is reported and that backend is not timed.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from . import formulas, timing
+from .checks import compare
+from .harness import Session, free_memory
+from .results import Row, Table
+
+MODELS = ("pythia-1.4b", "gpt2-medium")
+BATCHES = (1, 32)
+PROMPT = 512
+DTYPE = torch.bfloat16
+OURS = ("triton", "cuda")
+HF = "hf transformers (sdpa)"
+
+
+def config(quick: bool) -> dict:
+    return {"new": 256, "reps": 1 if quick else 3}
+
+
+def impls() -> list[str]:
+    return [f"gptkernels {b}" for b in OURS] + [HF]
+
+
+def planned_rows(quick: bool) -> int:
+    # per model and impl: prefill and decode per batch, and the batch-1 step row
+    return len(MODELS) * len(impls()) * (2 * len(BATCHES) + 1)
+
+
+def tables(quick: bool) -> list[Table]:
+    new = config(quick)["new"]
+    return [
+        Table(id="model-prefill", suite="model", title=f"Prefill, bf16, prompt {PROMPT}, random weights",
+              x="model, batch", unit="tok/s", ceiling="matmul", plot="bar",
+              formula=formulas.prefill_flops(1, 1, 1, 1, 1, 1, 1).formula + " (for % of matmul)"),
+        Table(id="model-decode", suite="model", title=f"Decode, bf16, prompt {PROMPT}, {new} new tokens, greedy",
+              x="model, batch", unit="tok/s", plot="bar",
+              formula="B / decode step time",
+              note="decode step = generate's own decode-phase time / steps (ours, CUDA-graph capture "
+                   "excluded and reported apart), or (t(N new) - t(1 new)) / (N - 1) for HF's generate."),
+        Table(id="model-step", suite="model", title="Batch-1 decode step against its bandwidth floor",
+              x="model", unit="GB/s", ceiling="copy", plot=None,
+              formula=formulas.decode_step_bytes(1, 1, 1, 1, 1, 1).formula + " per step / step time",
+              note="floor = these bytes / copy GB/s; x floor = step time / floor (target <= 1.5)."),
+    ]
+
+
+def _hf_model(preset: dict):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(**preset)
+    with torch.device(timing.DEVICE):
+        hf = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    hf = hf.to(DTYPE).eval()
+    hf.generation_config.eos_token_id = None  # random weights: never stop early
+    hf.generation_config.pad_token_id = 0
+    return hf
+
+
+def _ours(preset: dict, hf):
+    from gptkernels.models import from_config
+
+    model = from_config(preset, dtype=DTYPE, device=timing.DEVICE)
+    model.load_hf_state_dict(hf.state_dict())
+    return model
+
+
+def _weight_bytes(model) -> tuple[int, int]:
+    """(bytes a decode step reads, matmul weights for the prefill flop count), for our model or HF's.
+
+    A step reads every weight once, except embedding tables (token, position), of which it reads one
+    row each: those are left out unless they are also the LM head (tied). Matmul weights: every
+    nn.Linear and HF's GPT-2 Conv1D.
+    """
+    seen, total, matmul, linear_weights = set(), 0, 0, set()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D":
+            linear_weights.add(id(m.weight))
+            matmul += m.weight.numel()
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Embedding) and id(m.weight) not in linear_weights:
+            total -= m.weight.numel() * m.weight.element_size()
+    return total, matmul
+
+
+class ModelBench:
+    def __init__(self, sess: Session, name: str, quick: bool):
+        from gptkernels.models import PRESETS, from_hf_config
+
+        self.sess, self.name, self.quick = sess, name, quick
+        self.preset = PRESETS[name]
+        self.cfg = from_hf_config(self.preset)
+        self.new, self.reps = config(quick)["new"], config(quick)["reps"]
+        self.hf = _hf_model(self.preset)
+        self.weight_bytes, self.matmul_params = _weight_bytes(self.hf)  # same shapes as ours
+        self.ours = None
+        gen = torch.Generator(device=timing.DEVICE).manual_seed(0)
+        vocab = self.cfg.vocab_size
+        self.prompts = {b: torch.randint(0, vocab, (b, PROMPT), device=timing.DEVICE, generator=gen) for b in BATCHES}
+        self.prompts[1] = self.prompts[max(BATCHES)][:1].clone()  # batch 1 is batch 32's first row
+        with torch.no_grad():
+            ids = self.prompts[1]
+            self.base = self.hf(input_ids=ids, use_cache=False).logits
+            hf64 = copy.deepcopy(self.hf).double()
+            self.ref = hf64(input_ids=ids, use_cache=False).logits
+            del hf64
+        free_memory()
+
+    def params(self, b: int) -> dict:
+        c = self.cfg
+        return {"model": self.name, "B": b, "prompt": PROMPT, "new": self.new, "layers": c.num_layers,
+                "hidden": c.hidden_size, "heads": c.num_heads, "vocab": c.vocab_size, "dtype": "bfloat16"}
+
+    # ---- one implementation ------------------------------------------------------------------------
+
+    def forward_fn(self, impl: str):
+        if impl == HF:
+            return lambda ids: self.hf(input_ids=ids, use_cache=False).logits
+        backend = impl.split()[1]
+        if self.ours is None:
+            self.ours = _ours(self.preset, self.hf)
+        return lambda ids: self.ours(ids, backend=backend)
+
+    def generate_fn(self, impl: str):
+        """gen(ids, n) -> (tokens, stats or None). Ours reports its phases in ``stats`` (prefill,
+        CUDA-graph capture, decode, with syncs at the boundaries)."""
+        if impl == HF:
+            def gen(ids, n):
+                mask = torch.ones_like(ids)
+                return self.hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                        do_sample=False), None
+            return gen
+        import gptkernels
+
+        backend = impl.split()[1]
+
+        def gen(ids, n):
+            stats = {}
+            try:
+                out = gptkernels.generate(self.ours, ids, n, backend=backend, stats=stats)
+            except TypeError as e:  # a generate without the stats keyword: time it whole instead
+                if "stats" not in str(e):
+                    raise
+                return gptkernels.generate(self.ours, ids, n, backend=backend), None
+            return out, stats
+
+        return gen
+
+    def run_impl(self, impl: str) -> None:
+        ours = impl != HF
+        tags = [("model-prefill", b) for b in BATCHES] + [("model-decode", b) for b in BATCHES] + [("model-step", 1)]
+        label = {b: f"{self.name} B={b}" for b in BATCHES}
+
+        def fail_all(e):
+            for table, b in tags:
+                lab = self.name if table == "model-step" else label[b]
+                self.sess.fail(table, lab, impl, e, ours=ours, params=self.params(b))
+
+        with torch.no_grad():
+            try:
+                fwd = self.forward_fn(impl)
+                out = fwd(self.prompts[1])
+                chk = compare([("logits", out, self.ref, self.base)])
+                del out
+            except Exception as e:
+                return fail_all(e)
+            if not chk.ok:
+                for table, b in tags:
+                    lab = self.name if table == "model-step" else label[b]
+                    self.sess.add(Row(table=table, case=lab, impl=impl, status="mismatch", ours=ours,
+                                      message=chk.problem, err=chk.err, bound=chk.bound, params=self.params(b)))
+                return
+            check = dict(err=chk.err, bound=chk.bound)
+            agree = self._agreement(impl)
+            for b in BATCHES:
+                self._prefill(impl, fwd, b, label[b], self.matmul_params, check, ours)
+            for b in BATCHES:
+                self._decode(impl, b, label[b], self.weight_bytes, check, ours, agree)
+
+    def _agreement(self, impl: str) -> int | None:
+        """How many of the first 16 greedy tokens match HF's (information: bf16 ties can flip)."""
+        if impl == HF:
+            return None
+        try:
+            n = 16
+            mine = self.generate_fn(impl)(self.prompts[1], n)[0][0, PROMPT:]
+            theirs = self.generate_fn(HF)(self.prompts[1], n)[0][0, PROMPT:]
+            same = (mine == theirs).int().cumprod(0)
+            return int(same.sum())
+        except Exception:
+            return None
+
+    def _prefill(self, impl, fwd, b, label, matmul_params, check, ours):
+        if self.sess.budget.exhausted():
+            return self.sess.skip("model-prefill", label, impl, "time budget of the suite spent", ours=ours)
+        c = self.cfg
+        flops = formulas.prefill_flops(matmul_params, b * PROMPT, c.num_layers, c.num_heads, PROMPT,
+                                       c.head_dim, b).value
+        try:
+            ids = self.prompts[b]
+            ms = timing.median_ms(lambda: fwd(ids), quick=self.quick)
+        except Exception as e:
+            return self.sess.fail("model-prefill", label, impl, e, ours=ours, params=self.params(b))
+        tflops = flops / (ms * 1e-3) / 1e12
+        pct = 100 * tflops / self.sess.ceilings["matmul_tflops"] if self.sess.ceilings else None
+        self.sess.add(Row(table="model-prefill", case=label, impl=impl, status="ok", ours=ours, ms=ms,
+                          value=b * PROMPT / (ms * 1e-3), flops=flops, pct=pct, params=self.params(b),
+                          extra={"tflops": tflops}, **check))
+
+    def _decode(self, impl, b, label, weight_bytes, check, ours, agree):
+        tables = ["model-decode"] + (["model-step"] if b == 1 else [])
+        if self.sess.budget.exhausted():
+            for t in tables:
+                self.sess.skip(t, self.name if t == "model-step" else label, impl, "time budget of the suite spent",
+                               ours=ours)
+            return
+        n = self.new
+        try:
+            gen = self.generate_fn(impl)
+            ids = self.prompts[b]
+            out, stats = gen(ids, 8)  # warm-up (compiles, autotunes)
+            if out.shape != (b, PROMPT + 8):
+                raise RuntimeError(f"generate returned shape {tuple(out.shape)}, expected {(b, PROMPT + 8)}")
+            extra = {}
+            if stats is not None and "decode_s" in stats and stats.get("decode_steps"):
+                # the step time generate measured itself (decode phase only, graph capture excluded)
+                steps, totals = [], []
+                for _ in range(self.reps):
+                    totals.append(timing.wall_median_ms(lambda: steps.append(gen(ids, n)[1]), 1))
+                step_ms = sorted(1e3 * st["decode_s"] / st["decode_steps"] for st in steps)[len(steps) // 2]
+                extra.update(generate_ms=sorted(totals)[len(totals) // 2],
+                             capture_ms=1e3 * steps[-1].get("capture_s", 0.0),
+                             prefill_ms=1e3 * steps[-1].get("prefill_s", 0.0), method="generate(stats=)")
+            else:
+                # whole generate calls: the difference of N and 1 new tokens is N - 1 decode steps
+                t1 = timing.wall_median_ms(lambda: gen(ids, 1), self.reps)
+                tn = timing.wall_median_ms(lambda: gen(ids, n), self.reps)
+                step_ms = (tn - t1) / (n - 1)
+                extra.update(generate_ms=tn, generate_1_ms=t1, method="(t(N) - t(1)) / (N - 1)")
+        except Exception as e:
+            for t in tables:
+                self.sess.fail(t, self.name if t == "model-step" else label, impl, e, ours=ours,
+                               params=self.params(b))
+            return
+        extra["step_ms"] = step_ms
+        self.sess.add(Row(table="model-decode", case=label, impl=impl, status="ok", ours=ours, ms=step_ms,
+                          value=b / (step_ms * 1e-3), params=self.params(b), extra=extra, **check))
+        if b == 1:
+            c = self.cfg
+            ctx = PROMPT + n / 2  # the average context over the decode steps
+            heads_kv = getattr(c, "num_kv_heads", c.num_heads)  # these families are multi-head
+            step = formulas.decode_step_bytes(weight_bytes, c.num_layers, int(ctx), heads_kv, c.head_dim, 2)
+            floor_ms = step.value / (self.sess.ceilings["copy_gbps"] * 1e9) * 1e3
+            extra = dict(extra, floor_ms=floor_ms, x_floor=step_ms / floor_ms, weight_bytes=weight_bytes)
+            self.sess.add(Row(table="model-step", case=self.name, impl=impl, status="ok", ours=ours, ms=step_ms,
+                              bytes=step.value, params=self.params(1), extra=extra, **check))
+
+
+def run(sess: Session, quick: bool) -> None:
+    for t in tables(quick):
+        sess.table(t)
+    for name in MODELS:
+        try:
+            mb = ModelBench(sess, name, quick)
+        except Exception as e:
+            for impl in impls():
+                for table, b in [("model-prefill", 1), ("model-prefill", 32), ("model-decode", 1),
+                                 ("model-decode", 32), ("model-step", 1)]:
+                    sess.fail(table, name if table == "model-step" else f"{name} B={b}", impl, e,
+                              ours=impl != HF)
+            free_memory()
+            continue
+        for impl in impls():
+            mb.run_impl(impl)
+        del mb
+        free_memory()

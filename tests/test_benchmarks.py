@@ -1,0 +1,345 @@
+"""The benchmark harness on CPU: formulas, the JSON schema, the report, the parity sweep, the CLI.
+
+No timing is asserted and no benchmark figure comes from here: the sample runs below are fixtures
+made up to exercise the report generator, and the parity sweep's rows are pass/fail, not speed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import formulas, gpu_check, parity, report, results, run, targets, timing
+from benchmarks import suite_attention, suite_model, suite_paged, suite_rotary
+from benchmarks.checks import Check
+from benchmarks.results import Row, Table
+from gptkernels import reference
+from tests.helpers import ON_GPU
+
+# --------------------------------------------------------------------------------------------------
+# formulas
+# --------------------------------------------------------------------------------------------------
+
+
+def test_attention_flops_conventions():
+    b, h, s, d = 3, 5, 97, 80
+    full = formulas.attention_flops(b, h, s, s, d, causal=False)
+    causal = formulas.attention_flops(b, h, s, s, d, causal=True)
+    assert full.value == 4 * b * h * s * s * d and full.formula == "4*B*H*Sq*Sk*D"
+    assert causal.value == 0.5 * full.value
+    bwd = formulas.attention_flops(b, h, s, s, d, causal=True, backward=True)
+    assert bwd.value == 2.5 * causal.value and bwd.formula.startswith("2.5*")
+
+
+@pytest.mark.parametrize("sq,sk,w", [(97, 97, 7), (17, 130, 33), (64, 64, 1), (50, 50, 200), (1, 130, 64),
+                                     (130, 17, 5)])
+def test_band_area_is_the_reference_mask(sq, sk, w):
+    # the band the window formula counts is exactly the set of pairs the reference lets through
+    mask = reference.attention_mask(sq, sk, causal=True, window=w)
+    assert formulas.band_area(sq, sk, w) == int(mask.sum())
+    assert formulas.band_area(sq, sk, None) == int(reference.attention_mask(sq, sk, causal=True).sum())
+    f = formulas.attention_flops(2, 3, sq, sk, 16, window=w)
+    assert f.value == 4 * 2 * 3 * 16 * int(mask.sum())
+
+
+def test_memory_formulas():
+    assert formulas.copy_bytes(1000, 2).value == 4000
+    assert formulas.matmul_flops(2, 3, 5).value == 60
+    # rotary: q and k read and written once, cos and sin (float32) read once per token
+    t, hq, hk, d, r = 17, 4, 2, 80, 40
+    assert formulas.rotary_bytes(t, hq, hk, d, r, 2).value == 2 * t * (hq + hk) * d * 2 + 2 * t * (r // 2) * 4
+    # paged decode: K and V of every visible token once; a window caps each sequence
+    lens = [1, 100, 333]
+    assert formulas.paged_kv_bytes(lens, 8, 128, 2).value == 2 * sum(lens) * 8 * 128 * 2
+    assert formulas.paged_kv_bytes(lens, 8, 128, 2, window=64).value == 2 * (1 + 64 + 64) * 8 * 128 * 2
+    assert formulas.paged_append_bytes(10, 2, 64, 2).value == 4 * 10 * 2 * 64 * 2
+    step = formulas.decode_step_bytes(1000, layers=3, context=50, heads_kv=2, head_dim=8, elem_bytes=2, batch=4)
+    assert step.value == 1000 + 2 * 3 * 4 * 50 * 2 * 8 * 2
+    pre = formulas.prefill_flops(100, tokens=64, layers=2, heads=4, seqlen=32, head_dim=8, batch=2)
+    assert pre.value == 2 * 100 * 64 + 2 * formulas.attention_flops(2, 4, 32, 32, 8).value
+
+
+def test_rotation_and_budget():
+    l2 = 50 << 20
+    assert timing.n_sets(1 << 20, l2) == 8  # small sets: as many as allowed
+    assert timing.n_sets(40 << 20, l2) == 4  # 3 x L2 over the sets
+    assert timing.n_sets(1 << 30, l2) == 1  # a set far larger than L2 needs no rotation
+    seen = []
+    rot = timing.Rotating(seen.append, ["a", "b", "c"])
+    for _ in range(7):
+        rot()
+    assert seen == ["a", "b", "c", "a", "b", "c", "a"]
+    assert not timing.Budget(None).exhausted()
+    assert timing.Budget(-1.0).exhausted()
+
+
+# --------------------------------------------------------------------------------------------------
+# the JSON document
+# --------------------------------------------------------------------------------------------------
+
+ENV = {"device": "Sample GPU (test fixture)", "date": "2026-01-02T03:04:05Z", "commit": "abc123def456",
+       "torch": "2.11.0", "triton": "3.6.0", "driver": "580.00"}
+CEIL = {"matmul_tflops": 800.0, "copy_gbps": 3000.0, "matmul_formula": "2*M*N*K", "matmul_shape": [8192] * 3,
+        "matmul_ms": 1.0, "copy_formula": "2*numel*elem (read + write)", "copy_bytes": 2.0 * 2**30, "copy_ms": 1.0}
+
+
+def _row(table, case, impl, ms, ceilings=CEIL, tables=None, **kw):
+    """A sample row, finished the way the harness finishes rows (value and % of ceiling from ms)."""
+    r = Row(table=table, case=str(case), impl=impl, status=kw.pop("status", "ok"), ms=ms,
+            ours=impl.startswith("gptkernels"), x=kw.pop("x", case if isinstance(case, (int, float)) else None),
+            err=kw.pop("err", 1e-3), bound=kw.pop("bound", 3e-3), **kw)
+    return results.finish_row(r, tables[table], ceilings)
+
+
+def sample_gpu_doc() -> dict:
+    """A made-up GPU run covering every table of every suite (fixture for the report, not figures)."""
+    tables = {t.id: t for m in (suite_attention, suite_rotary, suite_paged, suite_model) for t in m.tables(True)}
+    rows = []
+    for d in (128, 64):
+        for s in (1024, 4096, 16384):
+            af = formulas.attention_flops(16384 // s, 2048 // d, s, s, d).value
+            for i, impl in enumerate(("gptkernels triton", "torch sdpa flash", "torch sdpa cudnn")):
+                rows.append(_row(f"attn-fwd-d{d}", s, impl, 1.0 + 0.1 * i, flops=af, tables=tables))
+                rows.append(_row(f"attn-bwd-d{d}", s, impl, 3.0 - 0.1 * i, flops=2.5 * af, tables=tables))
+            rows.append(_row(f"attn-fwd-d{d}", s, "gptkernels cuda", None, status="unavailable",
+                             message="the CUDA extension is not built", err=None, bound=None, tables=tables))
+    wf = formulas.attention_flops(1, 16, 16384, 16384, 128, window=256).value
+    rows.append(_row("attn-window-fwd", 16384, "gptkernels triton", 0.04, flops=wf, tables=tables))
+    rows.append(_row("attn-window-fwd", 16384, "flexattention (compiled)", 0.06, flops=wf, tables=tables))
+    rows.append(_row("attn-window-bwd", 16384, "flexattention (compiled)", None, status="error",
+                     message="RuntimeError: sample failure", err=None, bound=None, tables=tables))
+    rb = formulas.rotary_bytes(8192, 32, 8, 128, 128, 2).value
+    rows.append(_row("rotary", 8192, "gptkernels triton", 0.065, bytes=rb, tables=tables))
+    rows.append(_row("rotary", 8192, "hf rotate_half (eager)", 0.3, bytes=rb, tables=tables))
+    rows.append(_row("rotary", 8192, "gptkernels cuda", None, status="mismatch", message="out: max error too big",
+                     tables=tables))
+    pb = formulas.paged_kv_bytes([4096] * 64, 8, 128, 2).value
+    rows.append(_row("paged-b64", 4096, "gptkernels triton", 0.42, bytes=pb, tables=tables))
+    rows.append(_row("paged-b1", 131072, "gptkernels triton", 0.25, bytes=pb / 2, tables=tables))
+    for bs, ms in ((16, 0.42), (64, 0.40), (256, 0.41)):
+        rows.append(_row("paged-blocks", bs, "gptkernels triton", ms, bytes=pb, tables=tables))
+    rows.append(_row("paged-append", 65536, "gptkernels triton", 0.1, bytes=1e8, tables=tables))
+    for impl, tok in (("gptkernels triton", 9000.0), ("hf transformers (sdpa)", 3000.0)):
+        rows.append(_row("model-decode", "pythia-1.4b B=32", impl, 32 / tok * 1e3, value=tok, tables=tables))
+        rows.append(_row("model-prefill", "pythia-1.4b B=32", impl, 50.0, value=32 * 512 / 0.05, pct=40.0,
+                         tables=tables))
+    rows.append(_row("model-step", "pythia-1.4b", "gptkernels triton", 1.2, bytes=2.7e9, tables=tables,
+                     extra={"step_ms": 1.2, "floor_ms": 0.9, "x_floor": 1.2 / 0.9}))
+    return results.new_document("gpu", ENV, suites=["attention", "rotary", "paged", "model"], quick=True,
+                                ceilings=CEIL, tables=list(tables.values()), rows=rows, duration_s=123.0,
+                                targets=targets.evaluate(rows))
+
+
+def test_finish_row_figures():
+    t = Table(id="t", suite="s", title="T", x="S", unit="TFLOP/s", ceiling="matmul")
+    r = results.finish_row(Row(table="t", case="1", impl="x", status="ok", ms=2.0, flops=4e9), t, CEIL)
+    assert r.value == pytest.approx(2.0) and r.pct == pytest.approx(100 * 2.0 / 800)
+    t = Table(id="t", suite="s", title="T", x="S", unit="GB/s", ceiling="copy")
+    r = results.finish_row(Row(table="t", case="1", impl="x", status="ok", ms=1.0, bytes=3e9), t, CEIL)
+    assert r.value == pytest.approx(3000.0) and r.pct == pytest.approx(100.0)
+    r = results.finish_row(Row(table="t", case="1", impl="x", status="error", message="boom", bytes=3e9), t, CEIL)
+    assert r.value is None and r.pct is None
+
+
+def test_document_schema_roundtrip(tmp_path):
+    doc = sample_gpu_doc()
+    doc["rows"][0]["err"] = float("nan")  # strict JSON has no NaN: stored as text
+    path = results.save(doc, tmp_path / "run.json")
+    json.loads(path.read_text())  # strict JSON
+    back = results.load(path)
+    assert back["env"] == ENV and len(back["rows"]) == len(doc["rows"]) and back["rows"][0]["err"] == "nan"
+
+
+@pytest.mark.parametrize("breakage,match", [
+    (lambda d: d.update(schema="other/9"), "schema"),
+    (lambda d: d.update(kind="cpu"), "kind"),
+    (lambda d: d["env"].pop("commit"), "env"),
+    (lambda d: d.update(ceilings=None), "ceilings"),
+    (lambda d: d["rows"][0].update(status="fast"), "status"),
+    (lambda d: d["rows"][0].update(ms=None), "positive ms"),
+    (lambda d: d["rows"][0].update(status="error", message=""), "no message"),
+    (lambda d: d["rows"][0].update(table="nope"), "not among the tables"),
+    (lambda d: d["rows"][0].pop("impl"), "keys"),
+    (lambda d: d["tables"][0].pop("unit"), "keys"),
+])
+def test_document_schema_rejects(breakage, match):
+    doc = json.loads(json.dumps(sample_gpu_doc()))
+    breakage(doc)
+    with pytest.raises(ValueError, match=match):
+        results.validate(doc)
+
+
+def test_row_status_is_checked():
+    with pytest.raises(ValueError, match="status"):
+        Row(table="t", case="1", impl="x", status="great")
+
+
+# --------------------------------------------------------------------------------------------------
+# targets and the report
+# --------------------------------------------------------------------------------------------------
+
+
+def test_targets_met_missed_and_unmeasured():
+    ts = {t["what"]: t for t in sample_gpu_doc()["targets"]}
+    fwd = ts["attention fwd D=128 S=16384: triton >= 1.0x best SDPA"]
+    assert fwd["met"] is True and fwd["value"] == pytest.approx(1.1 / 1.0)  # ours 1.0 ms, best SDPA 1.1 ms
+    bwd = ts["attention bwd D=128 S=16384: triton >= 0.9x best SDPA"]  # ours 3.0 ms, best SDPA 2.8 ms
+    assert bwd["met"] is True and bwd["value"] == pytest.approx(2.8 / 3.0)
+    rot = ts["rotary T=8192: triton >= 3x HF eager rotate_half"]
+    assert rot["value"] == pytest.approx(0.3 / 0.065) and rot["met"] is True
+    win = ts["window 256 at S=16384: >= 20x faster than full causal"]
+    assert win["value"] == pytest.approx(1.0 / 0.04) and win["met"] is True
+    blocks = ts["paged decode: time within 10% across block sizes 16..256"]
+    assert blocks["value"] == pytest.approx(0.42 / 0.40) and blocks["met"] is True
+    step = ts["pythia-1.4b batch-1 decode step: <= 1.5x its bandwidth floor"]
+    assert step["met"] is True and targets.gap_text(step) == "met"
+    cuda = ts["rotary T=8192: cuda at least as fast as triton"]
+    assert cuda["met"] is None and "mismatch" in cuda["figure"] and targets.gap_text(cuda) == "not measured"
+    missed = ts["paged decode batch 1 x ctx 128k: >= 75% of copy bandwidth"]  # 2147 GB/s of 3000
+    assert missed["met"] is False and missed["value"] == pytest.approx(100 * 2**29 / 0.25e-3 / 1e9 / 3000)
+    assert missed["gap"] == pytest.approx(75 / missed["value"])
+    assert targets.gap_text(missed) == f"NOT met: {missed['gap']:.2f}x short"
+
+
+def test_report_from_sample_gpu_json(tmp_path):
+    path = results.save(sample_gpu_doc(), tmp_path / "run.json")
+    md_path = report.generate([path], out=tmp_path / "BENCHMARKS.md", plots_dir=tmp_path / "results")
+    md = md_path.read_text()
+    assert "Sample GPU (test fixture)" in md and "2026-01-02T03:04:05Z" in md and "abc123def456" in md
+    assert "800 TFLOP/s" in md and "3000 GB/s" in md  # the run's ceilings
+    for t in results.tables_of(results.load(path)).values():
+        assert t.title in md
+    assert "## Targets" in md and "NOT met" in md and "not measured" in md
+    assert "2*M*N*K" in md and "0.5*4*B*H*Sq*Sk*D" in md  # formulas next to the figures
+    assert "WRONG" in md and "RuntimeError: sample failure" in md  # failures shown with their reason
+    for suite in ("attention", "rotary", "paged", "model"):
+        png = tmp_path / "results" / f"{suite}.png"
+        assert png.exists() and png.stat().st_size > 1000
+        assert f"]({'results/' + suite + '.png'})" in md
+    assert results.load(tmp_path / "results" / "latest.json")["rows"]  # the source is kept beside the plots
+
+
+def test_report_merges_runs(tmp_path):
+    doc = sample_gpu_doc()
+    a, b = json.loads(json.dumps(doc)), json.loads(json.dumps(doc))
+    a["rows"] = [r for r in a["rows"] if r["table"].startswith("attn")]
+    a["suites"] = ["attention"]
+    b["rows"] = [r for r in b["rows"] if not r["table"].startswith("attn")]
+    b["suites"] = ["rotary", "paged", "model"]
+    pa, pb = results.save(a, tmp_path / "a.json"), results.save(b, tmp_path / "b.json")
+    merged = report.merge([results.load(pa), results.load(pb)])
+    assert len(merged["rows"]) == len(doc["rows"]) and merged["suites"] == ["attention", "rotary", "paged", "model"]
+    assert len(merged["merged_from"]) == 2 and merged["targets"]
+
+
+def test_report_without_a_gpu_run_says_so(tmp_path):
+    rows = [Row(table="parity", case="paged_append x", impl="gptkernels triton", status="pass", err=0.0, bound=0.0,
+                params={"op": "paged_append", "shape": "x", "dtype": "float32"})]
+    doc = results.new_document("parity", dict(ENV, device="cpu (no CUDA GPU)"), suites=["paged"], quick=False,
+                               ceilings=None, tables=[parity.TABLE], rows=rows, duration_s=1.0)
+    path = results.save(doc, tmp_path / "p.json")
+    md = report.generate([path], out=tmp_path / "B.md", plots_dir=tmp_path / "r").read_text()
+    assert "No GPU run is recorded yet: timings need a GPU." in md and "| paged_append | x | float32 |" in md
+
+
+# --------------------------------------------------------------------------------------------------
+# the parity sweep and the command line
+# --------------------------------------------------------------------------------------------------
+
+
+def test_parity_sweep_one_tiny_case():
+    rows = parity.run(["paged_append"], dtype_list=[torch.float32], case_filter=lambda c: c.op == "paged_append")
+    triton_rows = [r for r in rows if r.impl == "gptkernels triton"]
+    assert [r.status for r in triton_rows] == ["pass"], [r.message for r in triton_rows]
+    assert triton_rows[0].err == 0.0 and triton_rows[0].params["dtype"] == "float32"
+    cuda_rows = [r for r in rows if r.impl == "gptkernels cuda"]
+    assert cuda_rows and all(r.status in ("pass", "unavailable") for r in cuda_rows)
+    table = parity.format_table(rows)
+    assert "paged_append" in table and "max err" in table and "bound" in table
+
+
+def test_parity_failure_is_reported_and_fails_the_run(monkeypatch, tmp_path, capsys):
+    def bad(dtype, backend, device, gen):
+        return Check(err=1.0, bound=0.1, problem="out: max error 1 exceeds the bound 0.1")
+
+    monkeypatch.setattr(parity, "cases", lambda: [parity.Case("apply_rotary", "planted failure", bad)])
+    rc = run.main(["--suite", "rotary", "--parity", "--out", str(tmp_path), "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "FAIL" in out and "planted failure" in out
+    doc = results.load(next(tmp_path.glob("parity-*.json")))
+    assert doc["kind"] == "parity" and any(r["status"] == "fail" for r in doc["rows"])
+    if not ON_GPU:
+        assert out.rstrip().endswith("no benchmark figure was measured.")  # said plainly, last
+
+
+def test_cli_parity_run_passes_and_writes_json(tmp_path, capsys):
+    rc = run.main(["--suite", "rotary", "--parity", "--out", str(tmp_path), "--no-progress"])
+    out = capsys.readouterr().out
+    doc = results.load(next(tmp_path.glob("parity-*.json")))
+    assert rc == 0, out
+    assert {r["params"].get("op") for r in doc["rows"] if r["status"] == "pass"} == {"apply_rotary"}
+    assert "Timings need a GPU" in out or ON_GPU
+
+
+def test_cli_arguments():
+    a = run.parse_args([])
+    assert a.suites == list(run.SUITES) and not a.quick and a.out == "bench_out"
+    a = run.parse_args(["--suite", "paged", "--quick", "--out", "x"])
+    assert a.suites == ["paged"] and a.quick and a.out == "x"
+    assert run.budgets(a) == {"paged": pytest.approx(run.QUICK_BUDGET_S["paged"])}
+    a = run.parse_args(["--suite", "all", "--budget", "100"])
+    shares = run.budgets(a)
+    assert sum(shares.values()) == pytest.approx(100) and shares["attention"] > shares["rotary"]
+    assert run.budgets(run.parse_args(["--suite", "all"])) == {s: None for s in run.SUITES}
+    assert run.parse_args(["--suite", "model,attention"]).suites == ["attention", "model"]
+    for bad in (["--suite", "everything"], ["--suite", "rotary,nope"], ["--suite", ","], ["--budget", "-5"],
+                ["--frobnicate"]):
+        with pytest.raises(SystemExit) as e:
+            run.parse_args(bad)
+        assert e.value.code == 2
+
+
+def test_summary_table_lists_figures_and_targets():
+    text = run.summary(sample_gpu_doc())
+    assert "attn-fwd-d128" in text and "16384" in text and "torch sdpa" in text
+    assert any(line.startswith("targets:") and "not met" in line for line in text.splitlines())
+    assert text.splitlines()[-1].startswith("2 rows failed")  # the sample's WRONG and error rows
+
+
+def test_gpu_check_counts_tests_per_file():
+    lines = ["tests/test_a.py::test_x[1] PASSED                    [ 10%]",
+             "tests/test_a.py::test_x[2] FAILED                    [ 20%]",
+             "tests/test_b.py::test_y SKIPPED (needs a CUDA GPU)   [ 30%]",
+             "[gw1] [ 40%] PASSED tests/test_b.py::test_z[a-b]",
+             "[gw0] [ 50%] ERROR tests/test_c.py::test_w",
+             "collected 5 items"]
+    per = gpu_check.count_tests(lines)
+    assert per == {"tests/test_a.py": {"passed": 1, "failed": 1, "errors": 0, "skipped": 0},
+                   "tests/test_b.py": {"passed": 1, "failed": 0, "errors": 0, "skipped": 1},
+                   "tests/test_c.py": {"passed": 0, "failed": 0, "errors": 1, "skipped": 0}}
+
+
+def test_pytest_benchmark_suite_skips_without_gpu():
+    from benchmarks import test_bench_ops
+
+    marks = test_bench_ops.pytestmark
+    (mark,) = [m for m in (marks if isinstance(marks, list) else [marks]) if m.name == "skipif"]
+    assert mark.args[0] == (not torch.cuda.is_available()) and "GPU" in mark.kwargs["reason"]
+
+
+def test_planned_rows_match_tables():
+    for m in (suite_attention, suite_rotary, suite_paged, suite_model):
+        for quick in (True, False):
+            assert m.planned_rows(quick) > 0
+            assert all(t.unit and t.title and t.x for t in m.tables(quick))
+    assert sum(run.QUICK_BUDGET_S.values()) <= 540  # `make bench` (--quick) ends inside 10 minutes
+
+
+def test_targets_only_for_suites_that_ran():
+    assert targets.evaluate([]) == []
+    rot = [Row(**r) for r in sample_gpu_doc()["rows"] if r["table"] == "rotary"]
+    ts = targets.evaluate(rot)
+    assert ts and {t["issue"] for t in ts} == {3, 6} and all(t["tables"] for t in ts)

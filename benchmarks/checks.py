@@ -1,22 +1,16 @@
-"""The correctness check before every timing: SPEC's parity rule, from tests/helpers.py.
+"""The correctness check before every timing: SPEC's parity rule, from gptkernels.testing.
 
-The rule lives in one place (``tests.helpers.parity_error``); the benchmarks report its figures (max
-error vs float64, the bound, pass/fail) instead of asserting.
+The rule lives in one place (``gptkernels.testing.parity_error``); the benchmarks report its figures
+(max error vs float64, the bound, pass/fail) instead of asserting.
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import torch
 
-from .env import REPO
-
-if str(REPO) not in sys.path:  # `python -m benchmarks.run` from elsewhere, or pytest's import modes
-    sys.path.insert(0, str(REPO))
-
-from tests.helpers import parity_error  # noqa: E402
+from gptkernels.testing import parity_error
 
 
 @dataclass

@@ -1,7 +1,823 @@
-# PLACEHOLDER: replaced by the flash attention kernels.
-def flash_attn_forward(*a, **k):
-    raise NotImplementedError("triton flash_attn_forward")
+"""Flash attention in Triton: forward (dense, varlen, paged keys) and backward (dense, varlen).
+
+Design (details, FLOP/byte predictions and what a GPU session must tune: ``notes/attention.md``):
+
+* Forward: one program per (query tile, query head, sequence). Online softmax in base 2 (log2(e) is
+  folded into the scale, lse is converted back to natural log at the end). The key loop covers only
+  the tiles that intersect the causal / window band and is split in three: masked boundary tiles
+  before the band interior, unmasked interior tiles, masked boundary tiles after it. Causal attention
+  therefore does about half the work of full attention and a window W does O(S * W).
+* Backward, FlashAttention-2 style without atomics (deterministic):
+  1. ``_bwd_preprocess``: delta = rowsum(dO * O) - dlse (dlse: the gradient flowing into lse).
+  2. ``_bwd_dkdv``: one program per (key tile, KV head, sequence) keeps K, V, dK, dV on chip and
+     walks the query tiles of the band for every query head of its GQA group, so dK/dV of a KV head
+     sum over the group in registers, with no repeated K/V and no atomics.
+  3. ``_bwd_dq``: one program per (query tile, query head, sequence) walks the key tiles of the band.
+  Both recompute P = exp2(S * log2(e) - lse * log2(e)) from the saved lse.
+* Any strides: every tensor comes with its own strides; inputs are never copied. Offsets that can
+  exceed 2**31 (batch, token, cache block) are computed in int64.
+* Head dims 1..256: the D tile is padded to a power of two (>= 16, the smallest tl.dot) and masked.
+* float32 uses ``input_precision="ieee"`` (TF32 would break fp32 parity on the GPU).
+* Safety: sequence bounds read from cu_seqlens / seqlens_k are clamped to the tensors' extents and a
+  block table entry outside [0, num_blocks) is masked (its keys contribute nothing), so unchecked
+  bad indices never read or write out of bounds.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._config import configs, next_pow2
+
+LOG2E = 1.4426950408889634
+_LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)  # the same constant, usable inside kernels
 
 
-def flash_attn_backward(*a, **k):
-    raise NotImplementedError("triton flash_attn_backward")
+# --------------------------------------------------------------------------------------------------
+# Shared device helpers
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _visible(pos_q, cols, seqlen_k, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """The mask rule, mirroring ``reference.attention_mask`` (the single definition in Python).
+
+    ``pos_q``: absolute positions p of the query rows, ``cols``: key indices j (already broadcast
+    against each other). Key j is visible iff j < seqlen_k and, when causal, j <= p and, with a
+    window W, j > p - W.
+    """
+    vis = cols < seqlen_k
+    if CAUSAL:
+        vis = vis & (cols <= pos_q)
+        if HAS_WINDOW:
+            vis = vis & (cols > pos_q - window)
+    return vis
+
+
+@triton.jit
+def _seq_bounds(b, cu_q, cu_k, seqlens_k, q_len, kv_len,
+                VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, PAGED: tl.constexpr):
+    """(q_start, seqlen_q, k_start, seqlen_k) of sequence b.
+
+    ``q_len``/``kv_len``: dense Sq/Sk; varlen the packed totals Tq/Tk; paged the table capacity
+    max_blocks * block_size. Values read from index tensors are clamped to those extents, so a bad
+    cu_seqlens / seqlens_k can give a wrong answer (caught under GPTKERNELS_DEBUG=1) but never an
+    out-of-bounds access.
+    """
+    zero = b * 0
+    if VARLEN_Q:
+        q_start = tl.minimum(tl.maximum(tl.load(cu_q + b), 0), q_len)
+        q_end = tl.minimum(tl.maximum(tl.load(cu_q + b + 1), q_start), q_len)
+        seqlen_q = q_end - q_start
+    else:
+        q_start = zero
+        seqlen_q = zero + q_len
+    if PAGED:
+        k_start = zero
+        seqlen_k = tl.minimum(tl.maximum(tl.load(seqlens_k + b), 0), kv_len)
+    elif VARLEN_K:
+        k_start = tl.minimum(tl.maximum(tl.load(cu_k + b), 0), kv_len)
+        k_end = tl.minimum(tl.maximum(tl.load(cu_k + b + 1), k_start), kv_len)
+        seqlen_k = k_end - k_start
+    else:
+        k_start = zero
+        seqlen_k = zero + kv_len
+    return q_start, seqlen_q, k_start, seqlen_k
+
+
+@triton.jit
+def _q_tile_band(m0, seqlen_q, seqlen_k, shift, window, CAUSAL: tl.constexpr,
+                 HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tiles that query tile [m0, m0 + BLOCK_M) must visit: (lo, int_lo, int_hi, hi).
+
+    [lo, hi) holds every visible key; [int_lo, int_hi) (BLOCK_N-aligned) the tiles in which every
+    valid query row sees every key, which need no mask. Query row i sits at p = i + shift.
+    """
+    zero = m0 * 0
+    p_lo = m0 + shift
+    p_hi = tl.minimum(m0 + BLOCK_M, seqlen_q) - 1 + shift
+    if CAUSAL:
+        hi = tl.minimum(tl.maximum(p_hi + 1, 0), seqlen_k)
+        int_hi = (tl.minimum(tl.maximum(p_lo + 1, 0), seqlen_k) // BLOCK_N) * BLOCK_N
+        if HAS_WINDOW:
+            lo = (tl.minimum(tl.maximum(p_lo - window + 1, 0), seqlen_k) // BLOCK_N) * BLOCK_N
+            int_lo = ((tl.maximum(p_hi - window + 1, lo) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+        else:
+            lo = zero
+            int_lo = zero
+    else:
+        lo = zero
+        int_lo = zero
+        hi = zero + seqlen_k
+        int_hi = (seqlen_k // BLOCK_N) * BLOCK_N
+    # A band narrower than a tile has no interior: everything goes through the masked loop.
+    empty = int_hi < int_lo
+    int_lo = tl.where(empty, lo, int_lo)
+    int_hi = tl.where(empty, lo, int_hi)
+    return lo, int_lo, int_hi, hi
+
+
+@triton.jit
+def _k_tile_band(n0, seqlen_q, seqlen_k, shift, window, CAUSAL: tl.constexpr,
+                 HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query tiles that see key tile [n0, n0 + BLOCK_N): (lo, int_lo, int_hi, hi), as above."""
+    zero = n0 * 0
+    n_last = tl.minimum(n0 + BLOCK_N, seqlen_k) - 1
+    q_ceil = ((seqlen_q + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    if CAUSAL:
+        # row i sees key j iff j <= i + shift: rows from n0 - shift on see part of the tile, rows
+        # from n_last - shift on see all of it.
+        lo = (tl.minimum(tl.maximum(n0 - shift, 0), seqlen_q) // BLOCK_M) * BLOCK_M
+        int_lo = ((tl.minimum(tl.maximum(n_last - shift, lo), seqlen_q) + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+        if HAS_WINDOW:
+            # ... and j > i + shift - W: rows before n_last + W - shift see part of the tile, tiles
+            # ending at or before n0 + W - shift see all of it.
+            hi = tl.minimum(tl.maximum(n_last + window - shift, 0), seqlen_q)
+            int_hi = tl.minimum((tl.maximum(n0 + window - shift, 0) // BLOCK_M) * BLOCK_M, q_ceil)
+        else:
+            hi = zero + seqlen_q
+            int_hi = zero + q_ceil
+    else:
+        lo = zero
+        int_lo = zero
+        hi = zero + seqlen_q
+        int_hi = zero + q_ceil
+    empty = int_hi < int_lo
+    int_lo = tl.where(empty, lo, int_lo)
+    int_hi = tl.where(empty, lo, int_hi)
+    return lo, int_lo, int_hi, hi
+
+
+@triton.jit
+def _kv_rows(start_n, offs_n, seqlen_k, b, block_table, stride_tb, num_blocks,
+             stride_kb, stride_ks, stride_vb, stride_vs,
+             PAGED: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Where key tile [start_n, start_n + BLOCK_N) lies in K and V, and which rows are real keys.
+
+    Returns (k_base, k_rows, v_base, v_rows, ok): a scalar int64 offset plus per-row offsets (int32
+    where they are small), relative to the per-head pointers. Dense/varlen: rows of the sequence.
+    Paged: through the block table; a table entry outside [0, num_blocks) marks its keys invalid
+    (never loaded, never attended).
+    """
+    cols = start_n + offs_n
+    ok = cols < seqlen_k
+    if PAGED:
+        row = block_table + b.to(tl.int64) * stride_tb
+        if PAGE >= BLOCK_N:
+            # PAGE and BLOCK_N are powers of two: the whole tile lies in one cache block.
+            blk = tl.load(row + start_n // PAGE)
+            valid = (blk >= 0) & (blk < num_blocks)
+            ok = ok & valid
+            blk = tl.where(valid, blk, 0).to(tl.int64)
+            in_blk = (start_n % PAGE).to(tl.int64)
+            k_base = blk * stride_kb + in_blk * stride_ks
+            v_base = blk * stride_vb + in_blk * stride_vs
+            k_rows = offs_n * stride_ks
+            v_rows = offs_n * stride_vs
+        else:
+            # A tile spans several blocks: one table entry per key row.
+            blk = tl.load(row + cols // PAGE, mask=ok, other=-1)
+            ok = ok & (blk >= 0) & (blk < num_blocks)
+            blk = tl.where(ok, blk, 0).to(tl.int64)
+            in_blk = cols % PAGE
+            k_base = start_n.to(tl.int64) * 0  # the row offsets carry everything
+            v_base = k_base
+            k_rows = blk * stride_kb + in_blk * stride_ks
+            v_rows = blk * stride_vb + in_blk * stride_vs
+    else:
+        k_base = start_n.to(tl.int64) * stride_ks
+        v_base = start_n.to(tl.int64) * stride_vs
+        k_rows = offs_n * stride_ks
+        v_rows = offs_n * stride_vs
+    return k_base, k_rows, v_base, v_rows, ok
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch configurations
+# --------------------------------------------------------------------------------------------------
+
+#: GPU configs (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, per (float32?, BLOCK_D bucket).
+#: Chosen from an offline sm_90a compile (ptxas -v, see notes/attention.md): configs that spill
+#: registers or exceed 227 KiB of shared memory are left out (dK/dV at D = 256 has no spill-free
+#: config: the least bad two are kept). float32 runs IEEE dots (no tensor cores, spills anyway): a
+#: parity path, given small tiles only. BLOCK_M is the query tile, BLOCK_N the key tile; the first
+#: row of each list is the one taken with GPTKERNELS_AUTOTUNE=0.
+_FWD_TABLE = {
+    (False, 64): [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 3),
+                  (64, 32, 4, 2)],
+    (False, 128): [(128, 128, 8, 2), (128, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 2)],
+    (False, 256): [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2)],
+    (True, 64): [(32, 32, 4, 2)],
+    (True, 128): [(32, 16, 4, 2)],
+    (True, 256): [(16, 16, 4, 1)],
+}
+_DKDV_TABLE = {
+    (False, 64): [(32, 128, 8, 3), (16, 128, 8, 2), (16, 64, 4, 2)],
+    (False, 128): [(16, 128, 8, 2), (16, 64, 8, 2)],
+    (False, 256): [(16, 32, 8, 2), (16, 64, 8, 2)],
+    (True, 64): [(16, 32, 4, 2)],
+    (True, 128): [(16, 32, 4, 2)],
+    (True, 256): [(16, 16, 4, 1)],
+}
+_DQ_TABLE = {
+    (False, 64): [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
+    (False, 128): [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (64, 16, 4, 2)],
+    (False, 256): [(64, 32, 8, 2), (64, 16, 8, 2), (128, 32, 8, 2)],
+    (True, 64): [(32, 32, 4, 2)],
+    (True, 128): [(32, 16, 4, 2)],
+    (True, 256): [(16, 16, 4, 1)],
+}
+#: The interpreter: one config per kernel. Its cost is per operation, not per element, so fairly
+#: large tiles run fastest, yet ~100-token test sequences still cross several tiles (interior and
+#: boundary paths), and BLOCK_M != BLOCK_N exercises the band arithmetic.
+_FWD_INTERP = (64, 32, 4, 1)
+_DKDV_INTERP = (32, 64, 4, 1)
+_DQ_INTERP = (64, 32, 4, 1)
+
+
+def _config(row) -> triton.Config:
+    block_m, block_n, warps, stages = row
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+def _autotune_configs(table, interp) -> list[triton.Config]:
+    rows = list(dict.fromkeys(row for rows in table.values() for row in rows))  # union, in order
+    return configs([_config(r) for r in rows], _config(interp))
+
+
+#: ``GPTKERNELS_AUTOTUNE=0``: no benchmarking, the first config listed for the call's bucket. For
+#: test suites and quick runs (each autotune key otherwise compiles and times every candidate);
+#: read at each new autotune key, so set it before the first call of a process.
+ENV_AUTOTUNE = "GPTKERNELS_AUTOTUNE"
+
+
+def _pick(table):
+    """early_config_prune: keep the configs listed for this call's dtype and head-dim bucket."""
+
+    def prune(cfgs, named_args, **kwargs):
+        if len(cfgs) == 1:
+            return cfgs
+        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+        rows = table[(named_args["Q"].dtype == torch.float32, min(max(block_d, 64), 256))]
+        if os.environ.get(ENV_AUTOTUNE, "1") == "0":
+            rows = rows[:1]
+        wanted = set(rows)
+        return [c for c in cfgs
+                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+
+    return prune
+
+
+#: Autotune key (the autotuner adds the tensors' dtypes): the compile-time shape of the problem plus
+#: power-of-two buckets of the longest query sequence and of the band width (keys a row sees), which
+#: decide the tile shape that fills the GPU and wastes least on boundary tiles.
+_TUNE_KEY = ["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "PAGED", "VARLEN_Q", "seq_bucket", "band_bucket"]
+
+
+def _autotune(table, interp):
+    return triton.autotune(configs=_autotune_configs(table, interp), key=_TUNE_KEY,
+                           prune_configs_by={"early_config_prune": _pick(table)})
+
+
+#: Integer arguments whose values vary from call to call: not specialised (Triton would otherwise
+#: compile a variant per "== 1" / "divisible by 16" class of each). Strides stay specialised: a unit
+#: last-dim stride and 16-divisible row strides are what make the loads vectorised and pipelined.
+_VARYING = ["q_len", "kv_len", "group", "window", "num_blocks", "stride_tb"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, start, end, pos_q, seqlen_k, window, qk_scale,
+               b, block_table, stride_tb, num_blocks,
+               stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
+               offs_n, offs_d,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+               PAGED: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    d_ok = offs_d[None, :] < HEAD_DIM
+    for start_n in range(start, end, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        k_base, k_rows, v_base, v_rows, ok = _kv_rows(start_n, offs_n, seqlen_k, b, block_table,
+                                                      stride_tb, num_blocks, stride_kb, stride_ks,
+                                                      stride_vb, stride_vs, PAGED, PAGE, BLOCK_N)
+        if MASKED or PAGED:
+            kv_mask = ok[:, None] & d_ok
+        else:
+            kv_mask = d_ok  # interior tile: every key row exists
+        k = tl.load(K_head + k_base + k_rows[:, None] + offs_d[None, :] * stride_kd, mask=kv_mask,
+                    other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if MASKED:
+            vis = _visible(pos_q[:, None], (start_n + offs_n)[None, :], seqlen_k, window,
+                           CAUSAL, HAS_WINDOW)
+            if PAGED:
+                vis = vis & ok[None, :]
+            s = tl.where(vis, s, float("-inf"))
+        elif PAGED:
+            s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED or PAGED:
+            # A row that has seen no key yet has m = -inf: subtract 0 instead (its p are all 0).
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V_head + v_base + v_rows[:, None] + offs_d[None, :] * stride_vd, mask=kv_mask,
+                    other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@_autotune(_FWD_TABLE, _FWD_INTERP)
+@triton.jit(do_not_specialize=_VARYING)
+def _fwd_kernel(
+    Q, K, V, Out, Lse,
+    cu_q, cu_k, seqlens_k, block_table,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh,
+    stride_tb, num_blocks,
+    q_len, kv_len, group, qk_scale, window, seq_bucket, band_bucket,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Causal: the last query tiles have the most keys; launch them first to shorten the tail.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, seqlen_q, k_start, seqlen_k = _seq_bounds(b, cu_q, cu_k, seqlens_k, q_len, kv_len,
+                                                       VARLEN_Q, VARLEN_K, PAGED)
+    m0 = pid_m * BLOCK_M
+    if m0 >= seqlen_q:
+        return
+    if BOTTOM_RIGHT:
+        shift = seqlen_k - seqlen_q
+    else:
+        shift = seqlen_k * 0
+    hk = h // group
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = m0 + offs_m
+    row_ok = rows < seqlen_q
+    d_ok = offs_d < HEAD_DIM
+
+    q_tok = (q_start + m0).to(tl.int64)
+    Q_tile = Q + b.to(tl.int64) * stride_qb + q_tok * stride_qs + h * stride_qh
+    q = tl.load(Q_tile + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if PAGED:
+        K_head = K + hk * stride_kh
+        V_head = V + hk * stride_vh
+    else:
+        k_tok = k_start.to(tl.int64)
+        K_head = K + b.to(tl.int64) * stride_kb + k_tok * stride_ks + hk * stride_kh
+        V_head = V + b.to(tl.int64) * stride_vb + k_tok * stride_vs + hk * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    pos_q = rows + shift
+    lo, int_lo, int_hi, hi = _q_tile_band(m0, seqlen_q, seqlen_k, shift, window, CAUSAL,
+                                          HAS_WINDOW, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, lo, int_lo, pos_q, seqlen_k, window,
+                               qk_scale, b, block_table, stride_tb, num_blocks,
+                               stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
+                               offs_n, offs_d, True, CAUSAL, HAS_WINDOW, PAGED, PAGE, HEAD_DIM,
+                               BLOCK_N, PRECISION)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, int_lo, int_hi, pos_q, seqlen_k,
+                               window, qk_scale, b, block_table, stride_tb, num_blocks,
+                               stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
+                               offs_n, offs_d, False, CAUSAL, HAS_WINDOW, PAGED, PAGE, HEAD_DIM,
+                               BLOCK_N, PRECISION)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, int_hi, hi, pos_q, seqlen_k, window,
+                               qk_scale, b, block_table, stride_tb, num_blocks,
+                               stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
+                               offs_n, offs_d, True, CAUSAL, HAS_WINDOW, PAGED, PAGE, HEAD_DIM,
+                               BLOCK_N, PRECISION)
+
+    # Rows that saw no key: l = 0, acc = 0 -> out 0 and lse -inf.
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) / _LOG2E_C, float("-inf"))
+
+    O_tile = Out + b.to(tl.int64) * stride_ob + q_tok * stride_os + h * stride_oh
+    tl.store(O_tile + offs_m[:, None] * stride_os + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+    L_tile = Lse + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start + m0
+    tl.store(L_tile + offs_m, lse, mask=row_ok)
+
+
+# --------------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_preprocess(
+    Out, DO, DLse, Delta, cu_q,
+    stride_ob, stride_os, stride_oh,
+    stride_dob, stride_dos, stride_doh, stride_dod,
+    stride_lb, stride_lh,
+    q_len,
+    HAS_DLSE: tl.constexpr, VARLEN_Q: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """delta = rowsum(dO * O) - dlse, laid out like lse (DLse is contiguous like lse)."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, seqlen_q, _k0, _k1 = _seq_bounds(b, cu_q, cu_q, cu_q, q_len, 0, VARLEN_Q, False, False)
+    m0 = pid_m * BLOCK_M
+    if m0 >= seqlen_q:
+        return
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = (m0 + offs_m) < seqlen_q
+    mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    tok = (q_start + m0).to(tl.int64)
+    o = tl.load(Out + b.to(tl.int64) * stride_ob + tok * stride_os + h * stride_oh
+                + offs_m[:, None] * stride_os + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + tok * stride_dos + h * stride_doh
+                 + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    l_off = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start + m0 + offs_m
+    if HAS_DLSE:
+        delta -= tl.load(DLse + l_off, mask=row_ok, other=0.0)
+    tl.store(Delta + l_off, delta, mask=row_ok)
+
+
+
+@triton.jit
+def _load_row_stats(L_rows, D_rows, rows, seqlen_q):
+    """lse in base 2 and delta of query rows. A row that saw no key (lse = -inf) and a row past the
+    sequence get lse = +inf, so that their P = exp2(s - lse) is exactly 0."""
+    row_ok = rows < seqlen_q
+    lse = tl.load(L_rows + rows, mask=row_ok, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E_C)
+    delta = tl.load(D_rows + rows, mask=row_ok, other=0.0)
+    return lse2, delta
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, Q_head, DO_head, L_rows, D_rows, start, end, seqlen_q, seqlen_k,
+                cols, shift, window, qk_scale, stride_qs, stride_qd, stride_dos, stride_dod,
+                offs_m, offs_d,
+                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dK, dV of one key tile over the query tiles [start, end) of one query head.
+
+    Works on transposed scores (keys x queries) so that dV += P^T dO and dK += dS^T Q are plain dots.
+    Query rows past the sequence have P = 0 (lse = +inf) and add nothing; key rows past the sequence
+    are never stored, so they need no mask.
+    """
+    d_ok = offs_d[None, :] < HEAD_DIM
+    for start_m in range(start, end, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        rows = start_m + offs_m
+        mask = (rows < seqlen_q)[:, None] & d_ok
+        tok = start_m.to(tl.int64)
+        q = tl.load(Q_head + tok * stride_qs + offs_m[:, None] * stride_qs
+                    + offs_d[None, :] * stride_qd, mask=mask, other=0.0)
+        do = tl.load(DO_head + tok * stride_dos + offs_m[:, None] * stride_dos
+                     + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
+        lse2, delta = _load_row_stats(L_rows, D_rows, rows, seqlen_q)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+        p_t = tl.math.exp2(s_t - lse2[None, :])
+        if MASKED:
+            vis = _visible(rows[None, :] + shift, cols[:, None], seqlen_k, window, CAUSAL, HAS_WINDOW)
+            p_t = tl.where(vis, p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@_autotune(_DKDV_TABLE, _DKDV_INTERP)
+@triton.jit(do_not_specialize=_VARYING[:4])
+def _bwd_dkdv(
+    Q, K, V, DO, Lse, Delta, DK, DV,
+    cu_q, cu_k,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_dob, stride_dos, stride_doh, stride_dod,
+    stride_dkb, stride_dks, stride_dkh,
+    stride_lb, stride_lh,
+    q_len, kv_len, group, qk_scale, sm_scale, window, seq_bucket, band_bucket,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    VARLEN_Q: tl.constexpr, PAGED: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, seqlen_q, k_start, seqlen_k = _seq_bounds(b, cu_q, cu_k, cu_k, q_len, kv_len,
+                                                       VARLEN_Q, VARLEN_Q, False)
+    n0 = pid_n * BLOCK_N
+    if n0 >= seqlen_k:
+        return
+    if BOTTOM_RIGHT:
+        shift = seqlen_k - seqlen_q
+    else:
+        shift = seqlen_k * 0
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    cols = n0 + offs_n
+    kv_mask = (cols < seqlen_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    k_tok = (k_start + n0).to(tl.int64)
+    b64 = b.to(tl.int64)
+    k = tl.load(K + b64 * stride_kb + k_tok * stride_ks + hk * stride_kh
+                + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+    v = tl.load(V + b64 * stride_vb + k_tok * stride_vs + hk * stride_vh
+                + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    lo, int_lo, int_hi, hi = _k_tile_band(n0, seqlen_q, seqlen_k, shift, window, CAUSAL,
+                                          HAS_WINDOW, BLOCK_M, BLOCK_N)
+    q_tok = q_start.to(tl.int64)
+    # GQA: the query heads of this KV head's group, summed in registers (no atomics, no repeat).
+    for g in range(0, group):
+        h = hk * group + g
+        Q_head = Q + b64 * stride_qb + q_tok * stride_qs + h * stride_qh
+        DO_head = DO + b64 * stride_dob + q_tok * stride_dos + h * stride_doh
+        l_off = b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q_head, DO_head, Lse + l_off, Delta + l_off, lo, int_lo,
+                             seqlen_q, seqlen_k, cols, shift, window, qk_scale, stride_qs, stride_qd,
+                             stride_dos, stride_dod, offs_m, offs_d, True, CAUSAL, HAS_WINDOW,
+                             HEAD_DIM, BLOCK_M, PRECISION)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q_head, DO_head, Lse + l_off, Delta + l_off, int_lo,
+                             int_hi, seqlen_q, seqlen_k, cols, shift, window, qk_scale, stride_qs,
+                             stride_qd, stride_dos, stride_dod, offs_m, offs_d, False, CAUSAL,
+                             HAS_WINDOW, HEAD_DIM, BLOCK_M, PRECISION)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q_head, DO_head, Lse + l_off, Delta + l_off, int_hi, hi,
+                             seqlen_q, seqlen_k, cols, shift, window, qk_scale, stride_qs, stride_qd,
+                             stride_dos, stride_dod, offs_m, offs_d, True, CAUSAL, HAS_WINDOW,
+                             HEAD_DIM, BLOCK_M, PRECISION)
+
+    out_off = b64 * stride_dkb + k_tok * stride_dks + hk * stride_dkh
+    out_ptrs = offs_n[:, None] * stride_dks + offs_d[None, :]
+    tl.store(DK + out_off + out_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + out_off + out_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, start, end, pos_q, seqlen_k, window, qk_scale,
+              stride_ks, stride_kd, stride_vs, stride_vd, offs_n, offs_d,
+              MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dQ of one query tile over the key tiles [start, end)."""
+    d_ok = offs_d[None, :] < HEAD_DIM
+    for start_n in range(start, end, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        if MASKED:
+            kv_mask = (cols < seqlen_k)[:, None] & d_ok
+        else:
+            kv_mask = d_ok
+        tok = start_n.to(tl.int64)
+        k = tl.load(K_head + tok * stride_ks + offs_n[:, None] * stride_ks
+                    + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(V_head + tok * stride_vs + offs_n[:, None] * stride_vs
+                    + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = tl.math.exp2(s - lse2[:, None])
+        if MASKED:
+            p = tl.where(_visible(pos_q[:, None], cols[None, :], seqlen_k, window, CAUSAL, HAS_WINDOW),
+                         p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    return dq
+
+
+@_autotune(_DQ_TABLE, _DQ_INTERP)
+@triton.jit(do_not_specialize=_VARYING[:4])
+def _bwd_dq(
+    Q, K, V, DO, Lse, Delta, DQ,
+    cu_q, cu_k,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_dob, stride_dos, stride_doh, stride_dod,
+    stride_dqb, stride_dqs, stride_dqh,
+    stride_lb, stride_lh,
+    q_len, kv_len, group, qk_scale, sm_scale, window, seq_bucket, band_bucket,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    VARLEN_Q: tl.constexpr, PAGED: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, seqlen_q, k_start, seqlen_k = _seq_bounds(b, cu_q, cu_k, cu_k, q_len, kv_len,
+                                                       VARLEN_Q, VARLEN_Q, False)
+    m0 = pid_m * BLOCK_M
+    if m0 >= seqlen_q:
+        return
+    if BOTTOM_RIGHT:
+        shift = seqlen_k - seqlen_q
+    else:
+        shift = seqlen_k * 0
+    hk = h // group
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = m0 + offs_m
+    mask = (rows < seqlen_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    b64 = b.to(tl.int64)
+    q_tok = (q_start + m0).to(tl.int64)
+    q = tl.load(Q + b64 * stride_qb + q_tok * stride_qs + h * stride_qh
+                + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=mask, other=0.0)
+    do = tl.load(DO + b64 * stride_dob + q_tok * stride_dos + h * stride_doh
+                 + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
+    l_off = b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start
+    lse2, delta = _load_row_stats(Lse + l_off, Delta + l_off, rows, seqlen_q)
+
+    k_tok = k_start.to(tl.int64)
+    K_head = K + b64 * stride_kb + k_tok * stride_ks + hk * stride_kh
+    V_head = V + b64 * stride_vb + k_tok * stride_vs + hk * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    pos_q = rows + shift
+    lo, int_lo, int_hi, hi = _q_tile_band(m0, seqlen_q, seqlen_k, shift, window, CAUSAL,
+                                          HAS_WINDOW, BLOCK_M, BLOCK_N)
+    dq = _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, lo, int_lo, pos_q, seqlen_k, window,
+                   qk_scale, stride_ks, stride_kd, stride_vs, stride_vd, offs_n, offs_d,
+                   True, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_N, PRECISION)
+    dq = _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, int_lo, int_hi, pos_q, seqlen_k, window,
+                   qk_scale, stride_ks, stride_kd, stride_vs, stride_vd, offs_n, offs_d,
+                   False, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_N, PRECISION)
+    dq = _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, int_hi, hi, pos_q, seqlen_k, window,
+                   qk_scale, stride_ks, stride_kd, stride_vs, stride_vd, offs_n, offs_d,
+                   True, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_N, PRECISION)
+
+    tl.store(DQ + b64 * stride_dqb + q_tok * stride_dqs + h * stride_dqh
+             + offs_m[:, None] * stride_dqs + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers (same names and signatures as the CUDA backend's, see gptkernels._ops)
+# --------------------------------------------------------------------------------------------------
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, next_pow2(head_dim))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 must not silently become TF32 (10-bit mantissa) on the GPU; 16-bit inputs ignore this.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _bucket(n: int) -> int:
+    # Autotune key values: powers of two from 16 (so that Triton's integer specialisation, which
+    # looks at divisibility by 16, does not recompile per bucket) to 16384.
+    return min(max(next_pow2(n), 16), 16384)
+
+
+def _tune_buckets(max_q: int, max_k: int, window: int | None) -> tuple[int, int]:
+    """(seq_bucket, band_bucket): small batches of short rows want small tiles to fill the GPU; a
+    narrow window wants a short BLOCK_M so fewer boundary tiles are computed."""
+    band = max_k if window is None else min(window, max_k)
+    return _bucket(max_q), _bucket(band)
+
+
+def _tok_strides(x: torch.Tensor, varlen: bool) -> tuple[int, int, int, int]:
+    """(batch, token, head, dim) strides of a dense (B, S, H, D) or varlen (T, H, D) tensor."""
+    return (0, *x.stride()) if varlen else tuple(x.stride())
+
+
+def _lse_strides(q: torch.Tensor, varlen: bool) -> tuple[int, int]:
+    """(batch, head) strides of a contiguous lse: (B, Hq, Sq) dense, (Hq, Tq) varlen."""
+    if varlen:
+        return 0, q.shape[0]
+    return q.shape[2] * q.shape[1], q.shape[1]
+
+
+def flash_attn_forward(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, cu_seqlens_k,
+                       max_seqlen_q, max_seqlen_k, block_table, seqlens_k, bottom_right):
+    """Attention forward. Returns (out like q, contiguous; lse float32 (B, Hq, Sq) or (Hq, Tq))."""
+    varlen_q = cu_seqlens_q is not None
+    varlen_k = cu_seqlens_k is not None
+    paged = block_table is not None
+    hq, head_dim = q.shape[-2], q.shape[-1]
+    group = hq // k.shape[-2]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if varlen_q:
+        batch, q_len, max_q = cu_seqlens_q.numel() - 1, q.shape[0], max_seqlen_q
+        lse = torch.empty((hq, q.shape[0]), dtype=torch.float32, device=q.device)
+    else:
+        batch, q_len, max_q = q.shape[0], q.shape[1], q.shape[1]
+        lse = torch.empty((batch, hq, q.shape[1]), dtype=torch.float32, device=q.device)
+    if paged:
+        page, num_blocks = k.shape[1], k.shape[0]
+        kv_len = block_table.shape[1] * page  # the table's capacity: seqlens_k is clamped to it
+        sk = (k.stride(0), k.stride(1), k.stride(2), k.stride(3))
+        sv = (v.stride(0), v.stride(1), v.stride(2), v.stride(3))
+    else:
+        page, num_blocks = 1, 0
+        kv_len = k.shape[0] if varlen_k else k.shape[1]
+        sk, sv = _tok_strides(k, varlen_k), _tok_strides(v, varlen_k)
+    if out.numel() == 0 or max_q == 0 or k.numel() == 0 or kv_len == 0:
+        # Nothing to launch; with no keys at all every row sees nothing: zeros and lse = -inf.
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse
+
+    dummy = lse  # stands in for absent index tensors (never read: the constexpr flags say so)
+    sq = _tok_strides(q, varlen_q)
+    so = _tok_strides(out, varlen_q)
+    slb, slh = _lse_strides(q, varlen_q)
+    grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), hq, batch)  # noqa: E731
+    _fwd_kernel[grid](
+        q, k, v, out, lse,
+        cu_seqlens_q if varlen_q else dummy, cu_seqlens_k if varlen_k else dummy,
+        seqlens_k if paged else dummy, block_table if paged else dummy,
+        *sq, *sk, *sv, so[0], so[1], so[2], slb, slh,
+        block_table.stride(0) if paged else 0, num_blocks,
+        q_len, kv_len, group, softmax_scale * LOG2E, window or 0,
+        *_tune_buckets(max_q, max_seqlen_k or kv_len, window),
+        CAUSAL=causal, HAS_WINDOW=window is not None, BOTTOM_RIGHT=bottom_right,
+        VARLEN_Q=varlen_q, VARLEN_K=varlen_k, PAGED=paged, PAGE=page,
+        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), PRECISION=_precision(q.dtype),
+    )
+    return out, lse
+
+
+def flash_attn_backward(dout, dlse, q, k, v, out, lse, *, causal, window, softmax_scale,
+                        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bottom_right):
+    """Attention backward (dense and varlen). Returns contiguous (dq, dk, dv)."""
+    varlen = cu_seqlens_q is not None
+    hq, hkv, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
+    group = hq // hkv
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if varlen:
+        batch, q_len, kv_len = cu_seqlens_q.numel() - 1, q.shape[0], k.shape[0]
+        max_q, max_k = max_seqlen_q, max_seqlen_k
+    else:
+        batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
+        max_q, max_k = q_len, kv_len
+    if q.numel() == 0 or k.numel() == 0 or max_q == 0 or max_k == 0:
+        # No query or no key: nothing is attended, every gradient is zero.
+        return dq.zero_(), dk.zero_(), dv.zero_()
+
+    out, lse = out.contiguous(), lse.contiguous()  # our own forward's outputs: already contiguous
+    if dlse is not None:
+        dlse = dlse.to(torch.float32).contiguous()  # small (like lse); may be an expanded grad
+    delta = torch.empty_like(lse)
+    block_d = _block_d(head_dim)
+    sq, sk, sv = _tok_strides(q, varlen), _tok_strides(k, varlen), _tok_strides(v, varlen)
+    sdo, so = _tok_strides(dout, varlen), _tok_strides(out, varlen)
+    sdq, sdk = _tok_strides(dq, varlen), _tok_strides(dk, varlen)
+    slb, slh = _lse_strides(q, varlen)
+    cu_q = cu_seqlens_q if varlen else lse
+    cu_k = cu_seqlens_k if varlen else lse
+
+    pre_m = max(16, min(128, 8192 // block_d))
+    _bwd_preprocess[(triton.cdiv(max_q, pre_m), hq, batch)](
+        out, dout, dlse if dlse is not None else lse, delta, cu_q,
+        so[0], so[1], so[2], *sdo, slb, slh, q_len,
+        HAS_DLSE=dlse is not None, VARLEN_Q=varlen, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        BLOCK_M=pre_m, num_warps=4,
+    )
+    common = dict(CAUSAL=causal, HAS_WINDOW=window is not None, BOTTOM_RIGHT=bottom_right,
+                  VARLEN_Q=varlen, PAGED=False, HEAD_DIM=head_dim, BLOCK_D=block_d,
+                  PRECISION=_precision(q.dtype))
+    scalars = (q_len, kv_len, group, softmax_scale * LOG2E, softmax_scale, window or 0,
+               *_tune_buckets(max(max_q, max_k), max_k, window))
+    _bwd_dkdv[lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), hkv, batch)](
+        q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k,
+        *sq, *sk, *sv, *sdo, sdk[0], sdk[1], sdk[2], slb, slh, *scalars, **common,
+    )
+    _bwd_dq[lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), hq, batch)](
+        q, k, v, dout, lse, delta, dq, cu_q, cu_k,
+        *sq, *sk, *sv, *sdo, sdq[0], sdq[1], sdq[2], slb, slh, *scalars, **common,
+    )
+    return dq, dk, dv

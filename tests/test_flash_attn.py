@@ -1,0 +1,490 @@
+"""Parity of the Triton flash attention (forward, backward, varlen, paged keys) with a float64 reference.
+
+Every check follows SPEC's rule (tests.helpers.assert_parity): the kernel's error against the float64
+reference may be at most twice the eager torch error in the same dtype (reference.attention with
+upcast=False), plus a small floor. The interpreter runs a representative grid; a GPU runs the full one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import gptkernels
+from gptkernels import reference
+from tests.helpers import DEVICE, DTYPES, FULL_GRID, assert_parity, grid, randn, requires_gpu
+
+BACKEND = "triton"
+
+
+@pytest.fixture(autouse=True)
+def _first_config_only(monkeypatch):
+    # On a GPU every new autotune key would compile and time each candidate config: tests take the
+    # first listed one (test_every_gpu_config runs them all). No effect in the interpreter.
+    monkeypatch.setenv("GPTKERNELS_AUTOTUNE", "0")
+
+
+def _cu(lengths):
+    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=DEVICE)
+
+
+def _finite(lse):
+    # rows that see no key have lse = -inf: keep them out of the loss (their gradient is zero)
+    return torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+
+
+def _same_strides(t):
+    """A leaf copy of ``t`` with exactly its strides (gaps of fused-QKV views included)."""
+    leaf = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+    return leaf.copy_(t)
+
+
+def _attend(fn, q, k, v, dout, dlse, grad, **kw):
+    """out, lse and (if grad) dq, dk, dv of ``fn`` on leaf copies of q, k, v (strides kept)."""
+    leaves = [_same_strides(t.detach()).requires_grad_(grad) for t in (q, k, v)]
+    out, lse = fn(*leaves, **kw)
+    if not grad:
+        return out, lse, ()
+    loss = (out.to(dout.dtype) * dout).sum()
+    if dlse is not None:
+        loss = loss + (_finite(lse) * dlse.to(lse.dtype)).sum()
+    return out, lse, torch.autograd.grad(loss, leaves)
+
+
+def check_attention(q, k, v, *, grad=False, with_dlse=False, max_seqlen_q=None, max_seqlen_k=None,
+                    **kw):
+    """Kernel vs float64 reference vs eager same-dtype reference: out, lse and (grad) dq, dk, dv."""
+    dout = randn(*q.shape, dtype=q.dtype) if grad else None
+    dlse = None
+    if grad and with_dlse:
+        lse_shape = (q.shape[0], q.shape[2], q.shape[1]) if q.dim() == 4 else (q.shape[1], q.shape[0])
+        dlse = randn(*lse_shape)
+
+    def kernel(q_, k_, v_):
+        return gptkernels.flash_attn(q_, k_, v_, return_lse=True, backend=BACKEND,
+                                     max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, **kw)
+
+    def ref(q_, k_, v_, upcast=True):
+        return reference.attention(q_, k_, v_, return_lse=True, upcast=upcast, **kw)
+
+    out, lse, grads = _attend(kernel, q, k, v, dout, dlse, grad)
+    r_out, r_lse, r_grads = _attend(ref, q.double(), k.double(), v.double(),
+                                    None if dout is None else dout.double(),
+                                    None if dlse is None else dlse.double(), grad)
+    b_out, b_lse, b_grads = _attend(lambda *t: ref(*t, upcast=False), q, k, v, dout, dlse, grad)
+
+    assert out.dtype == q.dtype and out.shape == q.shape and out.is_contiguous()
+    assert lse.dtype == torch.float32 and lse.is_contiguous()
+    assert_parity(out, r_out, b_out, name="out")
+    assert_parity(lse, r_lse, b_lse.float(), name="lse")
+    for name, g, r, b, x in zip(("dq", "dk", "dv"), grads, r_grads, b_grads, (q, k, v)):
+        assert g.shape == x.shape and g.dtype == x.dtype
+        assert_parity(g, r, b, name=name)
+    return out, lse
+
+
+# --------------------------------------------------------------------------------------------------
+# Dense forward
+# --------------------------------------------------------------------------------------------------
+
+# (batch, Sq, Sk, Hq, Hkv, D, causal, window)
+_DENSE_SMALL = [
+    (1, 1, 1, 1, 1, 16, True, None),
+    (2, 17, 17, 4, 4, 64, True, None),
+    (1, 97, 130, 8, 1, 80, True, None),      # Sq < Sk, MQA (ratio 8)
+    (2, 130, 97, 2, 1, 96, True, None),      # Sq > Sk: the first rows see no key
+    (1, 130, 130, 4, 1, 128, False, None),
+    (1, 97, 97, 2, 1, 256, True, 7),
+    (1, 130, 130, 2, 2, 64, True, 1),
+    (1, 130, 130, 4, 2, 80, True, 64),
+    (3, 97, 130, 2, 1, 16, True, 1000),      # window larger than the sequence
+    (1, 1, 130, 2, 1, 64, True, 64),         # one query row (decode-like)
+    (1, 130, 1, 2, 1, 64, False, None),      # one key
+    (2, 17, 97, 8, 8, 96, False, None),
+    (1, 33, 20, 2, 1, 1, True, 5),           # head dim 1; Sq > Sk with a window
+    (1, 40, 40, 2, 2, 200, True, None),      # head dim 200: a 256-wide tile, masked
+]
+_RATIOS = ((1, 2), (2, 2), (4, 1), (8, 1))  # (Hq // Hkv, Hkv)
+_DENSE_FULL = [
+    # every (sequence pair, head dim, mask); batch and GQA ratio rotate so each meets each
+    (1 + i % 3, sq, sk, _RATIOS[i % 4][0] * _RATIOS[i % 4][1], _RATIOS[i % 4][1], d, causal, w)
+    for i, ((sq, sk), d, (causal, w)) in enumerate(itertools.product(
+        ((1, 1), (17, 17), (97, 130), (130, 97), (1, 300), (257, 257), (1024, 1024)),
+        (16, 64, 80, 96, 128, 256),
+        ((False, None), (True, None), (True, 1), (True, 7), (True, 64), (True, 4096))))
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", grid(_DENSE_SMALL, _DENSE_FULL), ids=str)
+def test_forward_dense(case, dtype):
+    b, sq, sk, hq, hkv, d, causal, window = case
+    q, k, v = randn(b, sq, hq, d, dtype=dtype), randn(b, sk, hkv, d, dtype=dtype), randn(b, sk, hkv, d, dtype=dtype)
+    check_attention(q, k, v, causal=causal, window=window)
+
+
+def test_softmax_scale_and_large_values():
+    # GPT-Neo's scale 1.0 with large scores: the online softmax must stay stable.
+    dtype = torch.float32
+    q, k, v = randn(2, 33, 2, 64, dtype=dtype, scale=4.0), randn(2, 33, 2, 64, dtype=dtype, scale=4.0), \
+        randn(2, 33, 2, 64, dtype=dtype)
+    check_attention(q, k, v, causal=True, softmax_scale=1.0)
+    check_attention(q, k, v, causal=False, softmax_scale=0.03)
+
+
+def test_rows_that_see_nothing():
+    # Sq > Sk bottom-right: rows i < Sq - Sk sit at negative positions and see no key.
+    q, k, v = randn(2, 40, 2, 64), randn(2, 9, 1, 64), randn(2, 9, 1, 64)
+    out, lse = check_attention(q, k, v, causal=True, grad=True)
+    assert torch.equal(out[:, :31], torch.zeros_like(out[:, :31]))
+    assert bool(torch.isneginf(lse[:, :, :31]).all()) and bool(torch.isfinite(lse[:, :, 31:]).all())
+
+
+def test_forward_is_deterministic():
+    q, k, v = (randn(1, 130, 2, 80, dtype=DTYPES[0]), randn(1, 130, 1, 80, dtype=DTYPES[0]),
+               randn(1, 130, 1, 80, dtype=DTYPES[0]))
+    a = gptkernels.flash_attn(q, k, v, window=33, return_lse=True, backend=BACKEND)
+    b = gptkernels.flash_attn(q, k, v, window=33, return_lse=True, backend=BACKEND)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_backward_is_deterministic():
+    q, k, v = (randn(1, 97, 4, 64, dtype=DTYPES[0]), randn(1, 97, 1, 64, dtype=DTYPES[0]),
+               randn(1, 97, 1, 64, dtype=DTYPES[0]))
+    dout = randn(1, 97, 4, 64, dtype=DTYPES[0])
+    grads = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = gptkernels.flash_attn(*leaves, backend=BACKEND)
+        grads.append(torch.autograd.grad(out, leaves, dout))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+# --------------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------------
+
+_GRAD_SMALL = [
+    (2, 97, 97, 2, 2, 64, True, None),
+    (1, 130, 97, 4, 2, 80, True, None),      # Sq > Sk, rows that see nothing
+    (1, 17, 130, 8, 1, 96, True, 7),         # Sq < Sk, window, MQA ratio 8
+    (1, 130, 130, 4, 1, 128, True, 64),
+    (1, 97, 130, 2, 2, 16, False, None),
+    (1, 1, 17, 2, 1, 256, True, 1),
+]
+_GRAD_FULL = [
+    (1 + i % 2, sq, sk, _RATIOS[i % 4][0] * _RATIOS[i % 4][1], _RATIOS[i % 4][1], d, causal, w)
+    for i, ((sq, sk), d, (causal, w)) in enumerate(itertools.product(
+        ((1, 17), (97, 97), (130, 97), (97, 130), (300, 300), (1024, 1024)),
+        (16, 64, 80, 128, 256),
+        ((False, None), (True, None), (True, 1), (True, 7), (True, 64))))
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", grid(_GRAD_SMALL, _GRAD_FULL), ids=str)
+def test_backward_dense(case, dtype):
+    b, sq, sk, hq, hkv, d, causal, window = case
+    q, k, v = randn(b, sq, hq, d, dtype=dtype), randn(b, sk, hkv, d, dtype=dtype), randn(b, sk, hkv, d, dtype=dtype)
+    check_attention(q, k, v, causal=causal, window=window, grad=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward_through_lse(dtype):
+    # A loss on lse too: its gradient (dlse) is folded into the backward's delta term.
+    q, k, v = randn(2, 97, 4, 64, dtype=dtype), randn(2, 61, 2, 64, dtype=dtype), randn(2, 61, 2, 64, dtype=dtype)
+    check_attention(q, k, v, causal=True, window=40, grad=True, with_dlse=True)
+
+
+def test_backward_lse_only():
+    # Only lse reaches the loss (out's gradient is zero / absent).
+    q, k, v = (randn(1, 33, 2, 64) for _ in range(3))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    _, lse = gptkernels.flash_attn(*leaves, return_lse=True, backend=BACKEND)
+    got = torch.autograd.grad(lse.sum(), leaves)
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    _, r_lse = reference.attention(*ref_leaves, return_lse=True)
+    want = torch.autograd.grad(r_lse.sum(), ref_leaves, allow_unused=True)
+    want = [torch.zeros_like(t) if w is None else w for t, w in zip(ref_leaves, want)]  # lse ignores v
+    for g, w in zip(got, want):
+        assert_parity(g, w)
+
+
+def test_fused_qkv_views():
+    # q, k, v are strided views of one (B, S, 3, H, D) tensor: the kernels take them as they are.
+    for dtype in DTYPES:
+        qkv = randn(1, 70, 3, 2, 80, dtype=dtype)
+        q, k, v = qkv.unbind(2)
+        assert not q.is_contiguous() and _same_strides(q).stride() == q.stride()
+        check_attention(q, k, v, causal=True, grad=True)
+        check_attention(q, k[:, :, :1], v[:, :, :1], causal=True, window=9)  # GQA on views
+
+        fused = qkv.detach().clone().requires_grad_()
+        out = gptkernels.flash_attn(*fused.unbind(2), backend=BACKEND)
+        (g,) = torch.autograd.grad(out.sum(), fused)  # gradients land in the fused tensor
+        views = [t.detach().clone().requires_grad_() for t in qkv.unbind(2)]
+        sep = torch.autograd.grad(gptkernels.flash_attn(*views, backend=BACKEND).sum(), views)
+        assert torch.equal(g, torch.stack(sep, dim=2))
+
+
+def test_transposed_layout():
+    # (B, H, S, D) memory seen as (B, S, H, D): the layout sdpa hands to the kernels.
+    q, k, v = (randn(1, 2, 97, 64).transpose(1, 2) for _ in range(3))
+    check_attention(q, k, v, causal=True, grad=True)
+
+
+def test_random_shapes():
+    # Seeded random lengths, head dims and windows (float32, forward and backward): the band
+    # arithmetic (first/interior/last tiles) for many (Sq, Sk, W) against the tile sizes.
+    gen = torch.Generator().manual_seed(1234)
+    for _ in range(grid(16, 60)):
+        sq, sk = (int(x) for x in torch.randint(1, 150, (2,), generator=gen))
+        d = int(torch.randint(1, 129, (1,), generator=gen))
+        hkv = int(torch.randint(1, 3, (1,), generator=gen))
+        hq = hkv * int(torch.randint(1, 4, (1,), generator=gen))
+        causal = bool(torch.rand(1, generator=gen) < 0.8)
+        window = int(torch.randint(1, 160, (1,), generator=gen)) if causal and torch.rand(1, generator=gen) < 0.6 else None
+        q, k, v = randn(1, sq, hq, d), randn(1, sk, hkv, d), randn(1, sk, hkv, d)
+        check_attention(q, k, v, causal=causal, window=window, grad=True)
+
+
+# Tile shapes the GPU configs use (BLOCK_M, BLOCK_N per kernel): the band arithmetic must hold for
+# every one of them, and the interpreter otherwise only runs its own fixed config.
+_TILE_SHAPES = [
+    dict(fwd=(128, 128), dkdv=(16, 128), dq=(128, 64)),
+    dict(fwd=(128, 32), dkdv=(32, 128), dq=(64, 16)),
+    dict(fwd=(16, 16), dkdv=(16, 32), dq=(16, 16)),
+]
+
+
+@pytest.mark.parametrize("shapes", _TILE_SHAPES, ids=str)
+def test_other_tile_shapes(shapes, monkeypatch):
+    import triton
+
+    from gptkernels.kernels import flash_attn as fa
+
+    for name, kernel in (("fwd", fa._fwd_kernel), ("dkdv", fa._bwd_dkdv), ("dq", fa._bwd_dq)):
+        bm, bn = shapes[name]
+        monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn})])
+    q, k, v = randn(1, 150, 2, 64), randn(1, 170, 1, 64), randn(1, 170, 1, 64)
+    check_attention(q, k, v, causal=True, window=37, grad=True)
+    q, k, v = randn(1, 170, 2, 32), randn(1, 150, 2, 32), randn(1, 150, 2, 32)
+    check_attention(q, k, v, causal=True, grad=True)
+    lq, lk = (3, 140), (150, 20)
+    q, k, v = randn(sum(lq), 2, 16), randn(sum(lk), 1, 16), randn(sum(lk), 1, 16)
+    check_attention(q, k, v, causal=True, window=60, cu_seqlens_q=_cu(lq), cu_seqlens_k=_cu(lk),
+                    max_seqlen_q=max(lq), max_seqlen_k=max(lk), grad=True)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype,head_dim", [(torch.bfloat16, 64), (torch.float16, 80), (torch.bfloat16, 128),
+                                            (torch.bfloat16, 256), (torch.float32, 96)], ids=str)
+def test_every_gpu_config(dtype, head_dim, monkeypatch):
+    # Each config the autotuner may pick for this dtype and head dim, one at a time.
+    from gptkernels.kernels import flash_attn as fa
+
+    bucket = (dtype == torch.float32, min(max(fa._block_d(head_dim), 64), 256))
+    q = randn(2, 300, 4, head_dim, dtype=dtype)
+    k, v = randn(2, 333, 2, head_dim, dtype=dtype), randn(2, 333, 2, head_dim, dtype=dtype)
+    for kernel, table in ((fa._fwd_kernel, fa._FWD_TABLE), (fa._bwd_dkdv, fa._DKDV_TABLE),
+                          (fa._bwd_dq, fa._DQ_TABLE)):
+        original = kernel.configs
+        for row in table[bucket]:
+            monkeypatch.setattr(kernel, "configs", [fa._config(row)])
+            check_attention(q, k, v, causal=True, window=100, grad=True)
+            check_attention(q, k, v, causal=False, grad=kernel is not fa._fwd_kernel)
+        monkeypatch.setattr(kernel, "configs", original)
+
+
+def test_compiles_for_hopper():
+    # The interpreter never runs Triton's compiler: prove, without a GPU, that every kernel compiles
+    # for sm_90a, uses wgmma tensor cores, pipelines its loads and fits in an H100's shared memory.
+    # A subprocess, because TRITON_INTERPRET (read when the kernels are defined) must be unset.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "tests.sm90_compile"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert {r["kernel"] for r in results} == {"fwd", "fwd_paged", "dkdv", "dq"}
+    for r in results:
+        assert r["wgmma"] and r["pipelined"], r
+        assert r["shared"] <= 227 * 1024, r
+
+
+# --------------------------------------------------------------------------------------------------
+# Varlen
+# --------------------------------------------------------------------------------------------------
+
+_VARLEN_SMALL = [
+    # (q lengths, k lengths, Hq, Hkv, D, causal, window)
+    ((5, 0, 70, 1), (9, 3, 70, 100), 4, 2, 96, True, None),
+    ((33, 17, 1), (33, 17, 1), 2, 2, 64, True, 7),
+    ((40, 3), (20, 65), 8, 1, 80, False, None),
+]
+_VARLEN_FULL = _VARLEN_SMALL + [
+    (lq, lk, _RATIOS[i % 4][0] * _RATIOS[i % 4][1], _RATIOS[i % 4][1], d, causal, w)
+    for i, ((lq, lk), d, (causal, w)) in enumerate(itertools.product(
+        (((1, 200, 0, 37), (1, 200, 0, 37)), ((128, 1, 513), (300, 7, 513)), ((300, 64), (17, 400))),
+        (64, 80, 128),
+        ((False, None), (True, None), (True, 1), (True, 64))))
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", grid(_VARLEN_SMALL, _VARLEN_FULL), ids=str)
+def test_varlen(case, dtype):
+    lq, lk, hq, hkv, d, causal, window = case
+    q = randn(sum(lq), hq, d, dtype=dtype)
+    k, v = randn(sum(lk), hkv, d, dtype=dtype), randn(sum(lk), hkv, d, dtype=dtype)
+    out, lse = check_attention(q, k, v, causal=causal, window=window, cu_seqlens_q=_cu(lq),
+                               cu_seqlens_k=_cu(lk), max_seqlen_q=max(lq), max_seqlen_k=max(lk),
+                               grad=True, with_dlse=dtype == torch.float32)
+    assert lse.shape == (hq, sum(lq))
+
+
+def test_varlen_matches_dense():
+    # Packed sequences of equal length give exactly the dense answer.
+    q, k, v = randn(3, 37, 4, 64), randn(3, 37, 2, 64), randn(3, 37, 2, 64)
+    dense, dense_lse = gptkernels.flash_attn(q, k, v, window=5, return_lse=True, backend=BACKEND)
+    cu = _cu([37] * 3)
+    packed, packed_lse = gptkernels.flash_attn(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
+                                               window=5, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                               return_lse=True, backend=BACKEND)
+    assert torch.equal(packed.view(3, 37, 4, 64), dense)
+    assert torch.equal(packed_lse.view(4, 3, 37).transpose(0, 1), dense_lse)
+
+
+# --------------------------------------------------------------------------------------------------
+# Paged keys (chunked prefill / prefix reuse)
+# --------------------------------------------------------------------------------------------------
+
+
+def _paged_cache(lengths, block_size, hkv, d, dtype, spare=3, gen=None):
+    """A cache holding sequences of ``lengths`` in shuffled blocks, plus the block table."""
+    per_seq = [max(1, -(-n // block_size)) for n in lengths]
+    max_blocks = max(per_seq) + 1  # a spare column: tables are usually wider than needed
+    num_blocks = sum(per_seq) + spare
+    perm = torch.randperm(num_blocks, generator=gen)
+    table = torch.full((len(lengths), max_blocks), -1, dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(per_seq):
+        table[b, :n] = perm[used:used + n].to(torch.int32)
+        used += n
+    # unused entries point at arbitrary (valid) blocks, as a real block manager may leave them
+    table[table < 0] = perm[-1].to(torch.int32)
+    k_cache = randn(num_blocks, block_size, hkv, d, dtype=dtype)
+    v_cache = randn(num_blocks, block_size, hkv, d, dtype=dtype)
+    return k_cache, v_cache, table.to(DEVICE), torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+
+
+_PAGED_SMALL = [
+    # (block size, prefix lengths, new chunk lengths, Hq, Hkv, D, window, varlen q)
+    (8, (0, 30, 100), (1, 17, 30), 4, 2, 64, None, True),
+    (16, (50, 3), (20, 20), 8, 1, 80, 9, False),
+    (64, (130, 0, 7), (1, 1, 1), 2, 2, 128, None, False),     # decode-like: one new token each
+    (256, (1, 300), (97, 5), 4, 1, 64, 64, True),
+]
+_PAGED_FULL = _PAGED_SMALL + [
+    (bs, pre, new, _RATIOS[i % 4][0] * _RATIOS[i % 4][1], _RATIOS[i % 4][1], d, w, vl)
+    for i, (bs, (pre, new), d, (w, vl)) in enumerate(itertools.product(
+        (8, 16, 64, 256),
+        (((0, 30, 1000), (1, 17, 30)), ((2000, 5), (128, 128))),
+        (64, 80, 128),
+        ((None, True), (None, False), (100, True))))
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", grid(_PAGED_SMALL, _PAGED_FULL), ids=str)
+def test_paged_prefill(case, dtype):
+    block_size, prefix, new, hq, hkv, d, window, varlen = case
+    lengths = [p + n for p, n in zip(prefix, new)]
+    k_cache, v_cache, table, seqlens = _paged_cache(lengths, block_size, hkv, d, dtype)
+    if varlen:
+        q = randn(sum(new), hq, d, dtype=dtype)
+        kw = dict(cu_seqlens_q=_cu(new), max_seqlen_q=max(new))
+    else:
+        assert len(set(new)) == 1
+        q = randn(len(new), new[0], hq, d, dtype=dtype)
+        kw = {}
+    check_attention(q, k_cache, v_cache, causal=True, window=window, block_table=table,
+                    seqlens_k=seqlens, **kw)
+
+
+def test_paged_matches_dense():
+    # A chunk attending to prefix + itself through the cache equals dense attention on the
+    # gathered keys (bottom-right aligned), bit for bit.
+    k_cache, v_cache, table, seqlens = _paged_cache([77, 77], 16, 2, 64, torch.float32)
+    q = randn(2, 20, 4, 64)
+    paged = gptkernels.flash_attn(q, k_cache, v_cache, block_table=table, seqlens_k=seqlens,
+                                  backend=BACKEND)
+    k = torch.stack([reference.gather_paged(k_cache, table[b], 77) for b in range(2)])
+    v = torch.stack([reference.gather_paged(v_cache, table[b], 77) for b in range(2)])
+    dense = gptkernels.flash_attn(q, k, v, backend=BACKEND)
+    torch.testing.assert_close(paged, dense, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# Unchecked bad indices never read out of bounds
+# --------------------------------------------------------------------------------------------------
+
+
+def _nan_guarded(shape, dtype, guard=4):
+    """A tensor whose storage is padded on both sides (along dim 0) with NaN: a read out of
+    bounds would poison the output."""
+    full = torch.full((shape[0] + 2 * guard, *shape[1:]), float("nan"), dtype=dtype, device=DEVICE)
+    inner = full[guard:guard + shape[0]]
+    inner.copy_(randn(*shape, dtype=dtype))
+    return inner
+
+
+def test_bad_block_table_stays_in_bounds(monkeypatch):
+    monkeypatch.delenv("GPTKERNELS_DEBUG", raising=False)
+    k_cache, v_cache = _nan_guarded((6, 16, 2, 64), torch.float32), _nan_guarded((6, 16, 2, 64), torch.float32)
+    table = torch.tensor([[0, 7, -3, 2], [5, 4, 1000, -1]], dtype=torch.int32, device=DEVICE)
+    seqlens = torch.tensor([60, 10_000], dtype=torch.int32, device=DEVICE)  # 10_000 > capacity 64
+    q = randn(2, 5, 4, 64)
+    out, lse = gptkernels.flash_attn(q, k_cache, v_cache, block_table=table, seqlens_k=seqlens,
+                                     return_lse=True, backend=BACKEND)
+    assert bool(torch.isfinite(out).all()) and not bool(torch.isnan(lse).any())
+    # Blocks outside the cache contribute nothing: sequence 0 equals attention over blocks 0 and 2.
+    keys = torch.cat([k_cache[0], k_cache[2, :12]])
+    vals = torch.cat([v_cache[0], v_cache[2, :12]])
+    want = reference.attention(q[:1].double(), keys[None].double(), vals[None].double(), causal=False)
+    got_visible = gptkernels.flash_attn(q[:1], k_cache, v_cache, causal=False,
+                                        block_table=table[:1], seqlens_k=seqlens[:1], backend=BACKEND)
+    torch.testing.assert_close(got_visible.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_cu_seqlens_stay_in_bounds(monkeypatch):
+    monkeypatch.delenv("GPTKERNELS_DEBUG", raising=False)
+    q = _nan_guarded((20, 2, 64), torch.float32)
+    k, v = _nan_guarded((30, 2, 64), torch.float32), _nan_guarded((30, 2, 64), torch.float32)
+    cu_q = torch.tensor([0, 15, 40], dtype=torch.int32, device=DEVICE)  # ends past Tq = 20
+    cu_k = torch.tensor([-5, 25, 90], dtype=torch.int32, device=DEVICE)  # starts before 0, ends past 30
+    out, lse = gptkernels.flash_attn(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=40,
+                                     max_seqlen_k=90, return_lse=True, backend=BACKEND)
+    assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(lse).all())
+
+
+def test_no_keys_at_all():
+    q = randn(2, 7, 2, 64)
+    k = v = randn(2, 0, 1, 64)
+    out, lse = gptkernels.flash_attn(q, k, v, return_lse=True, backend=BACKEND)
+    assert torch.equal(out, torch.zeros_like(out)) and bool(torch.isneginf(lse).all())
+
+
+@pytest.mark.skipif(not FULL_GRID, reason="needs a CUDA GPU (none is visible): too slow for the CPU "
+                    "interpreter (GPTKERNELS_FULL_GRID=1 forces it)")
+@pytest.mark.parametrize("window", [None, 256])
+def test_long_sequence(window):
+    dtype = DTYPES[-1] if DEVICE == "cpu" else torch.bfloat16
+    q, k, v = randn(1, 4096, 8, 128, dtype=dtype), randn(1, 4096, 2, 128, dtype=dtype), randn(1, 4096, 2, 128, dtype=dtype)
+    check_attention(q, k, v, causal=True, window=window, grad=True)

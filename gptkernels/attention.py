@@ -134,86 +134,71 @@ def _max_seqlen(name: str, given, cu: torch.Tensor | None) -> int:
 
 
 def _check_flash_attn(q, k, v, causal, window, softmax_scale, cu_seqlens_q, cu_seqlens_k,
-                      max_seqlen_q, max_seqlen_k, block_table, seqlens_k):
-    """Validate a flash_attn call; returns (max_seqlen_q, max_seqlen_k) for the kernels."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        C.check_tensor(t, name, dtypes=C.FLOAT_DTYPES, op=OP)
-    C.check_same_dtype(OP, "q", q, k=k, v=v)
-    C.check_same_device(OP, "q", q, k=k, v=v)
+                      max_seqlen_q, max_seqlen_k, block_table, seqlens_k, op=OP, names=None):
+    """Validate a flash_attn call; returns (max_seqlen_q, max_seqlen_k) for the kernels.
+
+    ``op`` and ``names`` (e.g. q -> query) let :func:`sdpa` reuse these checks in its own words.
+    """
+    n = {"q": "q", "k": "k", "v": "v", "softmax_scale": "softmax_scale", **(names or {})}
+    for name, t in ((n["q"], q), (n["k"], k), (n["v"], v)):
+        C.check_tensor(t, name, dtypes=C.FLOAT_DTYPES, op=op)
+    C.check_same_dtype(op, n["q"], q, **{n["k"]: k, n["v"]: v})
+    C.check_same_device(op, n["q"], q, **{n["k"]: k, n["v"]: v})
     if not isinstance(causal, bool):
-        raise TypeError(f"{OP}: causal must be a bool, got {causal!r}")
-    C.check_window(OP, window, causal)
-    C.check_scale(OP, "softmax_scale", softmax_scale)
+        raise TypeError(f"{op}: causal must be a bool, got {causal!r}")
+    C.check_window(op, window, causal)
+    C.check_scale(op, n["softmax_scale"], softmax_scale)
     if k.shape != v.shape:
-        raise ValueError(f"{OP}: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(f"{op}: {n['k']} and {n['v']} must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     idx = dict(dtypes=(torch.int32,), device=q.device)
     paged = block_table is not None or seqlens_k is not None
     varlen_q = cu_seqlens_q is not None
 
     if paged:
         if block_table is None or seqlens_k is None:
-            raise ValueError(f"{OP}: block_table and seqlens_k must be given together (paged keys)")
+            raise ValueError(f"{op}: block_table and seqlens_k must be given together (paged keys)")
         if cu_seqlens_k is not None:
-            raise ValueError(f"{OP}: cu_seqlens_k must be None with a paged cache (use seqlens_k)")
-        C.check_tensor(k, "k", ndim=4, op=OP)  # (num_blocks, block_size, Hkv, D)
+            raise ValueError(f"{op}: cu_seqlens_k must be None with a paged cache (use seqlens_k)")
+        C.check_tensor(k, "k", ndim=4, op=op)  # (num_blocks, block_size, Hkv, D)
         block_size = k.shape[1]
-        if block_size < 8 or block_size > 256 or block_size & (block_size - 1):
-            raise ValueError(f"{OP}: the paged cache's block size (k.shape[1]) must be a power of two "
-                             f"from 8 to 256, got {block_size}")
-        C.check_index_tensor(OP, "block_table", block_table, ndim=2, **idx)
+        C.check_block_size(op, "k (the paged cache, k.shape[1])", block_size)
+        C.check_index_tensor(op, "block_table", block_table, ndim=2, **idx)
         batch = block_table.shape[0]
-        C.check_index_tensor(OP, "seqlens_k", seqlens_k, ndim=1, **idx)
-        C.check_dim(OP, "seqlens_k", seqlens_k, 0, batch, "block_table.shape[0], the batch size")
+        C.check_index_tensor(op, "seqlens_k", seqlens_k, ndim=1, **idx)
+        C.check_dim(op, "seqlens_k", seqlens_k, 0, batch, "block_table.shape[0], the batch size")
         if varlen_q:
-            C.check_tensor(q, "q", ndim=3, op=OP)
-            C.check_index_tensor(OP, "cu_seqlens_q", cu_seqlens_q, ndim=1, **idx)
-            C.check_cu_seqlens(OP, "cu_seqlens_q", cu_seqlens_q, batch, q.shape[0])
+            C.check_tensor(q, "q", ndim=3, op=op)
+            C.check_index_tensor(op, "cu_seqlens_q", cu_seqlens_q, ndim=1, **idx)
+            C.check_cu_seqlens(op, "cu_seqlens_q", cu_seqlens_q, batch, q.shape[0])
         else:
-            C.check_tensor(q, "q", ndim=4, op=OP)
-            C.check_dim(OP, "q", q, 0, batch, "block_table.shape[0], the batch size")
+            C.check_tensor(q, "q", ndim=4, op=op)
+            C.check_dim(op, "q", q, 0, batch, "block_table.shape[0], the batch size")
         if C.debug_enabled():
-            _debug_check_paged(OP, k, block_table, seqlens_k, "seqlens_k")
+            C.debug_check_block_table(op, k, block_table, seqlens_k, "seqlens_k")
         max_k = block_table.shape[1] * block_size if max_seqlen_k is None else _max_seqlen(
             "max_seqlen_k", max_seqlen_k, None)
     elif varlen_q or cu_seqlens_k is not None:
         if not varlen_q or cu_seqlens_k is None:
-            raise ValueError(f"{OP}: cu_seqlens_q and cu_seqlens_k must be given together (varlen)")
-        for name, t in (("q", q), ("k", k), ("v", v)):
-            C.check_tensor(t, name, ndim=3, op=OP)
-        C.check_index_tensor(OP, "cu_seqlens_q", cu_seqlens_q, ndim=1, **idx)
-        C.check_index_tensor(OP, "cu_seqlens_k", cu_seqlens_k, ndim=1, **idx)
-        C.check_cu_seqlens(OP, "cu_seqlens_q", cu_seqlens_q, None, q.shape[0])
-        C.check_cu_seqlens(OP, "cu_seqlens_k", cu_seqlens_k, cu_seqlens_q.numel() - 1, k.shape[0])
+            raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must be given together (varlen)")
+        for name, t in ((n["q"], q), (n["k"], k), (n["v"], v)):
+            C.check_tensor(t, name, ndim=3, op=op)
+        C.check_index_tensor(op, "cu_seqlens_q", cu_seqlens_q, ndim=1, **idx)
+        C.check_index_tensor(op, "cu_seqlens_k", cu_seqlens_k, ndim=1, **idx)
+        C.check_cu_seqlens(op, "cu_seqlens_q", cu_seqlens_q, None, q.shape[0])
+        C.check_cu_seqlens(op, "cu_seqlens_k", cu_seqlens_k, cu_seqlens_q.numel() - 1, k.shape[0])
         max_k = _max_seqlen("max_seqlen_k", max_seqlen_k, cu_seqlens_k)
     else:
-        for name, t in (("q", q), ("k", k), ("v", v)):
-            C.check_tensor(t, name, ndim=4, op=OP)
-        C.check_dim(OP, "k", k, 0, q.shape[0], "the batch size of q")
+        for name, t in ((n["q"], q), (n["k"], k), (n["v"], v)):
+            C.check_tensor(t, name, ndim=4, op=op)
+        C.check_dim(op, n["k"], k, 0, q.shape[0], f"the batch size of {n['q']}")
         max_k = k.shape[1]
     max_q = _max_seqlen("max_seqlen_q", max_seqlen_q, cu_seqlens_q) if varlen_q else q.shape[1]
 
     if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"{OP}: q and k must have the same head dim, got {q.shape[-1]} and {k.shape[-1]}")
-    C.check_head_dim(OP, "q", q.shape[-1])
-    C.check_gqa(OP, q.shape[-2], k.shape[-2])
+        raise ValueError(f"{op}: {n['q']} and {n['k']} must have the same head dim, got {q.shape[-1]} and {k.shape[-1]}")
+    C.check_head_dim(op, n["q"], q.shape[-1])
+    C.check_gqa(op, q.shape[-2], k.shape[-2], n["q"], n["k"])
     return max_q, max_k
-
-
-def _debug_check_paged(op, cache, block_table, seq_lens, lens_name):
-    """GPTKERNELS_DEBUG=1: every block a sequence uses lies inside the cache (needs a sync)."""
-    num_blocks, block_size = cache.shape[0], cache.shape[1]
-    lens = seq_lens.to("cpu", torch.int64)
-    table = block_table.to("cpu", torch.int64)
-    for b in range(table.shape[0]):
-        n = int(lens[b])
-        if n < 0 or n > table.shape[1] * block_size:
-            raise ValueError(f"{op}: {lens_name}[{b}] = {n} does not fit in block_table's "
-                             f"{table.shape[1]} blocks of {block_size} tokens")
-        used = table[b, : (n + block_size - 1) // block_size]
-        bad = (used < 0) | (used >= num_blocks)
-        if bool(bad.any()):
-            raise ValueError(f"{op}: block_table[{b}] points outside the cache ({num_blocks} blocks): "
-                             f"{used[bad].tolist()} (sequence {b})")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -223,11 +208,12 @@ def _debug_check_paged(op, cache, block_table, seq_lens, lens_name):
 
 def _flash_attn(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, cu_seqlens_k,
                 max_seqlen_q, max_seqlen_k, block_table, seqlens_k, return_lse, backend,
-                bottom_right):
+                bottom_right, op=OP, names=None):
     max_q, max_k = _check_flash_attn(q, k, v, causal, window, softmax_scale, cu_seqlens_q,
-                                     cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table, seqlens_k)
+                                     cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table, seqlens_k,
+                                     op=op, names=names)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    backend = resolve(backend, q.device, OP)
+    backend = resolve(backend, q.device, op)
     if backend == "torch":
         out, lse = reference.attention(
             q, k, v, causal=causal, window=window, softmax_scale=scale, cu_seqlens_q=cu_seqlens_q,
@@ -316,5 +302,6 @@ def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scal
     out = _flash_attn(to_bshd(query), to_bshd(key), to_bshd(value), causal=bool(is_causal),
                       window=window, softmax_scale=scale, cu_seqlens_q=None, cu_seqlens_k=None,
                       max_seqlen_q=None, max_seqlen_k=None, block_table=None, seqlens_k=None,
-                      return_lse=False, backend=backend, bottom_right=False)
+                      return_lse=False, backend=backend, bottom_right=False, op=op,
+                      names={"q": "query", "k": "key", "v": "value", "softmax_scale": "scale"})
     return out.transpose(1, 2).reshape(*lead, hq, query.shape[-2], value.shape[-1])

@@ -179,11 +179,11 @@ def test_index_values_checked_under_debug(monkeypatch):
         ((q, k, v), dict(cu_seqlens_q=torch.tensor([0, 9, 18], **I32), cu_seqlens_k=torch.tensor([0, 12, 9, 18][:3], **I32)),
          "cu_seqlens_k"),
         ((qd, cache, cache), dict(block_table=torch.tensor([[0, 1], [2, 4]], **I32), seqlens_k=torch.tensor([9, 16], **I32)),
-         r"block_table\[1\] points outside the cache"),
+         r"block_table\[1\] \(sequence 1\) points outside the cache"),
         ((qd, cache, cache), dict(block_table=torch.tensor([[0, -1], [2, 3]], **I32), seqlens_k=torch.tensor([9, 16], **I32)),
-         r"block_table\[0\] points outside the cache"),
+         r"block_table\[0\] \(sequence 0\) points outside the cache"),
         ((qd, cache, cache), dict(block_table=torch.tensor([[0, 1], [2, 3]], **I32), seqlens_k=torch.tensor([9, 17], **I32)),
-         r"seqlens_k\[1\] = 17 does not fit"),
+         r"seqlens_k\[1\] = 17 \(sequence 1\) must be between 0 and"),
     ]
     monkeypatch.setenv("GPTKERNELS_DEBUG", "1")
     for args, kwargs, match in cases:

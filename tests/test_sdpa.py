@@ -153,7 +153,7 @@ def test_bad_input():
     # the shared flash_attn checks speak sdpa's argument names
     with pytest.raises(TypeError, match="^sdpa: value must have the same dtype as query"):
         gptkernels.sdpa(q, k, v.half())
-    with pytest.raises(ValueError, match="^sdpa: query and key must have the same head dim"):
+    with pytest.raises(ValueError, match="^sdpa: key and value must have the same shape"):
         gptkernels.sdpa(q, randn(1, 2, 8, 32), randn(1, 2, 8, 16))
     with pytest.raises(TypeError, match="^sdpa: scale must be None or a float"):
         gptkernels.sdpa(q, k, v, scale="0.5")

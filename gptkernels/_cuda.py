@@ -1,0 +1,135 @@
+"""The ``"cuda"`` backend: thin wrappers over the CUDA extension's ops ``torch.ops.gptkernels_C.*``.
+
+Same function names and signatures as the Triton launchers (:mod:`gptkernels.kernels`), so the
+public ops dispatch to either with one lookup (:mod:`gptkernels._ops`). They return contiguous
+outputs. There is no ``flash_attn_backward`` here: the CUDA backend is forward-only for attention,
+and :mod:`gptkernels.attention` says so when gradients are needed.
+
+What the CUDA kernels do not support is decided in one place, the C++ checks of csrc/ (they raise
+NotImplementedError, e.g. for float32 attention or a head dim without a compiled kernel); the
+wrappers turn that into :class:`BackendUnavailableError` naming what is unsupported. Shape and dtype
+errors (ValueError / TypeError from C++) pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._backend import BackendUnavailableError
+
+#: The op namespace the wrappers call; ``None`` until first use (importing gptkernels._C registers
+#: it). The tests point it at the CPU emulator of the extension (tests/cuda_emulator).
+_OPS = None
+_FAKES_REGISTERED: set[str] = set()
+
+
+def _ops():
+    global _OPS
+    if _OPS is None:
+        from . import _C  # noqa: F401  (loads the library: registers torch.ops.gptkernels_C)
+
+        register_fakes("gptkernels_C")
+        _OPS = torch.ops.gptkernels_C
+    return _OPS
+
+
+def _call(public_op: str, name: str, *args):
+    try:
+        return getattr(_ops(), name)(*args)
+    except NotImplementedError as e:
+        raise BackendUnavailableError(f"{public_op}: backend 'cuda' cannot serve this call: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Fake (meta) implementations, so that the ops trace under torch.compile / FakeTensorMode
+# --------------------------------------------------------------------------------------------------
+
+
+def register_fakes(namespace: str) -> None:
+    """Registers the fake implementations of the extension's ops in ``namespace`` (once)."""
+    if namespace in _FAKES_REGISTERED:
+        return
+    _FAKES_REGISTERED.add(namespace)
+    lib = f"{namespace}::"
+
+    @torch.library.register_fake(lib + "flash_attn_fwd")
+    def _(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+          window, softmax_scale, bottom_right):
+        lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens_q is not None else (q.shape[0], q.shape[2], q.shape[1])
+        return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "rotary_out")
+    def _(q, k, cos, sin, positions, offsets, offset, interleaved, conjugate, q_out, k_out):
+        return None
+
+    @torch.library.register_fake(lib + "rotary_inplace")
+    def _(q, k, cos, sin, positions, offsets, offset, interleaved, conjugate):
+        return None
+
+    @torch.library.register_fake(lib + "paged_append")
+    def _(k, v, k_cache, v_cache, slot_mapping):
+        return None
+
+    @torch.library.register_fake(lib + "paged_decode")
+    def _(q, k_cache, v_cache, block_table, seq_lens, softmax_scale, window, num_splits):
+        return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers (same signatures as gptkernels.kernels)
+# --------------------------------------------------------------------------------------------------
+
+
+def flash_attn_forward(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                       max_seqlen_k, block_table, seqlens_k, bottom_right):
+    """(out, lse): out like q (contiguous), lse float32 (B, Hq, Sq) dense or (Hq, Tq) varlen.
+
+    float16/bfloat16 only, head dims 32, 64, 80, 96, 128, rows 16-byte aligned (head dim contiguous).
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    if max_seqlen_q is not None:
+        max_q = int(max_seqlen_q)
+    elif cu_seqlens_q is None:
+        max_q = q.shape[1]
+    else:  # sizes the grid; needs a host sync (attention.py passes it)
+        max_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if cu_seqlens_q.numel() > 1 else 0
+    max_k = int(max_seqlen_k or 0)  # informational: the kernel reads each sequence's key count
+    out, lse = _call("flash_attn", "flash_attn_fwd", q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k,
+                     max_q, max_k, bool(causal), window, scale, bool(bottom_right))
+    return out, lse
+
+
+def apply_rotary(q, k, cos, sin, *, positions, offset, interleaved, inplace, conjugate):
+    """(q_out, k_out): rotated copies (contiguous), or q and k themselves rotated in place."""
+    offsets, offset_int = None, 0
+    if isinstance(offset, torch.Tensor):
+        offsets = offset.reshape(-1)  # a 0-d offset becomes (1,): one offset for every token
+    else:
+        offset_int = int(offset)
+    if inplace:
+        _call("apply_rotary", "rotary_inplace", q, k, cos, sin, positions, offsets, offset_int, bool(interleaved),
+              bool(conjugate))
+        return q, k
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = None if k is None else torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    _call("apply_rotary", "rotary_out", q, k, cos, sin, positions, offsets, offset_int, bool(interleaved),
+          bool(conjugate), q_out, k_out)
+    return q_out, k_out
+
+
+def paged_append(k, v, k_cache, v_cache, slot_mapping):
+    """Writes k, v (T, Hkv, D) into the caches at slot_mapping (T,); slots of -1 are skipped."""
+    _call("paged_append", "paged_append", k, v, k_cache, v_cache, slot_mapping)
+
+
+def paged_decode(q, k_cache, v_cache, block_table, seq_lens, *, softmax_scale, window, num_splits):
+    """(out (B, Hq, D) like q, lse (B, Hq) float32). num_splits None: chosen from the shapes (no sync)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    splits = 0 if num_splits is None else int(num_splits)
+    if num_splits is not None and splits < 1:
+        raise ValueError(f"paged_decode: num_splits must be None or an int >= 1, got {num_splits!r}")
+    out, lse = _call("paged_decode", "paged_decode", q, k_cache, v_cache, block_table, seq_lens, scale, window,
+                     splits)
+    return out, lse

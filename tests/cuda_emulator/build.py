@@ -1,0 +1,81 @@
+"""Builds the CPU emulation of the CUDA extension: the csrc sources, unchanged, compiled by the host
+compiler with this folder's emulator headers shadowing three small csrc headers (common/mma.cuh,
+common/launch.cuh, common/torch_cuda.h). The ops register as torch.ops.gptkernels_emu.* and take
+CPU tensors; tests/test_cuda_backend.py runs them against the float64 reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import importlib.util
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+CSRC = os.path.join(ROOT, "csrc")
+NAMESPACE = "gptkernels_emu"
+
+
+def _sources(build_dir: str) -> list[str]:
+    """csrc's .cpp files as they are, and one wrapper .cpp per .cu file (the host compiler builds it)."""
+    srcs = sorted(glob.glob(os.path.join(CSRC, "**", "*.cpp"), recursive=True))
+    wrap_dir = os.path.join(build_dir, "cu_as_cpp")
+    os.makedirs(wrap_dir, exist_ok=True)
+    for cu in sorted(glob.glob(os.path.join(CSRC, "**", "*.cu"), recursive=True)):
+        rel = os.path.relpath(cu, CSRC)
+        path = os.path.join(wrap_dir, rel.replace(os.sep, "__")[:-3] + ".cpp")
+        text = f'#include "{cu}"\n'
+        if not os.path.exists(path) or open(path).read() != text:  # keep mtimes: ninja rebuilds less
+            with open(path, "w") as f:
+                f.write(text)
+        srcs.append(path)
+    return srcs
+
+
+def _setup_module():
+    """The repo's setup.py as a module (it builds nothing when imported)."""
+    spec = importlib.util.spec_from_file_location("gptkernels_setup", os.path.join(ROOT, "setup.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _cuda_include_dir() -> str:
+    """Where cuda_fp16.h / cuda_runtime.h live: $CUDA_HOME, nvcc's own toolkit (setup.py finds it the
+    same way), or the CUDA wheels of torch (site-packages/nvidia/cu*/include). The emulator uses only
+    these headers' host code."""
+    import torch
+
+    cands = [os.path.join(os.environ[v], "include") for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    home = _setup_module()._toolkit_from_nvcc()
+    if home:
+        cands.append(os.path.join(home, "include"))
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    cands += sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "include")))
+    for d in cands:
+        if os.path.exists(os.path.join(d, "cuda_fp16.h")) and os.path.exists(os.path.join(d, "cuda_runtime.h")):
+            return d
+    raise RuntimeError(f"the CUDA headers (cuda_fp16.h, cuda_runtime.h) were not found in any of {cands}")
+
+
+@functools.lru_cache(maxsize=None)
+def load(verbose: bool = False):
+    """Builds (once; ninja makes rebuilds incremental) and loads the emulator; returns its op namespace."""
+    import torch
+    from torch.utils.cpp_extension import load as load_ext
+
+    build_dir = os.environ.get("GPTKERNELS_EMU_BUILD_DIR") or os.path.join(ROOT, "build", "cuda_emulator")
+    os.makedirs(build_dir, exist_ok=True)
+    load_ext(
+        name="gptkernels_emu",
+        sources=_sources(build_dir),
+        extra_include_paths=[HERE, CSRC, _cuda_include_dir()],  # HERE first: its headers shadow csrc's
+        extra_cflags=["-O2", "-include", os.path.join(HERE, "emu_runtime.h"),
+                      f"-DGPTKERNELS_OPS_NAMESPACE={NAMESPACE}", "-Wno-unused-function"],
+        extra_ldflags=["-lpthread"],
+        build_directory=build_dir,
+        with_cuda=False,
+        verbose=verbose,
+    )
+    return getattr(torch.ops, NAMESPACE)

@@ -1,0 +1,26 @@
+// Emulator version of csrc/common/torch_cuda.h: the ops take CPU tensors and launch on CPU threads.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <cuda_runtime_api.h>
+
+namespace gptkernels {
+
+inline void check_cuda(const at::Tensor& ref, const char* op, const char* ref_name) {
+  TORCH_CHECK_VALUE(ref.is_cpu(), op, ": ", ref_name, " must be a CPU tensor in the emulator, got ", ref.device());
+}
+
+struct DeviceGuard {
+  explicit DeviceGuard(const at::Tensor&) {}
+};
+
+inline cudaStream_t current_stream(const at::Tensor&) { return nullptr; }
+
+inline void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, op, ": emulated launch failed (cudaError ", static_cast<int>(err), ")");
+}
+
+inline int multiprocessor_count(int) { return 132; }  // an H100
+
+}  // namespace gptkernels

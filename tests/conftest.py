@@ -9,3 +9,30 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _first_config_only(monkeypatch):
+    # On a GPU every new autotune key would compile and time each candidate config: tests take the
+    # first listed one (tests/test_flash_attn.py::test_every_gpu_config runs them all). No effect in
+    # the interpreter, which has one config.
+    monkeypatch.setenv("GPTKERNELS_AUTOTUNE", "0")
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts calls into the Triton attention forward launcher (kernel path vs. fallthrough)."""
+    from gptkernels import kernels
+
+    calls = []
+    real = kernels.flash_attn_forward
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "flash_attn_forward", counting)
+    return calls

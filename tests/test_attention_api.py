@@ -7,27 +7,8 @@ import pytest
 import torch
 
 import gptkernels
-from gptkernels import BackendUnavailableError, kernels, reference
+from gptkernels import BackendUnavailableError, reference
 from tests.helpers import DEVICE, ON_GPU, assert_parity, randn
-
-
-@pytest.fixture(autouse=True)
-def _first_config_only(monkeypatch):
-    # No autotuning on a GPU: the first listed config (tests/test_flash_attn.py runs every config).
-    monkeypatch.setenv("GPTKERNELS_AUTOTUNE", "0")
-
-
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    calls = []
-    real = kernels.flash_attn_forward
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(kernels, "flash_attn_forward", counting)
-    return calls
 
 
 def _qkv(b=1, s=9, hq=2, hkv=1, d=16, dtype=torch.float32):

@@ -23,13 +23,6 @@ from tests.helpers import DEVICE, DTYPES, FULL_GRID, assert_parity, grid, randn,
 BACKEND = "triton"
 
 
-@pytest.fixture(autouse=True)
-def _first_config_only(monkeypatch):
-    # On a GPU every new autotune key would compile and time each candidate config: tests take the
-    # first listed one (test_every_gpu_config runs them all). No effect in the interpreter.
-    monkeypatch.setenv("GPTKERNELS_AUTOTUNE", "0")
-
-
 def _cu(lengths):
     return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=DEVICE)
 

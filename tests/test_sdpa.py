@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import gptkernels
-from gptkernels import kernels, reference
+from gptkernels import reference
 from tests.helpers import DEVICE, DTYPES, assert_parity, grid, randn
 
 
@@ -32,26 +32,6 @@ def torch_sdpa(q, k, v, *, is_causal=False, scale=None, enable_gqa=False, window
     with sdpa_kernel([SDPBackend.MATH]):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                               scale=scale, enable_gqa=enable_gqa)
-
-
-@pytest.fixture(autouse=True)
-def _first_config_only(monkeypatch):
-    # No autotuning on a GPU: the first listed config (tests/test_flash_attn.py runs every config).
-    monkeypatch.setenv("GPTKERNELS_AUTOTUNE", "0")
-
-
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """Counts calls into the Triton forward launcher (to tell the kernel path from the fallthrough)."""
-    calls = []
-    real = kernels.flash_attn_forward
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(kernels, "flash_attn_forward", counting)
-    return calls
 
 
 # (batch dims, Hq, Hkv, L, S, E, is_causal, window, scale)

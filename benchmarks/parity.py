@@ -29,14 +29,6 @@ SUITE_OPS = {"attention": ("flash_attn", "flash_attn_bwd", "sdpa"), "rotary": ("
              "paged": ("paged_append", "paged_decode"), "model": ()}
 
 
-def ensure_interpreter() -> None:
-    """Without a GPU, Triton kernels run in the interpreter: it must be chosen before triton loads."""
-    import sys
-
-    if not torch.cuda.is_available() and "triton" not in sys.modules:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
 @dataclass
 class Case:
     op: str

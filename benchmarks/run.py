@@ -74,11 +74,19 @@ def _stamp() -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def run_parity(args) -> int:
-    from . import parity
-
-    parity.ensure_interpreter()  # before anything imports triton
+def _choose_interpreter() -> None:
+    """Without a GPU, Triton kernels run in the interpreter: chosen before triton is first imported."""
     import torch
+
+    if not torch.cuda.is_available() and "triton" not in sys.modules:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def run_parity(args) -> int:
+    _choose_interpreter()  # before anything imports triton (gptkernels does, through torch.library)
+    import torch
+
+    from . import parity
 
     from . import results
     from .env import environment

@@ -7,6 +7,7 @@ made up to exercise the report generator, and the parity sweep's rows are pass/f
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import torch
 from benchmarks import formulas, gpu_check, parity, report, results, run, targets, timing
 from benchmarks import suite_attention, suite_model, suite_paged, suite_rotary
 from benchmarks.checks import Check
+from benchmarks.env import REPO
 from benchmarks.results import Row, Table
 from gptkernels import reference
 from tests.helpers import ON_GPU
@@ -282,6 +284,22 @@ def test_cli_parity_run_passes_and_writes_json(tmp_path, capsys):
     assert rc == 0, out
     assert {r["params"].get("op") for r in doc["rows"] if r["status"] == "pass"} == {"apply_rotary"}
     assert "Timings need a GPU" in out or ON_GPU
+
+
+@pytest.mark.skipif(ON_GPU, reason="the interpreter path is the one a machine without a GPU takes")
+def test_make_bench_without_gpu_runs_kernels_in_the_interpreter(tmp_path):
+    """`make bench` starts with TRITON_INTERPRET unset: the suite must choose the interpreter itself."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--suite", "rotary", "--quick",
+                           "--out", str(tmp_path), "--no-progress"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = results.load(next(tmp_path.glob("parity-*.json")))
+    assert [r for r in doc["rows"] if r["status"] == "pass"], proc.stdout
+    assert not [r for r in doc["rows"] if r["status"] == "unavailable" and r["params"].get("backend") == "triton"]
 
 
 def test_cli_arguments():

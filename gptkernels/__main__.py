@@ -15,6 +15,13 @@ import sys
 import torch
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:  # 0 would generate nothing and leave no timings to report
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m gptkernels", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -25,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="a tiny random model of this family (gptkernels.models.TINY)")
     g.add_argument("--prompt", action="append", required=True,
                    help="prompt text (token ids without a tokenizer); repeat for a batch")
-    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--max-new-tokens", type=_positive_int, default=32)
     g.add_argument("--backend", choices=["triton", "cuda", "torch"], default=None)
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,

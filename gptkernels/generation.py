@@ -138,11 +138,20 @@ class PagedDecoder:
 
 
 def process_logits(scores: torch.Tensor, seqs: torch.Tensor, *, do_sample: bool, temperature: float,
-                   top_k: int, top_p: float, repetition_penalty: float) -> torch.Tensor:
+                   top_k: int, top_p: float, repetition_penalty: float,
+                   padding: Optional[torch.Tensor] = None) -> torch.Tensor:
     """HF's processors on float32 ``scores`` (B, V) given the token ids so far ``seqs`` (B, L)
     (the prompt with its padding, and what was generated): repetition penalty, then, only when
-    sampling, temperature, top-k, top-p. Filtered entries become -inf."""
+    sampling, temperature, top-k, top-p. Filtered entries become -inf.
+
+    ``padding`` (B, S0) bool marks the prompt's left padding (the first S0 columns of ``seqs``): pad
+    ids are not part of the prompt and are not penalized, as in transformers 5.23's ``generate``
+    (5.17 penalizes them): a row generates the same tokens alone or in a padded batch."""
     if repetition_penalty != 1.0:
+        if padding is not None:
+            # Point the padding at the row's last id (a real token, penalized anyway): no pad id left.
+            n = padding.shape[1]
+            seqs = torch.cat([torch.where(padding, seqs[:, -1:], seqs[:, :n]), seqs[:, n:]], 1)
         picked = scores.gather(1, seqs)
         picked = torch.where(picked < 0, picked * repetition_penalty, picked / repetition_penalty)
         scores = scores.scatter(1, seqs, picked)
@@ -202,7 +211,7 @@ def generate(model, input_ids, max_new_tokens, attention_mask=None, do_sample=Fa
     left-padded (as HF expects for generation). Positions count each row's real tokens. Greedy by
     default; ``do_sample=True`` samples from softmax of the processed logits with ``generator``.
     Logits processing follows Hugging Face (in float32, in this order): ``repetition_penalty`` (on
-    every id of the row so far, prompt and its padding included), then, when sampling only,
+    every id of the row so far, the prompt's left padding excluded), then, when sampling only,
     ``temperature``, ``top_k`` (0: off), ``top_p`` (1.0: off).
 
     With ``eos_token_id`` (an int or a list), a row that emits it stops: its later tokens are
@@ -271,6 +280,7 @@ def generate(model, input_ids, max_new_tokens, attention_mask=None, do_sample=Fa
         dec.capture()
     t2 = now()
 
+    padding = None if attention_mask is None else ~attention_mask.bool()  # left padding (checked)
     eos_t = None if eos is None else torch.tensor(eos, device=device)
     unfinished = torch.ones(b, dtype=torch.bool, device=device)
     finished_at = torch.full((b,), max_new_tokens - 1, dtype=torch.long, device=device)
@@ -278,7 +288,7 @@ def generate(model, input_ids, max_new_tokens, attention_mask=None, do_sample=Fa
     for step in range(max_new_tokens):
         scores = process_logits(logits.float(), out[:, : s + step], do_sample=do_sample,
                                 temperature=temperature, top_k=top_k, top_p=top_p,
-                                repetition_penalty=repetition_penalty)
+                                repetition_penalty=repetition_penalty, padding=padding)
         if do_sample:
             nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
         else:

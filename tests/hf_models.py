@@ -6,6 +6,7 @@ and float32, the outside judge of :mod:`gptkernels.models`.
 
 from __future__ import annotations
 
+import copy
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -27,6 +28,13 @@ VARIANTS = {
     "gpt-neox-sequential-pct0.25": dict(TINY["gpt-neox"], use_parallel_residual=False, rotary_pct=0.25),
     "gpt-neox-linear-rope": dict(TINY["gpt-neox"], rotary_pct=1.0, rotary_emb_base=500,
                                  rope_scaling={"type": "linear", "factor": 2.0}),
+    # HF's dynamic NTK scales from max_position_embeddings whatever original_max_position_embeddings
+    # says: below it, the default frequencies.
+    "gpt-neox-dynamic-rope": dict(TINY["gpt-neox"], rotary_pct=1.0, rope_scaling={
+        "rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 64}),
+    # A transformers-5 style dict without partial_rotary_factor: it comes from rotary_pct (0.5).
+    "gpt-neox-rope-parameters": dict(TINY["gpt-neox"], rope_parameters={"rope_type": "default",
+                                                                        "rope_theta": 500.0}),
     "opt-pre-ln-project": TINY["opt"],  # word_embed_proj_dim 32 != hidden 64: project_in/out
     "opt-post-ln": dict(TINY["opt"], do_layer_norm_before=False, word_embed_proj_dim=64),
 }
@@ -36,7 +44,9 @@ FAMILY_VARIANTS = ["gpt2", "gpt-neo-window4", "gpt-neox-parallel-pct0.5", "opt-p
 
 
 def hf_config(d: dict):
-    d = dict(d)
+    # A deep copy: HF's configs fill in nested dicts they are given (rope_scaling gains rope_theta,
+    # partial_rotary_factor...), which would change VARIANTS for every later test.
+    d = copy.deepcopy(d)
     return transformers.AutoConfig.for_model(d.pop("model_type"), **d)
 
 

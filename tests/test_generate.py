@@ -65,6 +65,31 @@ def test_repetition_penalty_matches_hf():
         assert torch.equal(got, ref)
 
 
+def _hf_penalty_skips_padding() -> bool:
+    """Whether this transformers' generate leaves the prompt's left padding out of the repetition
+    penalty (it passes the padding lengths as prompt_ignore_length; 5.17 does not, 5.23 does)."""
+    import inspect
+
+    from transformers.generation.utils import GenerationMixin
+
+    return "prompt_ignore_length=" in inspect.getsource(GenerationMixin._get_logits_processor)
+
+
+def test_repetition_penalty_ignores_left_padding():
+    """Padding is not part of a prompt: a left-padded row generates what it generates alone, even
+    when its pad id is the token it picks (a penalized pad id would change that pick)."""
+    hf, ours = pair(VARIANTS["gpt2"])
+    ids, mask = padded_batch(2, 8, ours.config.vocab_size, left=[(0, 3)], seed=13)
+    alone = gptkernels.generate(ours, ids[:1, 3:], 6, repetition_penalty=3.0, backend="torch")
+    pad_id = int(alone[0, 5])  # the first token row 0 generates
+    assert pad_id not in ids[0, 3:].tolist(), "the test needs a first token that is not in the prompt"
+    ids[0, :3] = pad_id
+    got = gptkernels.generate(ours, ids, 6, attention_mask=mask, repetition_penalty=3.0, backend="torch")
+    assert torch.equal(got[0, 3:], alone[0])
+    if _hf_penalty_skips_padding():
+        assert torch.equal(got, _hf_generate(hf, ids, mask, 6, repetition_penalty=3.0))
+
+
 @pytest.mark.parametrize("kw", [dict(temperature=0.7, top_k=20, top_p=0.9, repetition_penalty=1.2),
                                 dict(top_k=5), dict(top_p=0.5, temperature=1.5)], ids=str)
 def test_sampling_matches_hf_draw_for_draw(kw):

@@ -56,6 +56,25 @@ def test_from_pretrained_sharded_and_dtype(tmp_path):
     assert half.dtype == torch.float16 and half.lm_head.weight.dtype == torch.float16
 
 
+def test_from_pretrained_sharded_bin_and_saved_dtype(tmp_path):
+    """pytorch_model-0000x-of-0000y.bin shards with their index (older transformers' layout), and
+    the dtype config.json records (float16 here) as the default."""
+    hf = hf_model(VARIANTS["opt-pre-ln-project"])
+    hf.config.save_pretrained(tmp_path)
+    sd = hf.state_dict()
+    keys = sorted(sd)
+    shards = {"pytorch_model-00001-of-00002.bin": keys[::2], "pytorch_model-00002-of-00002.bin": keys[1::2]}
+    for name, part in shards.items():
+        torch.save({k: sd[k] for k in part}, tmp_path / name)
+    weight_map = {k: name for name, part in shards.items() for k in part}
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    ours = from_pretrained(tmp_path, device=DEVICE)
+    _same_logits(hf, ours, ours.config.vocab_size)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, dtype="float16")))
+    assert from_pretrained(tmp_path, device=DEVICE).dtype == torch.float16
+
+
 def test_from_pretrained_old_neox_checkpoint(tmp_path):
     """A transformers-4 era Pythia directory: rotary_pct/rotary_emb_base in config.json, the output
     embedding named embed_out, rotary inv_freq buffers in the weights."""
@@ -97,6 +116,8 @@ def test_cli_tiny(capsys):
     assert "tokens/s" in out
     with pytest.raises(SystemExit):
         main(["generate", "--tiny", "gpt2", "--prompt", "not ids", "--device", "cpu"])
+    with pytest.raises(SystemExit):  # nothing to generate (and no timings to print)
+        main(["generate", "--tiny", "gpt2", "--prompt", "1 2", "--max-new-tokens", "0", "--device", "cpu"])
 
 
 def test_cli_checkpoint_with_tokenizer(tmp_path, capsys):

@@ -122,6 +122,10 @@ def test_config_quirks():
     assert neo.windows == [None, 4] and neo.softmax_scales == [1.0, 1.0] and not neo.qkv_bias
     neox = from_hf_config(VARIANTS["gpt-neox-sequential-pct0.25"])
     assert neox.rotary_dim == 4 and not neox.parallel_residual and not neox.tie_word_embeddings
+    neox = from_hf_config(VARIANTS["gpt-neox-rope-parameters"])  # rotary fraction from rotary_pct
+    assert neox.rotary_dim == 8 and neox.rope_base == 500.0 and neox.rope_scaling is None
+    neox = from_hf_config(VARIANTS["gpt-neox-dynamic-rope"])
+    assert neox.rope_scaling["original_max_position_embeddings"] == neox.max_positions == 128
     opt = from_hf_config(VARIANTS["opt-post-ln"])
     assert opt.position_offset == 2 and not opt.norm_before and not opt.final_norm
     assert opt.activation == "relu"

@@ -18,17 +18,15 @@ MODEL_TYPE = "gpt_neox"
 
 def rope_parameters(d: dict) -> dict:
     """HF's rope parameters (rope_theta, partial_rotary_factor, rope_type and scaling keys), from a
-    transformers >= 5 config or an older config.json (rotary_pct, rotary_emb_base, rope_scaling)."""
-    params = d.get("rope_parameters")
-    if isinstance(params, dict) and params:
-        params = dict(params)
-    else:
-        params = dict(d.get("rope_scaling") or {})
-        params.setdefault("rope_theta", cfg_get(d, "rotary_emb_base", "rope_theta", default=10000.0))
-        params.setdefault("partial_rotary_factor", cfg_get(d, "rotary_pct", default=0.25))
+    transformers >= 5 config or an older config.json (rotary_pct, rotary_emb_base, rope_scaling).
+
+    Exactly what GPTNeoXConfig does: ``rope_scaling`` wins over ``rope_parameters``; a missing
+    theta / rotary fraction comes from ``rotary_emb_base`` / ``rotary_pct`` (defaults 10000 and
+    0.25), never from a top-level ``rope_theta``, which GPT-NeoX ignores."""
+    params = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})
+    params.setdefault("rope_theta", cfg_get(d, "rotary_emb_base", default=10000.0))
+    params.setdefault("partial_rotary_factor", cfg_get(d, "rotary_pct", default=0.25))
     params.setdefault("rope_type", params.get("type", "default"))
-    params.setdefault("rope_theta", 10000.0)
-    params.setdefault("partial_rotary_factor", 1.0)
     return params
 
 
@@ -41,8 +39,10 @@ def config_from_hf(d: dict) -> ModelConfig:
     scaling = None
     if rope["rope_type"] != "default":
         scaling = {k: v for k, v in rope.items() if k not in ("partial_rotary_factor", "type")}
-        if rope["rope_type"] == "dynamic":  # HF: the original length is max_position_embeddings
-            scaling.setdefault("original_max_position_embeddings", max_positions)
+        if rope["rope_type"] == "dynamic":
+            # HF's dynamic NTK always scales from max_position_embeddings (it ignores an
+            # original_max_position_embeddings key): positions below it keep the default frequencies.
+            scaling["original_max_position_embeddings"] = max_positions
     bias = cfg_get(d, "attention_bias", default=True)
     return ModelConfig(
         family="gpt-neox", vocab_size=cfg_get(d, "vocab_size"), hidden_size=hidden,

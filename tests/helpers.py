@@ -33,3 +33,28 @@ def randn(*shape, dtype=torch.float32, device=DEVICE, generator=None, scale=1.0)
     x = torch.randn(*shape, generator=generator, dtype=torch.float32) * scale
     return x.to(device=device, dtype=dtype)
 
+
+
+#: A stride just over 2**30 elements: index 2 along it lies past 2**31, where an int32 offset wraps.
+HUGE_STRIDE = 2**30 + 2**20
+
+
+def huge_stride_views(dtype, *specs) -> list[torch.Tensor]:
+    """Random-filled views, one per ``(shape, dim)`` spec, into one buffer of ~2**31 elements whose
+    stride along ``dim`` (size <= 3) is ``HUGE_STRIDE``; the other dims are packed. The buffer is
+    allocated lazily: only the elements the views cover are ever touched (a few KB of memory)."""
+    buf = torch.empty(2 * HUGE_STRIDE + 2**20, dtype=dtype, device=DEVICE)
+    views, offset = [], 0
+    for shape, dim in specs:
+        assert shape[dim] <= 3
+        strides, inner = [0] * len(shape), 1
+        for i in reversed(range(len(shape))):
+            if i != dim:
+                strides[i], inner = inner, inner * shape[i]
+        strides[dim] = HUGE_STRIDE
+        view = buf.as_strided(shape, strides, offset)
+        view.copy_(randn(*shape, dtype=dtype))
+        views.append(view)
+        offset += inner
+    assert offset <= 2**20
+    return views

@@ -18,7 +18,8 @@ import torch
 
 import gptkernels
 from gptkernels import reference
-from tests.helpers import DEVICE, DTYPES, FULL_GRID, assert_parity, grid, randn, requires_gpu
+from tests.helpers import (DEVICE, DTYPES, FULL_GRID, assert_parity, grid, huge_stride_views, randn,
+                           requires_gpu)
 
 BACKEND = "triton"
 
@@ -481,3 +482,70 @@ def test_long_sequence(window):
     dtype = DTYPES[-1] if DEVICE == "cpu" else torch.bfloat16
     q, k, v = randn(1, 4096, 8, 128, dtype=dtype), randn(1, 4096, 2, 128, dtype=dtype), randn(1, 4096, 2, 128, dtype=dtype)
     check_attention(q, k, v, causal=True, window=window, grad=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Offsets past 2**31 (GPU review)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_head_offsets_past_2_31():
+    # Inputs whose head stride is just over 2**30 elements (views of a huge, mostly untouched
+    # buffer; e.g. a (B, H, S, D) tensor seen as (B, S, H, D) with S * D > 2**30): head 2 starts
+    # past 2**31, so h * stride_h must be computed in int64 in every kernel (forward, preprocess,
+    # dK/dV, dQ, paged keys). An int32 product wraps and reads far outside the tensors.
+    from gptkernels.kernels import flash_attn as fa
+
+    dtype = DTYPES[0]
+    q, k, v, dout, k_cache, v_cache = huge_stride_views(
+        dtype, *[((1, 37, 3, 64), 2)] * 4, *[((4, 16, 3, 64), 2)] * 2)
+    kw = dict(causal=True, window=None, softmax_scale=0.125, cu_seqlens_q=None, cu_seqlens_k=None,
+              max_seqlen_q=None, max_seqlen_k=None, bottom_right=True)
+
+    def run(q, k, v, dout):
+        out, lse = fa.flash_attn_forward(q, k, v, block_table=None, seqlens_k=None, **kw)
+        return (out, lse, *fa.flash_attn_backward(dout, None, q, k, v, out, lse, **kw))
+
+    for got, want in zip(run(q, k, v, dout), run(*(t.contiguous() for t in (q, k, v, dout)))):
+        torch.testing.assert_close(got, want)
+
+    table = torch.tensor([[3, 1, 0]], dtype=torch.int32, device=DEVICE)
+    seqlens = torch.tensor([45], dtype=torch.int32, device=DEVICE)
+
+    def paged(k_cache, v_cache):
+        return fa.flash_attn_forward(q, k_cache, v_cache, block_table=table, seqlens_k=seqlens, **kw)
+
+    for got, want in zip(paged(k_cache, v_cache), paged(k_cache.contiguous(), v_cache.contiguous())):
+        torch.testing.assert_close(got, want)
+
+
+def test_large_batch_is_launched_in_chunks(monkeypatch):
+    # CUDA caps grid dims y and z at 65535 and the batch is grid axis 2: a bigger batch (dense, or
+    # varlen with many sequences) is launched in chunks. The limit is lowered to 2 here so that the
+    # interpreter runs several chunks; every launch is recorded and checked against it.
+    from gptkernels.kernels import flash_attn as fa
+
+    monkeypatch.setattr(fa, "MAX_GRID_YZ", 2)
+    grids = []
+    for kernel in (fa._fwd_kernel.fn, fa._bwd_preprocess, fa._bwd_dkdv.fn, fa._bwd_dq.fn):
+        def recording(*args, _run=kernel.run, **kwargs):
+            g = kwargs["grid"]
+            grids.append(g(kwargs) if callable(g) else g)
+            return _run(*args, **kwargs)
+        monkeypatch.setattr(kernel, "run", recording)
+
+    q, k, v = randn(5, 19, 2, 32), randn(5, 23, 1, 32), randn(5, 23, 1, 32)
+    check_attention(q, k, v, causal=True, window=9, grad=True, with_dlse=True)
+    lq, lk = (3, 0, 20, 7, 1), (5, 9, 20, 0, 30)
+    q, k, v = randn(sum(lq), 2, 16), randn(sum(lk), 2, 16), randn(sum(lk), 2, 16)
+    check_attention(q, k, v, causal=True, cu_seqlens_q=_cu(lq), cu_seqlens_k=_cu(lk),
+                    max_seqlen_q=max(lq), max_seqlen_k=max(lk), grad=True)
+    k_cache, v_cache, table, seqlens = _paged_cache([20, 5, 33], 8, 1, 32, torch.float32)
+    check_attention(randn(3, 4, 2, 32), k_cache, v_cache, causal=True, block_table=table,
+                    seqlens_k=seqlens)
+    check_attention(randn(9, 2, 32), k_cache, v_cache, causal=True, block_table=table,
+                    seqlens_k=seqlens, cu_seqlens_q=_cu((4, 0, 5)), max_seqlen_q=5)
+    assert grids and all(g[1] <= 65535 and g[2] <= 2 for g in grids)
+    # dense and varlen: 5 sequences in chunks of 2, 2, 1 through 4 kernels; paged: 3 through 1, twice
+    assert len(grids) == 3 * 4 + 3 * 4 + 2 + 2
+    assert sum(g[2] for g in grids) == 5 * 4 + 5 * 4 + 3 + 3

@@ -14,7 +14,7 @@ import gptkernels
 from gptkernels import PagedKVCache, paged_append, paged_decode, reference
 from gptkernels._backend import BackendUnavailableError, unavailable_reason
 from gptkernels.paged import MAX_SPLITS, MIN_SPLIT_TOKENS, num_splits_heuristic
-from tests.helpers import DEVICE, DTYPES, ON_GPU, assert_parity, grid, randn, requires_gpu
+from tests.helpers import DEVICE, DTYPES, ON_GPU, assert_parity, grid, huge_stride_views, randn, requires_gpu
 
 
 def _paged_case(lens, hq, hkv, d, block_size, dtype, *, seed=0, extra_blocks=3, extra_cols=1):
@@ -455,3 +455,52 @@ def test_append_bad_input(case, exc, match):
         vc = vc[:3]
     with pytest.raises(exc, match=match):
         paged_append(k, v, kc, vc, slots)
+
+
+# --------------------------------------------------------------------------------------------------
+# Offsets past 2**31 (GPU review)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_offsets_past_2_31():
+    # q's batch stride and the head stride of head-major caches and of the new tokens just over
+    # 2**30 elements (views of a huge, mostly untouched buffer): b * stride_b and h * stride_h pass
+    # 2**31 and must be computed in int64; an int32 product wraps and reads/writes far outside.
+    dtype = DTYPES[0]
+    q0, kc0, vc0, table, lens = _paged_case([9, 40, 23], 6, 3, 64, 8, dtype, seed=5)
+    q, kc, vc, k, v = huge_stride_views(dtype, (q0.shape, 0), (kc0.shape, 2), (vc0.shape, 2),
+                                        ((5, 3, 64), 1), ((5, 3, 64), 1))
+    for dst, src in ((q, q0), (kc, kc0), (vc, vc0)):
+        dst.copy_(src)
+    for qq, qq0 in ((q, q0), (q[:, ::2], q0[:, ::2])):  # GQA (tensor-core path) and one head per group
+        for splits in (1, 3):
+            got = paged_decode(qq, kc, vc, table, lens, num_splits=splits, return_lse=True, backend="triton")
+            want = paged_decode(qq0, kc0, vc0, table, lens, num_splits=splits, return_lse=True, backend="triton")
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w)
+    slots = torch.tensor([3, -1, 50, 17, 96], device=DEVICE)
+    paged_append(k, v, kc, vc, slots, backend="triton")
+    reference.paged_append(k.contiguous(), v.contiguous(), kc0, vc0, slots)
+    assert torch.equal(kc.contiguous(), kc0) and torch.equal(vc.contiguous(), vc0)
+
+
+def test_num_splits_beyond_the_grid_limit(monkeypatch):
+    # The splits are grid axis z, which CUDA caps at 65535: a larger forced num_splits is clamped
+    # (lowered to 3 here so that the interpreter stays fast). The answer does not depend on it.
+    from gptkernels.kernels import paged as pg
+
+    monkeypatch.setattr(pg, "MAX_GRID_Z", 3)
+    grids = []
+    kernel = pg._paged_decode_kernel.fn
+
+    def recording(*args, _run=kernel.run, **kwargs):
+        grids.append(kwargs["grid"])
+        return _run(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "run", recording)
+    q, kc, vc, table, lens = _paged_case([70, 5], 4, 2, 64, 8, torch.float32, seed=3)
+    out, lse = _check_decode(q, kc, vc, table, lens, num_splits=100_000, backend="triton")
+    assert grids == [(2, 2, 3)]
+    one = paged_decode(q, kc, vc, table, lens, num_splits=1, return_lse=True, backend="triton")
+    torch.testing.assert_close(out, one[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, one[1], rtol=1e-5, atol=1e-5)

@@ -184,6 +184,19 @@ def test_triton_launch_configs(config):
     torch.testing.assert_close(kb, k, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif("triton" not in KERNELS, reason="the Triton backend is unavailable here")
+def test_inplace_kernel_is_never_benchmarked():
+    """Autotune benchmarking re-runs a kernel on the same arguments: an in-place rotation would be
+    applied once per benchmark run on a GPU (the interpreter has one config, so it cannot show it).
+    The launch config comes from a heuristic; an autotuner would have to restore q and k."""
+    from triton.runtime.autotuner import Autotuner
+
+    from gptkernels.kernels import rotary as ro
+
+    kernel = ro._rotary_kernel
+    assert not isinstance(kernel, Autotuner) or {"q_ptr", "k_ptr"} <= set(kernel.restore_value)
+
+
 # --------------------------------------------------------------------------------------------------
 # In place, on strided views of a fused QKV projection
 # --------------------------------------------------------------------------------------------------

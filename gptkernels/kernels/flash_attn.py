@@ -15,7 +15,8 @@ Design (details, FLOP/byte predictions and what a GPU session must tune: ``notes
   3. ``_bwd_dq``: one program per (query tile, query head, sequence) walks the key tiles of the band.
   Both recompute P = exp2(S * log2(e) - lse * log2(e)) from the saved lse.
 * Any strides: every tensor comes with its own strides; inputs are never copied. Offsets that can
-  exceed 2**31 (batch, token, cache block) are computed in int64.
+  exceed 2**31 (batch, token, head, cache block) are computed in int64. The batch is grid axis 2,
+  which CUDA caps at 65535: larger batches are launched in chunks.
 * Head dims 1..256: the D tile is padded to a power of two (>= 16, the smallest tl.dot) and masked.
 * float32 uses ``input_precision="ieee"`` (TF32 would break fp32 parity on the GPU).
 * Safety: sequence bounds read from cu_seqlens / seqlens_k are clamped to the tensors' extents and a
@@ -358,7 +359,7 @@ def _fwd_kernel(
 ):
     # Causal: the last query tiles have the most keys; launch them first to shorten the tail.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(1).to(tl.int64)  # int64: h * stride_h passes 2**31 for large strided inputs
     b = tl.program_id(2)
     q_start, seqlen_q, k_start, seqlen_k = _seq_bounds(b, cu_q, cu_k, seqlens_k, q_len, kv_len,
                                                        VARLEN_Q, VARLEN_K, PAGED)
@@ -442,7 +443,7 @@ def _bwd_preprocess(
 ):
     """delta = rowsum(dO * O) - dlse, laid out like lse (DLse is contiguous like lse)."""
     pid_m = tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(1).to(tl.int64)  # int64: h * stride_h passes 2**31 for large strided inputs
     b = tl.program_id(2)
     q_start, seqlen_q, _k0, _k1 = _seq_bounds(b, cu_q, cu_q, cu_q, q_len, 0, VARLEN_Q, False, False)
     m0 = pid_m * BLOCK_M
@@ -529,7 +530,7 @@ def _bwd_dkdv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    hk = tl.program_id(1)
+    hk = tl.program_id(1).to(tl.int64)  # int64: hk * stride_kh passes 2**31 for large strided inputs
     b = tl.program_id(2)
     q_start, seqlen_q, k_start, seqlen_k = _seq_bounds(b, cu_q, cu_k, cu_k, q_len, kv_len,
                                                        VARLEN_Q, VARLEN_Q, False)
@@ -631,7 +632,7 @@ def _bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(1).to(tl.int64)  # int64: h * stride_h passes 2**31 for large strided inputs
     b = tl.program_id(2)
     q_start, seqlen_q, k_start, seqlen_k = _seq_bounds(b, cu_q, cu_k, cu_k, q_len, kv_len,
                                                        VARLEN_Q, VARLEN_Q, False)
@@ -683,6 +684,20 @@ def _bwd_dq(
 # --------------------------------------------------------------------------------------------------
 # Launchers (same names and signatures as the CUDA backend's, see gptkernels._ops)
 # --------------------------------------------------------------------------------------------------
+
+
+#: CUDA limits grid dims y and z to 65535: the batch (grid axis 2) is launched in chunks of at most this.
+MAX_GRID_YZ = 65535
+
+
+def _batch_chunks(batch: int) -> list[slice]:
+    """Sequences [b0, b1) per launch; every launcher slices its per-sequence tensors with these."""
+    return [slice(b0, min(b0 + MAX_GRID_YZ, batch)) for b0 in range(0, batch, MAX_GRID_YZ)]
+
+
+def _cu_chunk(cu: torch.Tensor, bs: slice) -> torch.Tensor:
+    # The B+1 running offsets of sequences bs: still absolute token offsets into the packed tensors.
+    return cu[bs.start:bs.stop + 1]
 
 
 def _block_d(head_dim: int) -> int:
@@ -753,19 +768,23 @@ def flash_attn_forward(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, 
     sq = _tok_strides(q, varlen_q)
     so = _tok_strides(out, varlen_q)
     slb, slh = _lse_strides(q, varlen_q)
-    grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), hq, batch)  # noqa: E731
-    _fwd_kernel[grid](
-        q, k, v, out, lse,
-        cu_seqlens_q if varlen_q else dummy, cu_seqlens_k if varlen_k else dummy,
-        seqlens_k if paged else dummy, block_table if paged else dummy,
-        *sq, *sk, *sv, so[0], so[1], so[2], slb, slh,
-        block_table.stride(0) if paged else 0, num_blocks,
-        q_len, kv_len, group, softmax_scale * LOG2E, window or 0,
-        *_tune_buckets(max_q, max_seqlen_k or kv_len, window),
-        CAUSAL=causal, HAS_WINDOW=window is not None, BOTTOM_RIGHT=bottom_right,
-        VARLEN_Q=varlen_q, VARLEN_K=varlen_k, PAGED=paged, PAGE=page,
-        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), PRECISION=_precision(q.dtype),
-    )
+    dense_k = not (paged or varlen_k)
+    for bs in _batch_chunks(batch):
+        grid = lambda meta, n=bs.stop - bs.start: (triton.cdiv(max_q, meta["BLOCK_M"]), hq, n)  # noqa: E731
+        _fwd_kernel[grid](
+            q if varlen_q else q[bs], k[bs] if dense_k else k, v[bs] if dense_k else v,
+            out if varlen_q else out[bs], lse if varlen_q else lse[bs],
+            _cu_chunk(cu_seqlens_q, bs) if varlen_q else dummy,
+            _cu_chunk(cu_seqlens_k, bs) if varlen_k else dummy,
+            seqlens_k[bs] if paged else dummy, block_table[bs] if paged else dummy,
+            *sq, *sk, *sv, so[0], so[1], so[2], slb, slh,
+            block_table.stride(0) if paged else 0, num_blocks,
+            q_len, kv_len, group, softmax_scale * LOG2E, window or 0,
+            *_tune_buckets(max_q, max_seqlen_k or kv_len, window),
+            CAUSAL=causal, HAS_WINDOW=window is not None, BOTTOM_RIGHT=bottom_right,
+            VARLEN_Q=varlen_q, VARLEN_K=varlen_k, PAGED=paged, PAGE=page,
+            HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), PRECISION=_precision(q.dtype),
+        )
     return out, lse
 
 
@@ -801,23 +820,30 @@ def flash_attn_backward(dout, dlse, q, k, v, out, lse, *, causal, window, softma
     cu_k = cu_seqlens_k if varlen else lse
 
     pre_m = max(16, min(128, 8192 // block_d))
-    _bwd_preprocess[(triton.cdiv(max_q, pre_m), hq, batch)](
-        out, dout, dlse if dlse is not None else lse, delta, cu_q,
-        so[0], so[1], so[2], *sdo, slb, slh, q_len,
-        HAS_DLSE=dlse is not None, VARLEN_Q=varlen, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_M=pre_m, num_warps=4,
-    )
     common = dict(CAUSAL=causal, HAS_WINDOW=window is not None, BOTTOM_RIGHT=bottom_right,
                   VARLEN_Q=varlen, PAGED=False, HEAD_DIM=head_dim, BLOCK_D=block_d,
                   PRECISION=_precision(q.dtype))
     scalars = (q_len, kv_len, group, softmax_scale * LOG2E, softmax_scale, window or 0,
                *_tune_buckets(max(max_q, max_k), max_k, window))
-    _bwd_dkdv[lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), hkv, batch)](
-        q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k,
-        *sq, *sk, *sv, *sdo, sdk[0], sdk[1], sdk[2], slb, slh, *scalars, **common,
-    )
-    _bwd_dq[lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), hq, batch)](
-        q, k, v, dout, lse, delta, dq, cu_q, cu_k,
-        *sq, *sk, *sv, *sdo, sdq[0], sdq[1], sdq[2], slb, slh, *scalars, **common,
-    )
+    for bs in _batch_chunks(batch):
+        n = bs.stop - bs.start
+        # Varlen tensors are indexed through the (sliced) cu_seqlens; dense ones are sliced.
+        cut = (lambda t: t) if varlen else (lambda t: t[bs])  # noqa: E731
+        cq = _cu_chunk(cu_q, bs) if varlen else cu_q
+        ck = _cu_chunk(cu_k, bs) if varlen else cu_k
+        lse_c, delta_c = cut(lse), cut(delta)
+        _bwd_preprocess[(triton.cdiv(max_q, pre_m), hq, n)](
+            cut(out), cut(dout), cut(dlse) if dlse is not None else lse_c, delta_c, cq,
+            so[0], so[1], so[2], *sdo, slb, slh, q_len,
+            HAS_DLSE=dlse is not None, VARLEN_Q=varlen, HEAD_DIM=head_dim, BLOCK_D=block_d,
+            BLOCK_M=pre_m, num_warps=4,
+        )
+        _bwd_dkdv[lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), hkv, n)](
+            cut(q), cut(k), cut(v), cut(dout), lse_c, delta_c, cut(dk), cut(dv), cq, ck,
+            *sq, *sk, *sv, *sdo, sdk[0], sdk[1], sdk[2], slb, slh, *scalars, **common,
+        )
+        _bwd_dq[lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), hq, n)](
+            cut(q), cut(k), cut(v), cut(dout), lse_c, delta_c, cut(dq), cq, ck,
+            *sq, *sk, *sv, *sdo, sdq[0], sdq[1], sdq[2], slb, slh, *scalars, **common,
+        )
     return dq, dk, dv

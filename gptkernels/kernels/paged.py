@@ -36,7 +36,7 @@ def _paged_append_kernel(
 ):
     # One program: BLOCK_T tokens of one KV head; each token row is D contiguous elements in both
     # the input and the cache, so loads and stores are coalesced row by row.
-    h = tl.program_id(1)
+    h = tl.program_id(1).to(tl.int64)  # int64: h * stride_h passes 2**31 for large strided inputs
     t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     slot = tl.load(slot_ptr + t, mask=t < T, other=-1)
@@ -119,8 +119,9 @@ def _paged_decode_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
+    # int64: b * s_qb and h * s_kh pass 2**31 for large strided q / head-major caches
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)
 
@@ -222,8 +223,13 @@ def _paged_merge_kernel(
     tl.store(lse_ptr + b * s_lb + hq * s_lh, lse)
 
 
+#: CUDA limits grid dim z (the splits) to 65535; more splits than that cannot help anyway.
+MAX_GRID_Z = 65535
+
+
 def paged_decode(q, k_cache, v_cache, block_table, seq_lens, *, softmax_scale, window, num_splits):
     """One query token per sequence over the paged cache -> (out (B, Hq, D), lse (B, Hq) float32)."""
+    num_splits = min(num_splits, MAX_GRID_Z)
     batch, hq, d = q.shape
     num_blocks, block_size, hkv, _ = k_cache.shape
     group = hq // hkv

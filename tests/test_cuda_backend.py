@@ -9,9 +9,13 @@ Three layers:
 * Everywhere, on CPU: the kernels themselves, run by the CPU emulator of the extension
   (tests/cuda_emulator: the same csrc sources compiled for the host, every CUDA thread a CPU
   thread, ldmatrix / mma computed from the PTX ISA definitions), against the float64 reference with
-  SPEC's parity rule. This is what proves the kernels' index math without a GPU.
+  SPEC's parity rule. This is what proves the kernels' index math without a GPU. The emulator is
+  built to show GPU-only bugs too (warps run one at a time, cp.async lands late or early, shared
+  memory poisoned, misaligned accesses / int overflow / bad launch configurations fail the launch):
+  its self-test kernels check each detector, and offsets past 2^31 elements are checked with
+  lazily mapped 4 GiB buffers.
 * On a GPU: the same parity grid, bigger, through the public API with backend="cuda", plus
-  torch.compile, CUDA-graph capture and the error for attention gradients.
+  torch.compile, CUDA-graph capture, 64-bit offsets and the error for attention gradients.
 """
 
 from __future__ import annotations
@@ -329,6 +333,18 @@ CPP_CHECKS = [
                               0.3, 0, 0), ValueError, "window must be >= 1"),
     ("paged_decode", lambda: (_h(2, 4, 8), _h(4, 8, 2, 8), _h(4, 8, 2, 8), _i(0, 1, 2, 3).view(2, 2), _i(3, 4),
                               0.3, None, 0), ValueError, "q must be a CUDA tensor"),
+    # int32 key counts: max_blocks * block_size (a stride-0 table: no memory)
+    ("flash_attn_fwd", lambda: (_h(1, 1, 2, 32), _h(1, 1024, 2, 32), _h(1, 1024, 2, 32), None, None,
+                                _i(0).view(1, 1).expand(1, 1 << 21), _i(5), 1, 5, True, None, 0.1, True),
+     ValueError, "block_table covers more than 2"),
+    ("paged_decode", lambda: (_h(1, 2, 8), _h(1, 1024, 2, 8), _h(1, 1024, 2, 8), _i(0).view(1, 1).expand(1, 1 << 21),
+                              _i(5), 0.3, None, 0), ValueError, "block_table covers more than 2"),
+    # grid limits (gridDim.y and .z <= 65535)
+    ("flash_attn_fwd", lambda: (_h(1, 1, 65536, 32), _h(1, 1, 1, 32), _h(1, 1, 1, 32), None, None, None, None, 1,
+                                1, True, None, 0.1, True), ValueError, "at most 65535 sequences and heads"),
+    ("paged_decode", lambda: (_h(65536, 1, 8), _h(1, 8, 1, 8), _h(1, 8, 1, 8),
+                              torch.zeros(65536, 1, dtype=torch.int32), torch.ones(65536, dtype=torch.int32), 0.3,
+                              None, 0), ValueError, "at most 65535 sequences"),
 ]
 
 
@@ -617,6 +633,144 @@ def test_emulated_paged_append_skips_slots_outside_the_cache(emu):
     assert not bool(kc.any())
 
 
+# --------------------------------------------------------------------------------------------------
+# The emulator's detectors: its self-test kernels (tests/cuda_emulator/selftest.cpp) each carry a bug
+# only a GPU would show; the emulator must show it too
+# --------------------------------------------------------------------------------------------------
+
+
+def _selftest_expected(src):
+    return src.view(64, 4).roll(-32, 0).reshape(-1)  # thread t writes the chunk thread (t + 32) % 64 staged
+
+
+def test_emulator_selftest_correct_kernels_pass(emu_ops):
+    src = torch.randn(256)
+    assert torch.equal(emu_ops.selftest("correct", src), _selftest_expected(src).expand(4, -1))
+    assert torch.equal(emu_ops.selftest("smem_with_opt_in", src), torch.ones(32))
+
+
+@pytest.mark.parametrize("case,stale_blocks", [
+    ("no_wait", [0, 1]),       # cp.async lands at the wait in blocks 0, 1 (mod 4): without one, never
+    ("no_commit", [0, 1]),     # wait_group only waits for committed groups
+    ("no_barrier", [0, 1, 2, 3]),  # warps run one at a time: the reader runs before the other warp wrote
+])
+def test_emulator_shows_memory_ordering_bugs(emu_ops, case, stale_blocks):
+    src = torch.randn(256)
+    out = emu_ops.selftest(case, src)
+    for blk in range(4):
+        if blk in stale_blocks:
+            assert out[blk].isnan().any(), f"block {blk}: the poisoned shared memory should have been read"
+        else:
+            assert torch.equal(out[blk], _selftest_expected(src))
+
+
+@pytest.mark.parametrize("case", ["static_smem_unwritten_template", "static_smem_unwritten_plain"])
+def test_emulator_poisons_static_shared_memory(emu_ops, case):
+    out = emu_ops.selftest(case, torch.randn(256))  # 2 blocks; odd slots of the shared array never written
+    assert out[:, 0::2].isnan().all() and torch.equal(out[:, 1::2], torch.ones(2, 32))
+    assert torch.equal(emu_ops.selftest("static_smem_written", torch.randn(256)), torch.ones(2, 64))
+
+
+@pytest.mark.parametrize("case,match", [
+    ("misaligned_vector", "selftest.cpp:[0-9]+: misaligned memory access .*16-byte alignment"),
+    ("misaligned_cp_async", "cp.async: misaligned global source"),
+    ("misaligned_ldmatrix", "ldmatrix: misaligned shared address"),
+    ("int_overflow", "selftest.cpp:[0-9]+: signed integer overflow"),
+    ("grid_y_too_large", "invalid launch configuration: grid \\(1, 65536, 1\\)"),
+    ("smem_without_opt_in", "65536 bytes of dynamic shared memory"),
+])
+def test_emulator_faults_where_a_gpu_faults(emu_ops, case, match):
+    with pytest.raises(RuntimeError, match=match):
+        emu_ops.selftest(case, torch.randn(256))
+    assert torch.equal(emu_ops.selftest("correct", t := torch.randn(256)), _selftest_expected(t).expand(4, -1))
+
+
+# --------------------------------------------------------------------------------------------------
+# 64-bit offsets: element offsets past 2^31 (a paged cache of 1M blocks, a token stride of 2^31)
+# --------------------------------------------------------------------------------------------------
+
+_BIG = 1 << 31  # elements: an int32 offset computation overflows past here
+
+
+def _lazy_empty(numel, device, dtype=torch.float16):
+    """numel elements (4+ GiB). On the CPU the OS maps the pages lazily: only touched ones cost."""
+    try:
+        return torch.empty(numel, dtype=dtype, device=device)
+    except (RuntimeError, MemoryError) as e:  # e.g. overcommit disabled on this machine
+        pytest.skip(f"needs {numel * 2 / 2**30:.1f} GiB of (lazily mapped) memory on {device}: {e}")
+
+
+def _far_caches(kc, vc):
+    """The caches kc, vc (n, bs, Hkv, D) as the last n blocks of caches whose block offsets pass 2^31
+    elements; returns them and the block index of kc[0] there."""
+    n, block = kc.shape[0], kc[0].numel()
+    num_blocks = _BIG // block + n + 1
+    far = [_lazy_empty(num_blocks * block, kc.device).view(num_blocks, *kc.shape[1:]) for _ in range(2)]
+    first = num_blocks - n
+    assert first * block >= _BIG
+    far[0][first:] = kc
+    far[1][first:] = vc
+    return far[0], far[1], first
+
+
+def check_64bit_cache_offsets(mod, device):
+    """paged decode, flash attention over a paged cache and paged append with cache blocks 2^31+
+    elements in: the same results as with the same blocks at the start of a small cache."""
+    torch.manual_seed(0)
+    D, bs, Hkv, Hq, lens = 64, 16, 2, 4, [40, 23]
+    kd, vd = (randn(2, 40, Hkv, D, dtype=torch.float16, device=device) for _ in range(2))
+    kc, vc, table, seq_lens = _to_paged(kd, vd, lens, bs)
+    kc, vc = kc.nan_to_num(0.0), vc.nan_to_num(0.0)
+    far_k, far_v, first = _far_caches(kc, vc)
+    far_table = torch.where(table < kc.shape[0], table + first, table)  # bad entries stay bad
+
+    q = randn(2, Hq, D, dtype=torch.float16, device=device)
+    for splits in (1, 3):
+        near = mod.paged_decode(q, kc, vc, table, seq_lens, softmax_scale=None, window=None, num_splits=splits)
+        far = mod.paged_decode(q, far_k, far_v, far_table, seq_lens, softmax_scale=None, window=None,
+                               num_splits=splits)
+        assert torch.equal(near[0], far[0]) and torch.equal(near[1], far[1])
+
+    qf = randn(2, 5, Hq, D, dtype=torch.float16, device=device)
+    kw = _flash_kw(block_table=table, seqlens_k=seq_lens)
+    near = mod.flash_attn_forward(qf, kc, vc, **kw)
+    far = mod.flash_attn_forward(qf, far_k, far_v, **{**kw, "block_table": far_table})
+    assert torch.equal(near[0], far[0]) and torch.equal(near[1], far[1])
+
+    k_new, v_new = (randn(3, Hkv, D, dtype=torch.float16, device=device) for _ in range(2))
+    slots = torch.tensor([-1, 5, 2 * bs + 7], device=device)  # relative to the far blocks
+    mod.paged_append(k_new, v_new, far_k, far_v, torch.where(slots >= 0, slots + first * bs, slots))
+    assert torch.equal(far_k[first, 5], k_new[1]) and torch.equal(far_v[first + 2, 7], v_new[2])
+
+
+def check_64bit_row_offsets(mod, device):
+    """q's second token 2^31 elements past its first: rotary in place, flash attention's q rows."""
+    torch.manual_seed(0)
+    H, D = 2, 64
+    x = randn(1, 2, H, D, dtype=torch.float16, device=device)
+    far = _lazy_empty(_BIG + H * D, device).as_strided((1, 2, H, D), (0, _BIG, D, 1))
+    far.copy_(x)
+    cos, sin = gptkernels.rotary_cos_sin(D, 16, dtype=torch.float32, device=device)
+    near, _ = mod.apply_rotary(x, None, cos, sin, positions=None, offset=7, interleaved=False, inplace=False,
+                               conjugate=False)
+    mod.apply_rotary(far, None, cos, sin, positions=None, offset=7, interleaved=False, inplace=True, conjugate=False)
+    assert torch.equal(far, near)
+
+    k, v = (randn(1, 2, H, D, dtype=torch.float16, device=device) for _ in range(2))
+    near = mod.flash_attn_forward(x, k, v, **_flash_kw())
+    far.copy_(x)
+    out = mod.flash_attn_forward(far, k, v, **_flash_kw())
+    assert torch.equal(near[0], out[0]) and torch.equal(near[1], out[1])
+
+
+def test_emulated_kernels_use_64bit_cache_offsets(emu):
+    check_64bit_cache_offsets(emu, "cpu")
+
+
+def test_emulated_kernels_use_64bit_row_offsets(emu):
+    check_64bit_row_offsets(emu, "cpu")
+
+
 def test_emulated_ops_compile(emu_ops):
     """The schemas' alias annotations and the fakes hold up under torch.compile (functionalization of
     the mutated caches and outputs)."""
@@ -805,3 +959,11 @@ def test_paged_decode_cuda_graph():
     ref = reference.paged_decode(q.double(), kc.double(), vc.double(), table, seq_lens, window=64)
     base = reference.paged_decode(q, kc, vc, table, seq_lens, window=64, upcast=False)
     assert_parity(out, ref, base)
+
+
+@requires_gpu
+def test_cuda_kernels_use_64bit_offsets(ops):
+    """The emulated 64-bit offset checks on the GPU (up to ~9 GiB of device memory for a moment)."""
+    check_64bit_cache_offsets(_cuda, "cuda")
+    torch.cuda.empty_cache()
+    check_64bit_row_offsets(_cuda, "cuda")

@@ -99,6 +99,9 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at:
                     " and ", heads_q);
   TORCH_CHECK_VALUE(q.size(0) < INT_MAX && k.size(0) < INT_MAX && (paged || k.size(1) < INT_MAX), kOp,
                     ": sequence lengths must fit in int32");
+  // The kernel caps a sequence's keys at max_blocks * block_size in int32 (as paged_decode does).
+  TORCH_CHECK_VALUE(!paged || block_table->size(1) * k.size(1) <= INT_MAX, kOp,
+                    ": block_table covers more than 2^31 - 1 tokens");
 
   // ---- devices (last: see common/torch_utils.h) ----
   check_cuda(q, kOp, "q");

@@ -2,6 +2,11 @@
 compiler with this folder's emulator headers shadowing three small csrc headers (common/mma.cuh,
 common/launch.cuh, common/torch_cuda.h). The ops register as torch.ops.gptkernels_emu.* and take
 CPU tensors; tests/test_cuda_backend.py runs them against the float64 reference.
+
+The build adds what makes GPU-only bugs show on the CPU (emu_runtime.h says what each one catches):
+UBSan's alignment and signed-overflow checks (handled in emu_runtime.h, no sanitizer runtime),
+pattern-filled locals, a linker-script fragment (emu_shared.ld) that gathers the static __shared__
+arrays so that every block starts with them poisoned, and self-test kernels (selftest.cpp).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import functools
 import glob
 import importlib.util
 import os
+import subprocess
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -18,8 +24,10 @@ NAMESPACE = "gptkernels_emu"
 
 
 def _sources(build_dir: str) -> list[str]:
-    """csrc's .cpp files as they are, and one wrapper .cpp per .cu file (the host compiler builds it)."""
+    """csrc's .cpp files as they are, one wrapper .cpp per .cu file (the host compiler builds it), and
+    the emulator's self-test kernels (selftest.cpp: torch.ops.gptkernels_emu.selftest)."""
     srcs = sorted(glob.glob(os.path.join(CSRC, "**", "*.cpp"), recursive=True))
+    srcs.append(os.path.join(HERE, "selftest.cpp"))
     wrap_dir = os.path.join(build_dir, "cu_as_cpp")
     os.makedirs(wrap_dir, exist_ok=True)
     for cu in sorted(glob.glob(os.path.join(CSRC, "**", "*.cu"), recursive=True)):
@@ -59,6 +67,12 @@ def _cuda_include_dir() -> str:
     raise RuntimeError(f"the CUDA headers (cuda_fp16.h, cuda_runtime.h) were not found in any of {cands}")
 
 
+def _cxx_accepts(flag: str) -> bool:
+    """Whether the host compiler (torch's: $CXX or c++) knows `flag` (g++ < 12 lacks some)."""
+    cmd = [os.environ.get("CXX", "c++"), flag, "-x", "c++", "-fsyntax-only", "-"]
+    return subprocess.run(cmd, input="int main() {}\n", capture_output=True, text=True).returncode == 0
+
+
 @functools.lru_cache(maxsize=None)
 def load(verbose: bool = False):
     """Builds (once; ninja makes rebuilds incremental) and loads the emulator; returns its op namespace."""
@@ -72,8 +86,14 @@ def load(verbose: bool = False):
         sources=_sources(build_dir),
         extra_include_paths=[HERE, CSRC, _cuda_include_dir()],  # HERE first: its headers shadow csrc's
         extra_cflags=["-O2", "-include", os.path.join(HERE, "emu_runtime.h"),
-                      f"-DGPTKERNELS_OPS_NAMESPACE={NAMESPACE}", "-Wno-unused-function"],
-        extra_ldflags=["-lpthread"],
+                      f"-DGPTKERNELS_OPS_NAMESPACE={NAMESPACE}", "-Wno-unused-function",
+                      # What a GPU faults on (or silently gets wrong) fails here: misaligned typed
+                      # accesses (vector loads) and signed int overflow in kernel code reach the
+                      # handlers in emu_runtime.h (no sanitizer runtime is linked); uninitialized
+                      # locals get a garbage pattern instead of whatever the stack held.
+                      "-fsanitize=alignment,signed-integer-overflow",
+                      *[f for f in ["-ftrivial-auto-var-init=pattern"] if _cxx_accepts(f)]],
+        extra_ldflags=["-lpthread", "-Wl,-T," + os.path.join(HERE, "emu_shared.ld")],
         build_directory=build_dir,
         with_cuda=False,
         verbose=verbose,

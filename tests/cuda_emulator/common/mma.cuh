@@ -6,16 +6,56 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
+#include <vector>
 
 namespace gptkernels {
 
 inline unsigned char* dynamic_smem() { return ::emu::dynamic_smem(); }
 
-// cp.async completes at once here; commit / wait have nothing to do.
-inline void cp_async_16(void* smem_dst, const void* gmem_src) { std::memcpy(smem_dst, gmem_src, 16); }
-inline void cp_async_commit() {}
-inline void cp_async_wait_all() {}
+// cp.async: both addresses 16-byte aligned, the destination in the block's shared memory (else the
+// launch faults). The copy lands at issue ("early" blocks) or at the issuing thread's
+// cp.async.wait_group, and only if its group was committed ("late" blocks): see emu_runtime.h.
+namespace emu_detail {
+struct PendingCopy {
+  void* dst;
+  const void* src;
+  bool committed;
+};
+inline thread_local std::vector<PendingCopy> t_pending;  // this thread's copies in flight (late blocks)
+}  // namespace emu_detail
+
+inline void cp_async_16(void* smem_dst, const void* gmem_src) {
+  if (!::emu::check_smem("cp.async (shared destination)", smem_dst, 16, 16)) return;
+  if (reinterpret_cast<uintptr_t>(gmem_src) % 16 != 0) {
+    char buf[160];
+    std::snprintf(buf, sizeof(buf), "cp.async: misaligned global source %p (needs 16-byte alignment)", gmem_src);
+    ::emu::fault(buf);
+    return;
+  }
+  if (::emu::t_block->cp_async_late) {
+    emu_detail::t_pending.push_back({smem_dst, gmem_src, false});
+  } else {
+    std::memcpy(smem_dst, gmem_src, 16);
+  }
+}
+inline void cp_async_commit() {
+  for (auto& c : emu_detail::t_pending) c.committed = true;
+}
+// cp.async.wait_group 0: every committed group has landed (uncommitted copies stay in flight).
+inline void cp_async_wait_all() {
+  auto& pending = emu_detail::t_pending;
+  size_t kept = 0;
+  for (size_t i = 0; i < pending.size(); ++i) {
+    if (pending[i].committed) {
+      std::memcpy(pending[i].dst, pending[i].src, 16);
+    } else {
+      pending[kept++] = pending[i];
+    }
+  }
+  pending.resize(kept);
+}
 
 namespace emu_detail {
 inline uint16_t u16_at(const void* row, int col) {
@@ -30,6 +70,10 @@ inline uint32_t pack_u16(uint16_t lo, uint16_t hi) { return static_cast<uint32_t
 // 2 (l % 4) + 1.
 inline void ldmatrix(uint32_t (&r)[4], const void* smem_row, bool trans) {
   const int lane = ::emu::t_lane;
+  // Each lane's row: 16 bytes of the block's shared memory, 16-byte aligned (else the launch faults;
+  // the row reads as zeros).
+  static const unsigned char kZeros[16] = {};
+  if (!::emu::check_smem(trans ? "ldmatrix.trans" : "ldmatrix", smem_row, 16, 16)) smem_row = kZeros;
   ::emu::warp_exchange(&smem_row, sizeof(smem_row), [&](unsigned char (*slot)[64]) {
     auto row_addr = [&](int l) {
       const void* p;

@@ -5,6 +5,8 @@
 #include <c10/util/Exception.h>
 #include <cuda_runtime_api.h>
 
+#include <string>
+
 namespace gptkernels {
 
 inline void check_cuda(const at::Tensor& ref, const char* op, const char* ref_name) {
@@ -17,8 +19,11 @@ struct DeviceGuard {
 
 inline cudaStream_t current_stream(const at::Tensor&) { return nullptr; }
 
+// A failed launch raises a RuntimeError naming the op and the emulator's fault (emu_runtime.h).
 inline void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, op, ": emulated launch failed (cudaError ", static_cast<int>(err), ")");
+  const std::string fault = ::emu::take_fault();
+  TORCH_CHECK(err == cudaSuccess && fault.empty(), op, ": emulated launch failed (cudaError ", static_cast<int>(err),
+              "): ", fault);
 }
 
 inline int multiprocessor_count(int) { return 132; }  // an H100

@@ -504,3 +504,22 @@ def test_num_splits_beyond_the_grid_limit(monkeypatch):
     one = paged_decode(q, kc, vc, table, lens, num_splits=1, return_lse=True, backend="triton")
     torch.testing.assert_close(out, one[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse, one[1], rtol=1e-5, atol=1e-5)
+
+
+def test_compiles_for_hopper():
+    # The interpreter never runs Triton's compiler: prove, without a GPU, that the paged kernels
+    # compile for sm_90a with the arguments their launchers pass (every autotune config of decode),
+    # fit an H100's shared memory, do not spill, and lower as notes/paged.md says: 16-byte K/V loads
+    # (ld.global.v4, or 16-byte cp.async copies on the pipelined tensor-core path of groups >= 2).
+    from tests.sm90_compile import SM90_SHARED, compile_in_subprocess
+
+    results = compile_in_subprocess("--kernels", "paged", "--all-configs", "--ptxas")
+    assert {(r["kernel"], r["case"]["dtype"], r["case"].get("group")) for r in results} == {
+        (kernel, dtype, group) for dtype in ("bf16", "fp16")
+        for kernel, group in (("decode", 1), ("decode", 4), ("merge", 1), ("merge", 4), ("append", None))}
+    for r in results:
+        assert r["shared"] <= SM90_SHARED and r["spill"] == 0, r
+        if r["kernel"] in ("append", "decode"):
+            assert r["vec16"], r
+        if r["kernel"] == "decode" and r["case"]["group"] > 1:
+            assert r["tensor_cores"] in ("wgmma", "mma") and r["pipelined"], r

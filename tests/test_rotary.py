@@ -609,6 +609,28 @@ def test_rotary_cos_sin_options_and_errors():
 
 
 # --------------------------------------------------------------------------------------------------
+# Compiled for Hopper (no GPU needed)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_compiles_for_hopper():
+    # The interpreter never runs Triton's compiler: prove, without a GPU, that the kernel compiles
+    # for sm_90a with the arguments its launcher passes (GPT-NeoX and GPT-J layouts, R = D and a
+    # partial R, out of place), fits an H100's shared memory and does not spill; and, as
+    # notes/rotary.md promises for R = D (the benchmark shape), that its q/k loads are 16-byte vectors.
+    from tests.sm90_compile import SM90_SHARED, compile_in_subprocess
+
+    results = compile_in_subprocess("--kernels", "rotary", "--ptxas")
+    assert {(r["case"]["dtype"], r["case"]["layout"], r["case"]["rot_dim"]) for r in results} == {
+        (dtype, layout, rot) for dtype in ("bf16", "fp16") for layout in ("neox", "gptj")
+        for rot in (128, 32)}
+    for r in results:
+        assert r["kernel"] == "rotary" and r["shared"] <= SM90_SHARED and r["spill"] == 0, r
+        if r["case"]["rot_dim"] == 128:
+            assert r["vec16"], r
+
+
+# --------------------------------------------------------------------------------------------------
 # GPU: the benchmark's shape, in bfloat16
 # --------------------------------------------------------------------------------------------------
 

@@ -86,33 +86,36 @@ def from_config(config, *, dtype=None, device=None, std: float = 0.02) -> Causal
     return model.to(dtype=dtype).eval()
 
 
+def _shard_names(path: str, files: list[str], index_name: str) -> list[str]:
+    """The weight files of a checkpoint: those its index file names, if it has one, else ``files``."""
+    index = os.path.join(path, index_name)
+    if not os.path.exists(index):
+        return files
+    with open(index) as f:
+        return sorted(set(json.load(f)["weight_map"].values()))
+
+
 def _read_weights(path: str) -> dict:
     """Every tensor of the checkpoint in ``path``: model.safetensors (or its shards) preferred,
     else pytorch_model.bin (or its shards)."""
     files = sorted(os.listdir(path))
     st = [f for f in files if f.endswith(".safetensors")]
-    if st:
-        from safetensors.torch import load_file
-
-        index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.exists(index):
-            with open(index) as f:
-                st = sorted(set(json.load(f)["weight_map"].values()))
-        out = {}
-        for name in st:
-            out.update(load_file(os.path.join(path, name)))
-        return out
     bins = [f for f in files if f.startswith("pytorch_model") and f.endswith(".bin")]
-    if bins:
-        index = os.path.join(path, "pytorch_model.bin.index.json")
-        if os.path.exists(index):
-            with open(index) as f:
-                bins = sorted(set(json.load(f)["weight_map"].values()))
-        out = {}
-        for name in bins:
-            out.update(torch.load(os.path.join(path, name), map_location="cpu", weights_only=True))
-        return out
-    raise FileNotFoundError(f"from_pretrained: no *.safetensors or pytorch_model*.bin weights in {path!r}")
+    if st:
+        from safetensors.torch import load_file as load
+
+        names = _shard_names(path, st, "model.safetensors.index.json")
+    elif bins:
+        def load(file):
+            return torch.load(file, map_location="cpu", weights_only=True)
+
+        names = _shard_names(path, bins, "pytorch_model.bin.index.json")
+    else:
+        raise FileNotFoundError(f"from_pretrained: no *.safetensors or pytorch_model*.bin weights in {path!r}")
+    out = {}
+    for name in names:
+        out.update(load(os.path.join(path, name)))
+    return out
 
 
 def from_pretrained(path, *, dtype=None, device=None) -> CausalLM:

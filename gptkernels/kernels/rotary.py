@@ -126,6 +126,8 @@ def _rotary_kernel(
 TILE_ELEMS = 4096
 #: The CPU interpreter pays per program, not per element: bigger tiles, fewer programs.
 TILE_ELEMS_INTERPRET = 16384
+#: The largest single load tile :func:`_min_vector_block_t` may grow to (128 values per thread).
+MAX_TILE_ELEMS = 16384
 #: Aim for at least this many programs per SM before splitting heads across programs (decode).
 PROGRAMS_PER_SM = 4
 
@@ -144,22 +146,47 @@ def _sm_count(device: torch.device) -> int:
 
 def pick_config(n_tokens: int, hq: int, hk: int, head_dim: int, device: torch.device,
                 block_t: int | None = None, block_h: int | None = None, head_splits: int | None = None,
-                num_warps: int | None = None):
+                num_warps: int | None = None, *, rot_dim: int | None = None, interleaved: bool = False,
+                copy_pass: bool = False, elem_bytes: int = 2):
     """(BLOCK_T, BLOCK_H, head_splits, num_warps) for a launch; the arguments override the heuristic
-    (for tuning sweeps)."""
+    (for tuning sweeps). ``rot_dim``/``interleaved``/``copy_pass``/``elem_bytes`` describe the load
+    tiles, so a partial rotary dim still gets 16-byte accesses (see :func:`_min_vector_block_t`)."""
     heads = [h for h in (hq, hk) if h > 0]
+    num_warps = num_warps or 4
     if block_h is None:
         # the smaller head count, so the k heads of GQA do not run in a mostly empty tile
         block_h = min(next_pow2(min(heads)), 16)
     if block_t is None:
         tile = TILE_ELEMS_INTERPRET if INTERPRET else TILE_ELEMS
-        block_t = max(1, min(tile // (block_h * next_pow2(head_dim)), next_pow2(n_tokens), 64))
+        block_t = max(1, tile // (block_h * next_pow2(head_dim)))
+        block_t = max(block_t, _min_vector_block_t(head_dim, rot_dim or head_dim, interleaved, copy_pass,
+                                                   block_h, num_warps, elem_bytes, block_t))
+        block_t = min(block_t, next_pow2(n_tokens), 64)
     if head_splits is None:
         token_programs = triton.cdiv(n_tokens, block_t)
         want = PROGRAMS_PER_SM * _sm_count(device)
         max_splits = triton.cdiv(max(heads), block_h)
         head_splits = max(1, min(max_splits, triton.cdiv(want, token_programs)))
-    return block_t, block_h, head_splits, num_warps or 4
+    return block_t, block_h, head_splits, num_warps
+
+
+def _min_vector_block_t(head_dim, rot_dim, interleaved, copy_pass, block_h, num_warps, elem_bytes,
+                        block_t):
+    """The BLOCK_T at which the smallest load tile gives every thread 16 contiguous bytes.
+
+    Triton spreads a [BLOCK_T, BLOCK_H, W] tile over all the threads first: when it holds fewer than
+    threads x 16 bytes, each thread gets fewer contiguous elements and the accesses shrink to 8 or 4
+    bytes (the offline sm_90a compile showed this for the GPT-NeoX layout at R = D/4: 8-byte loads).
+    Grows ``block_t`` only while the largest tile stays within ``MAX_TILE_ELEMS`` (registers)."""
+    half_pad = next_pow2(rot_dim // 2)
+    widths = [2 * half_pad if interleaved else half_pad]
+    if copy_pass and rot_dim < head_dim:
+        widths.append(next_pow2(head_dim - rot_dim))
+    want = num_warps * 32 * max(1, 16 // elem_bytes)
+    widest = max(widths)
+    while block_t * block_h * min(widths) < want and 2 * block_t * block_h * widest <= MAX_TILE_ELEMS:
+        block_t *= 2
+    return block_t
 
 
 # --------------------------------------------------------------------------------------------------
@@ -197,8 +224,9 @@ def apply_rotary(q, k, cos, sin, *, positions, offset, interleaved, inplace, con
         return q_out, k_out
     half = cos.shape[1]
     copy_pass = (not inplace) and 2 * half < head_dim
-    block_t, block_h, splits, num_warps = pick_config(n_tokens, hq, hk, head_dim, q.device,
-                                                      block_t, block_h, head_splits, num_warps)
+    block_t, block_h, splits, num_warps = pick_config(
+        n_tokens, hq, hk, head_dim, q.device, block_t, block_h, head_splits, num_warps,
+        rot_dim=2 * half, interleaved=interleaved, copy_pass=copy_pass, elem_bytes=q.element_size())
     hq_per = triton.cdiv(triton.cdiv(hq, splits), block_h) * block_h
     hk_per = triton.cdiv(triton.cdiv(hk, splits), block_h) * block_h if hk else 0
 

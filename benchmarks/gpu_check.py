@@ -241,6 +241,11 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         log.say("gpu_check: no CUDA GPU is visible: this check needs one (use `make test` / `make bench` here)")
         return 2
+    # Compiled Triton kernels and Inductor graphs go under build/ (git-ignored), which the device tool
+    # keeps on a warm machine between calls: a part split over several 10-minute calls, or a re-run
+    # after a fix, compiles only what changed.
+    for var, sub in (("TRITON_CACHE_DIR", "triton-cache"), ("TORCHINDUCTOR_CACHE_DIR", "inductor-cache")):
+        os.environ.setdefault(var, str(REPO / "build" / sub))
     log.say(f"gpu_check --part {args.part}: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, "
             f"{PY}; writing to {out}")
     res: dict = {"out": str(out), "part": args.part}

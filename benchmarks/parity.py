@@ -66,7 +66,7 @@ def _attn_fwd(b, sq, sk, hq, hkv, d, causal=True, window=None, varlen=None):
     return fn
 
 
-def _attn_bwd(b, s, hq, hkv, d, window=None):
+def _attn_bwd(b, s, hq, hkv, d, window=None, deterministic=True):
     def fn(dtype, backend, device, gen):
         import gptkernels
         from gptkernels import reference
@@ -79,8 +79,8 @@ def _attn_bwd(b, s, hq, hkv, d, window=None):
             f(q, k, v).backward(cast(dout))
             return q.grad, k.grad, v.grad
 
-        got = grads(lambda q, k, v: gptkernels.flash_attn(q, k, v, causal=True, window=window, backend=backend),
-                    lambda t: t)
+        got = grads(lambda q, k, v: gptkernels.flash_attn(q, k, v, causal=True, window=window, backend=backend,
+                                                          deterministic=deterministic), lambda t: t)
         ref = grads(lambda q, k, v: reference.attention(q, k, v, causal=True, window=window), lambda t: t.double())
         base = grads(lambda q, k, v: reference.attention(q, k, v, causal=True, window=window, upcast=False),
                      lambda t: t)
@@ -197,6 +197,8 @@ def cases() -> list[Case]:
                                                                             varlen=[0, 1, 18, 67])),
         Case("flash_attn_bwd", "B=1 S=65 Hq=4 Hkv=2 D=64 causal", _attn_bwd(1, 65, 4, 2, 64)),
         Case("flash_attn_bwd", "B=2 S=40 H=2 D=96 W=16", _attn_bwd(2, 40, 2, 2, 96, window=16)),
+        Case("flash_attn_bwd", "B=1 S=97 Hq=4 Hkv=1 D=64 W=40 atomic dQ",
+             _attn_bwd(1, 97, 4, 1, 64, window=40, deterministic=False)),
         Case("sdpa", "B=1 H=2 L=17 S=40 E=64 causal", _sdpa(1, 2, 2, 17, 40, 64, True)),
         Case("sdpa", "B=2 Hq=4 Hkv=2 L=S=33 E=80 full", _sdpa(2, 4, 2, 33, 33, 80, False)),
         Case("apply_rotary", "B=2 S=37 Hq=4 Hk=2 D=R=80 neox", _rotary((2, 37), 4, 2, 80, 80, False)),

@@ -34,8 +34,14 @@ def config(quick: bool) -> dict:
             "window_s": (4096, 16384)}
 
 
+#: The backward also runs with atomic dQ (FlashAttention-2's single dK/dV/dQ kernel, not bit-exact).
+ATOMIC_DQ = "gptkernels triton (deterministic=False)"
+
+
 def impls(direction: str, s: int, window: int | None, quick: bool) -> list[str]:
     names = [f"gptkernels {b}" for b in OURS]
+    if direction == "bwd":
+        names.insert(1, ATOMIC_DQ)
     if window is None:
         names += [f"torch sdpa {b}" for b in peers.SDPA_BACKENDS]
     names.append("flexattention (compiled)")
@@ -145,7 +151,9 @@ def _forward_fn(impl: str, window: int | None):
 
     if impl.startswith("gptkernels "):
         backend = impl.split()[1]  # "triton", "cuda", or "torch" (the eager reference)
-        return lambda q, k, v: gptkernels.flash_attn(q, k, v, causal=True, window=window, backend=backend)
+        deterministic = impl != ATOMIC_DQ
+        return lambda q, k, v: gptkernels.flash_attn(q, k, v, causal=True, window=window, backend=backend,
+                                                     deterministic=deterministic)
     if impl.startswith("torch sdpa "):
         name = impl.split()[2]
         return lambda q, k, v: peers.sdpa(name, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),

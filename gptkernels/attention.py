@@ -43,7 +43,9 @@ def _flash_attn_fwd(
     softmax_scale: float,
     bottom_right: bool,
     backend: str,
+    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    # deterministic only matters to the backward; it is an input here so autograd can save it
     fwd = backend_fn(backend, "flash_attn_forward", OP)
     return fwd(q, k, v, causal=causal, window=window, softmax_scale=softmax_scale,
                cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
@@ -60,7 +62,7 @@ def _lse_shape(q: torch.Tensor) -> tuple[int, ...]:
 
 @_flash_attn_fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k, max_seqlen_q, max_seqlen_k,
-      causal, window, softmax_scale, bottom_right, backend):
+      causal, window, softmax_scale, bottom_right, backend, deterministic):
     return q.new_empty(q.shape), q.new_empty(_lse_shape(q), dtype=torch.float32)
 
 
@@ -82,25 +84,27 @@ def _flash_attn_bwd(
     softmax_scale: float,
     bottom_right: bool,
     backend: str,
+    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     bwd = backend_fn(backend, "flash_attn_backward", OP)
     return bwd(dout, dlse, q, k, v, out, lse, causal=causal, window=window,
                softmax_scale=softmax_scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-               max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, bottom_right=bottom_right)
+               max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, bottom_right=bottom_right,
+               deterministic=deterministic)
 
 
 @_flash_attn_bwd.register_fake
 def _(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-      causal, window, softmax_scale, bottom_right, backend):
+      causal, window, softmax_scale, bottom_right, backend, deterministic):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _fwd_setup_context(ctx, inputs, output):
     (q, k, v, cu_q, cu_k, block_table, seqlens_k, max_q, max_k, causal, window, scale,
-     bottom_right, backend) = inputs
+     bottom_right, backend, deterministic) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-    ctx.params = (max_q, max_k, causal, window, scale, bottom_right, backend)
+    ctx.params = (max_q, max_k, causal, window, scale, bottom_right, backend, deterministic)
     ctx.paged = block_table is not None
 
 
@@ -108,10 +112,10 @@ def _fwd_backward(ctx, dout, dlse):
     if ctx.paged:
         raise BackendUnavailableError(f"{OP}: attention over a paged KV cache is not differentiable")
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    max_q, max_k, causal, window, scale, bottom_right, backend = ctx.params
+    max_q, max_k, causal, window, scale, bottom_right, backend, deterministic = ctx.params
     dq, dk, dv = _flash_attn_bwd(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal,
-                                 window, scale, bottom_right, backend)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
+                                 window, scale, bottom_right, backend, deterministic)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 _flash_attn_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
@@ -208,10 +212,12 @@ def _check_flash_attn(q, k, v, causal, window, softmax_scale, cu_seqlens_q, cu_s
 
 def _flash_attn(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, cu_seqlens_k,
                 max_seqlen_q, max_seqlen_k, block_table, seqlens_k, return_lse, backend,
-                bottom_right, op=OP, names=None):
+                bottom_right, deterministic=True, op=OP, names=None):
     max_q, max_k = _check_flash_attn(q, k, v, causal, window, softmax_scale, cu_seqlens_q,
                                      cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table, seqlens_k,
                                      op=op, names=names)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"{op}: deterministic must be a bool, got {deterministic!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     backend = resolve(backend, q.device, op)
     if backend == "torch":
@@ -227,13 +233,14 @@ def _flash_attn(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, cu_seql
                     "call it under torch.no_grad() or detach q, k, v")
             backend_fn(backend, "flash_attn_backward", OP)  # fail now, not in backward
         out, lse = _flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k,
-                                   max_q, max_k, causal, window, scale, bottom_right, backend)
+                                   max_q, max_k, causal, window, scale, bottom_right, backend,
+                                   deterministic)
     return (out, lse) if return_lse else out
 
 
 def flash_attn(q, k, v, *, causal=True, window=None, softmax_scale=None, cu_seqlens_q=None,
                cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, block_table=None,
-               seqlens_k=None, return_lse=False, backend=None):
+               seqlens_k=None, return_lse=False, backend=None, deterministic=True):
     """Fused softmax attention (causal, sliding window, GQA, varlen, paged keys).
 
     Dense: q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D). Varlen: q (Tq, Hq, D), k/v (Tk, Hkv, D) with int32
@@ -246,12 +253,16 @@ def flash_attn(q, k, v, *, causal=True, window=None, softmax_scale=None, cu_seql
 
     Returns ``out`` like q, or ``(out, lse)`` with ``return_lse=True`` (lse float32, (B, Hq, Sq) dense
     or (Hq, Tq) varlen). Pass ``max_seqlen_q``/``max_seqlen_k`` with varlen inputs to avoid a host sync.
+
+    ``deterministic=False`` lets the Triton backward add dQ with float32 atomics from the dK/dV
+    kernel (FlashAttention-2's layout: 5 tile matmuls instead of 7); repeated runs then differ in
+    the last bits of dQ. The default, ``True``, gives bit-identical gradients on every run.
     """
     return _flash_attn(q, k, v, causal=causal, window=window, softmax_scale=softmax_scale,
                        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                        block_table=block_table, seqlens_k=seqlens_k, return_lse=return_lse,
-                       backend=backend, bottom_right=True)
+                       backend=backend, bottom_right=True, deterministic=deterministic)
 
 
 def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,

@@ -47,7 +47,7 @@ SM90 = GPUTarget("cuda", 90, 32)
 SM90_SHARED = 227 * 1024
 
 _INDEX_ARGS = {"cu_q", "cu_k", "seqlens_k", "block_table"}
-_FP32_ARGS = {"Lse", "Delta", "DLse"}
+_FP32_ARGS = {"Lse", "Delta", "DLse", "DQacc"}
 
 
 def compile_sm90(kernel, row, constexprs, elem="bf16"):
@@ -99,7 +99,8 @@ def cases(head_dim=80, elem="bf16"):
     return [
         ("fwd", fa._fwd_kernel, fa._FWD_TABLE, dict(common, VARLEN_K=True, PAGE=1)),
         ("fwd_paged", fa._fwd_kernel, fa._FWD_TABLE, dict(common, VARLEN_K=False, PAGED=True, PAGE=16)),
-        ("dkdv", fa._bwd_dkdv, fa._DKDV_TABLE, common),
+        ("dkdv", fa._bwd_dkdv, fa._DKDV_TABLE, dict(common, ATOMIC_DQ=False)),
+        ("dkdv_atomic_dq", fa._bwd_dkdv, fa._DKDV_TABLE, dict(common, ATOMIC_DQ=True)),
         ("dq", fa._bwd_dq, fa._DQ_TABLE, common),
     ]
 
@@ -308,6 +309,8 @@ def main_flash(head_dim, dtype, all_configs, ptxas):
                 "kernel": name, "config": row, "shared": compiled.metadata.shared,
                 "wgmma": "wgmma" in compiled.asm["ptx"],
                 "pipelined": "async_copy_global_to_local" in compiled.asm["ttgir"],
+                # global float32 adds: "red" (no result used) or "atom" instructions, without CAS loops
+                "atomics": sorted(set(re.findall(r"\b(?:red|atom)\.global[.\w]*", compiled.asm["ptx"]))),
             }
             if ptxas:
                 result.update(ptxas_usage(compiled.asm["ptx"]))

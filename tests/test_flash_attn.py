@@ -48,8 +48,9 @@ def _attend(fn, q, k, v, dout, dlse, grad, **kw):
 
 
 def check_attention(q, k, v, *, grad=False, with_dlse=False, max_seqlen_q=None, max_seqlen_k=None,
-                    **kw):
-    """Kernel vs float64 reference vs eager same-dtype reference: out, lse and (grad) dq, dk, dv."""
+                    deterministic=True, **kw):
+    """Kernel vs float64 reference vs eager same-dtype reference: out, lse and (grad) dq, dk, dv.
+    ``deterministic`` goes to the kernel only (False: the atomic-dQ backward)."""
     dout = randn(*q.shape, dtype=q.dtype) if grad else None
     dlse = None
     if grad and with_dlse:
@@ -58,7 +59,8 @@ def check_attention(q, k, v, *, grad=False, with_dlse=False, max_seqlen_q=None, 
 
     def kernel(q_, k_, v_):
         return gptkernels.flash_attn(q_, k_, v_, return_lse=True, backend=BACKEND,
-                                     max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, **kw)
+                                     max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                                     deterministic=deterministic, **kw)
 
     def ref(q_, k_, v_, upcast=True):
         return reference.attention(q_, k_, v_, return_lse=True, upcast=upcast, **kw)
@@ -185,6 +187,36 @@ def test_backward_dense(case, dtype):
     check_attention(q, k, v, causal=causal, window=window, grad=True)
 
 
+# (batch, Sq, Sk, Hq, Hkv, D, causal, window): the atomic-dQ backward on the interpreter's grid
+_ATOMIC_SMALL = [_GRAD_SMALL[0], _GRAD_SMALL[1], _GRAD_SMALL[2], (1, 130, 130, 4, 1, 128, True, 64)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", grid(_ATOMIC_SMALL, _GRAD_FULL), ids=str)
+def test_backward_atomic_dq(case, dtype):
+    # deterministic=False: dQ added with float32 atomics by the dK/dV kernel (5 tile matmuls).
+    # Same parity rule as the deterministic path; several key tiles add into each dQ row here.
+    b, sq, sk, hq, hkv, d, causal, window = case
+    q, k, v = randn(b, sq, hq, d, dtype=dtype), randn(b, sk, hkv, d, dtype=dtype), randn(b, sk, hkv, d, dtype=dtype)
+    check_attention(q, k, v, causal=causal, window=window, grad=True, deterministic=False,
+                    with_dlse=dtype == torch.float32)
+
+
+def test_backward_atomic_dq_varlen():
+    # Packed sequences, one of length 0: atomics stay inside each sequence's rows.
+    lq, lk = (5, 0, 70, 1), (9, 3, 70, 100)
+    q, k, v = randn(sum(lq), 4, 64), randn(sum(lk), 2, 64), randn(sum(lk), 2, 64)
+    check_attention(q, k, v, causal=True, window=40, cu_seqlens_q=_cu(lq), cu_seqlens_k=_cu(lk),
+                    max_seqlen_q=max(lq), max_seqlen_k=max(lk), grad=True, with_dlse=True,
+                    deterministic=False)
+
+
+def test_deterministic_must_be_bool():
+    q = randn(1, 4, 2, 16)
+    with pytest.raises(TypeError, match="deterministic"):
+        gptkernels.flash_attn(q, q, q, backend=BACKEND, deterministic=None)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_backward_through_lse(dtype):
     # A loss on lse too: its gradient (dlse) is folded into the backward's delta term.
@@ -289,6 +321,8 @@ def test_every_gpu_config(dtype, head_dim, monkeypatch):
             monkeypatch.setattr(kernel, "configs", [fa._config(row)])
             check_attention(q, k, v, causal=True, window=100, grad=True)
             check_attention(q, k, v, causal=False, grad=kernel is not fa._fwd_kernel)
+            if kernel is fa._bwd_dkdv:  # the same configs with atomic dQ
+                check_attention(q, k, v, causal=True, window=100, grad=True, deterministic=False)
         monkeypatch.setattr(kernel, "configs", original)
 
 
@@ -299,10 +333,13 @@ def test_compiles_for_hopper():
     from tests.sm90_compile import SM90_SHARED, compile_in_subprocess
 
     results = compile_in_subprocess(timeout=900)
-    assert {r["kernel"] for r in results} == {"fwd", "fwd_paged", "dkdv", "dq"}
+    assert {r["kernel"] for r in results} == {"fwd", "fwd_paged", "dkdv", "dkdv_atomic_dq", "dq"}
     for r in results:
         assert r["wgmma"] and r["pipelined"], r
         assert r["shared"] <= SM90_SHARED, r
+    # the atomic-dQ variant adds dS K tiles to float32 dQ with reductions, not compare-and-swap loops
+    assert all(r["atomics"] for r in results if r["kernel"] == "dkdv_atomic_dq")
+    assert not any(r["atomics"] for r in results if r["kernel"] != "dkdv_atomic_dq")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -529,6 +566,7 @@ def test_large_batch_is_launched_in_chunks(monkeypatch):
 
     q, k, v = randn(5, 19, 2, 32), randn(5, 23, 1, 32), randn(5, 23, 1, 32)
     check_attention(q, k, v, causal=True, window=9, grad=True, with_dlse=True)
+    check_attention(q, k, v, causal=True, window=9, grad=True, deterministic=False)
     lq, lk = (3, 0, 20, 7, 1), (5, 9, 20, 0, 30)
     q, k, v = randn(sum(lq), 2, 16), randn(sum(lk), 2, 16), randn(sum(lk), 2, 16)
     check_attention(q, k, v, causal=True, cu_seqlens_q=_cu(lq), cu_seqlens_k=_cu(lk),
@@ -539,6 +577,7 @@ def test_large_batch_is_launched_in_chunks(monkeypatch):
     check_attention(randn(9, 2, 32), k_cache, v_cache, causal=True, block_table=table,
                     seqlens_k=seqlens, cu_seqlens_q=_cu((4, 0, 5)), max_seqlen_q=5)
     assert grids and all(g[1] <= 65535 and g[2] <= 2 for g in grids)
-    # dense and varlen: 5 sequences in chunks of 2, 2, 1 through 4 kernels; paged: 3 through 1, twice
-    assert len(grids) == 3 * 4 + 3 * 4 + 2 + 2
-    assert sum(g[2] for g in grids) == 5 * 4 + 5 * 4 + 3 + 3
+    # dense and varlen: 5 sequences in chunks of 2, 2, 1 through 4 kernels (3 with atomic dQ: no
+    # dq kernel); paged: 3 through 1, twice
+    assert len(grids) == 3 * 4 + 3 * 3 + 3 * 4 + 2 + 2
+    assert sum(g[2] for g in grids) == 5 * 4 + 5 * 3 + 5 * 4 + 3 + 3

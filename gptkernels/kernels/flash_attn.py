@@ -279,9 +279,10 @@ def _pick(table):
 _TUNE_KEY = ["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "PAGED", "VARLEN_Q", "seq_bucket", "band_bucket"]
 
 
-def _autotune(table, interp):
-    return triton.autotune(configs=_autotune_configs(table, interp), key=_TUNE_KEY,
-                           prune_configs_by={"early_config_prune": _pick(table)})
+def _autotune(table, interp, extra_key=(), reset_to_zero=None):
+    return triton.autotune(configs=_autotune_configs(table, interp), key=_TUNE_KEY + list(extra_key),
+                           prune_configs_by={"early_config_prune": _pick(table)},
+                           reset_to_zero=reset_to_zero)
 
 
 #: Integer arguments whose values vary from call to call: not specialised (Triton would otherwise
@@ -478,16 +479,19 @@ def _load_row_stats(L_rows, D_rows, rows, seqlen_q):
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, Q_head, DO_head, L_rows, D_rows, start, end, seqlen_q, seqlen_k,
-                cols, shift, window, qk_scale, stride_qs, stride_qd, stride_dos, stride_dod,
-                offs_m, offs_d,
+def _dkdv_tiles(dk, dv, k, v, Q_head, DO_head, DQ_head, L_rows, D_rows, start, end, seqlen_q,
+                seqlen_k, cols, shift, window, qk_scale, stride_qs, stride_qd, stride_dos, stride_dod,
+                stride_dqs, offs_m, offs_d,
                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
+                ATOMIC_DQ: tl.constexpr):
     """Accumulate dK, dV of one key tile over the query tiles [start, end) of one query head.
 
     Works on transposed scores (keys x queries) so that dV += P^T dO and dK += dS^T Q are plain dots.
     Query rows past the sequence have P = 0 (lse = +inf) and add nothing; key rows past the sequence
-    are never stored, so they need no mask.
+    are never stored, so they need no mask. With ATOMIC_DQ this key tile's share of dQ (dS K,
+    unscaled) is added to the float32 accumulator DQ_head with atomics: 5 tile matmuls per pair
+    instead of 7, but the summation order (and so the last bits of dQ) varies from run to run.
     """
     d_ok = offs_d[None, :] < HEAD_DIM
     for start_m in range(start, end, BLOCK_M):
@@ -509,25 +513,31 @@ def _dkdv_tiles(dk, dv, k, v, Q_head, DO_head, L_rows, D_rows, start, end, seqle
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=PRECISION)
+            tl.atomic_add(DQ_head + tok * stride_dqs + offs_m[:, None] * stride_dqs + offs_d[None, :],
+                          dq, mask=mask, sem="relaxed")
     return dk, dv
 
 
-@_autotune(_DKDV_TABLE, _DKDV_INTERP)
+# DQacc is zeroed between autotuning trials (each trial adds into it with ATOMIC_DQ).
+@_autotune(_DKDV_TABLE, _DKDV_INTERP, extra_key=["ATOMIC_DQ"], reset_to_zero=["DQacc"])
 @triton.jit(do_not_specialize=_VARYING[:4])
 def _bwd_dkdv(
-    Q, K, V, DO, Lse, Delta, DK, DV,
+    Q, K, V, DO, Lse, Delta, DK, DV, DQacc,
     cu_q, cu_k,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_dob, stride_dos, stride_doh, stride_dod,
     stride_dkb, stride_dks, stride_dkh,
+    stride_dqab, stride_dqas, stride_dqah,
     stride_lb, stride_lh,
     q_len, kv_len, group, qk_scale, sm_scale, window, seq_bucket, band_bucket,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     VARLEN_Q: tl.constexpr, PAGED: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)  # int64: hk * stride_kh passes 2**31 for large strided inputs
@@ -564,19 +574,20 @@ def _bwd_dkdv(
         h = hk * group + g
         Q_head = Q + b64 * stride_qb + q_tok * stride_qs + h * stride_qh
         DO_head = DO + b64 * stride_dob + q_tok * stride_dos + h * stride_doh
+        DQ_head = DQacc + b64 * stride_dqab + q_tok * stride_dqas + h * stride_dqah
         l_off = b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Q_head, DO_head, Lse + l_off, Delta + l_off, lo, int_lo,
-                             seqlen_q, seqlen_k, cols, shift, window, qk_scale, stride_qs, stride_qd,
-                             stride_dos, stride_dod, offs_m, offs_d, True, CAUSAL, HAS_WINDOW,
-                             HEAD_DIM, BLOCK_M, PRECISION)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Q_head, DO_head, Lse + l_off, Delta + l_off, int_lo,
-                             int_hi, seqlen_q, seqlen_k, cols, shift, window, qk_scale, stride_qs,
-                             stride_qd, stride_dos, stride_dod, offs_m, offs_d, False, CAUSAL,
-                             HAS_WINDOW, HEAD_DIM, BLOCK_M, PRECISION)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Q_head, DO_head, Lse + l_off, Delta + l_off, int_hi, hi,
-                             seqlen_q, seqlen_k, cols, shift, window, qk_scale, stride_qs, stride_qd,
-                             stride_dos, stride_dod, offs_m, offs_d, True, CAUSAL, HAS_WINDOW,
-                             HEAD_DIM, BLOCK_M, PRECISION)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q_head, DO_head, DQ_head, Lse + l_off, Delta + l_off, lo,
+                             int_lo, seqlen_q, seqlen_k, cols, shift, window, qk_scale, stride_qs,
+                             stride_qd, stride_dos, stride_dod, stride_dqas, offs_m, offs_d, True,
+                             CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_M, PRECISION, ATOMIC_DQ)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q_head, DO_head, DQ_head, Lse + l_off, Delta + l_off,
+                             int_lo, int_hi, seqlen_q, seqlen_k, cols, shift, window, qk_scale,
+                             stride_qs, stride_qd, stride_dos, stride_dod, stride_dqas, offs_m, offs_d,
+                             False, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_M, PRECISION, ATOMIC_DQ)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q_head, DO_head, DQ_head, Lse + l_off, Delta + l_off,
+                             int_hi, hi, seqlen_q, seqlen_k, cols, shift, window, qk_scale, stride_qs,
+                             stride_qd, stride_dos, stride_dod, stride_dqas, offs_m, offs_d, True,
+                             CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_M, PRECISION, ATOMIC_DQ)
 
     out_off = b64 * stride_dkb + k_tok * stride_dks + hk * stride_dkh
     out_ptrs = offs_n[:, None] * stride_dks + offs_d[None, :]
@@ -789,8 +800,14 @@ def flash_attn_forward(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, 
 
 
 def flash_attn_backward(dout, dlse, q, k, v, out, lse, *, causal, window, softmax_scale,
-                        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bottom_right):
-    """Attention backward (dense and varlen). Returns contiguous (dq, dk, dv)."""
+                        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bottom_right,
+                        deterministic=True):
+    """Attention backward (dense and varlen). Returns contiguous (dq, dk, dv).
+
+    ``deterministic=True``: dK/dV and dQ in two kernels (7 tile matmuls per tile pair, bit-exact
+    repeats). ``False``: one kernel adds dQ into a float32 buffer with atomics (5 tile matmuls, an
+    extra q-sized float32 buffer, the last bits of dQ vary between runs).
+    """
     varlen = cu_seqlens_q is not None
     hq, hkv, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
     group = hq // hkv
@@ -819,6 +836,12 @@ def flash_attn_backward(dout, dlse, q, k, v, out, lse, *, causal, window, softma
     cu_q = cu_seqlens_q if varlen else lse
     cu_k = cu_seqlens_k if varlen else lse
 
+    if deterministic:
+        dq_acc, sdqa = lse.new_zeros(1), (0, 0, 0)  # never read or written (ATOMIC_DQ is False)
+    else:
+        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        sdqa = _tok_strides(dq_acc, varlen)[:3]
+
     pre_m = max(16, min(128, 8192 // block_d))
     common = dict(CAUSAL=causal, HAS_WINDOW=window is not None, BOTTOM_RIGHT=bottom_right,
                   VARLEN_Q=varlen, PAGED=False, HEAD_DIM=head_dim, BLOCK_D=block_d,
@@ -839,11 +862,17 @@ def flash_attn_backward(dout, dlse, q, k, v, out, lse, *, causal, window, softma
             BLOCK_M=pre_m, num_warps=4,
         )
         _bwd_dkdv[lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), hkv, n)](
-            cut(q), cut(k), cut(v), cut(dout), lse_c, delta_c, cut(dk), cut(dv), cq, ck,
-            *sq, *sk, *sv, *sdo, sdk[0], sdk[1], sdk[2], slb, slh, *scalars, **common,
+            cut(q), cut(k), cut(v), cut(dout), lse_c, delta_c, cut(dk), cut(dv),
+            dq_acc if deterministic else cut(dq_acc), cq, ck,
+            *sq, *sk, *sv, *sdo, sdk[0], sdk[1], sdk[2], *sdqa, slb, slh, *scalars, **common,
+            ATOMIC_DQ=not deterministic,
         )
-        _bwd_dq[lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), hq, n)](
-            cut(q), cut(k), cut(v), cut(dout), lse_c, delta_c, cut(dq), cq, ck,
-            *sq, *sk, *sv, *sdo, sdq[0], sdq[1], sdq[2], slb, slh, *scalars, **common,
-        )
+        if deterministic:
+            _bwd_dq[lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), hq, n)](
+                cut(q), cut(k), cut(v), cut(dout), lse_c, delta_c, cut(dq), cq, ck,
+                *sq, *sk, *sv, *sdo, sdq[0], sdq[1], sdq[2], slb, slh, *scalars, **common,
+            )
+    if not deterministic:
+        # the kernels add unscaled dS K; one pass scales and rounds to q's dtype
+        dq.copy_(dq_acc.mul_(softmax_scale))
     return dq, dk, dv

@@ -218,6 +218,9 @@ def _flash_attn(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, cu_seql
                                      op=op, names=names)
     if not isinstance(deterministic, bool):
         raise TypeError(f"{op}: deterministic must be a bool, got {deterministic!r}")
+    # torch.use_deterministic_algorithms(True) wins: like torch's own ops that have a deterministic
+    # alternative, take it rather than fail
+    deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     backend = resolve(backend, q.device, op)
     if backend == "torch":
@@ -256,7 +259,8 @@ def flash_attn(q, k, v, *, causal=True, window=None, softmax_scale=None, cu_seql
 
     ``deterministic=False`` lets the Triton backward add dQ with float32 atomics from the dK/dV
     kernel (FlashAttention-2's layout: 5 tile matmuls instead of 7); repeated runs then differ in
-    the last bits of dQ. The default, ``True``, gives bit-identical gradients on every run.
+    the last bits of dQ. The default, ``True``, gives bit-identical gradients on every run, and so
+    does ``torch.use_deterministic_algorithms(True)`` whatever ``deterministic`` says.
     """
     return _flash_attn(q, k, v, causal=causal, window=window, softmax_scale=softmax_scale,
                        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,

@@ -211,6 +211,22 @@ def test_backward_atomic_dq_varlen():
                     deterministic=False)
 
 
+def test_torch_deterministic_mode_overrides(monkeypatch):
+    # torch.use_deterministic_algorithms(True) takes the deterministic backward (the dq kernel runs)
+    from gptkernels.kernels import flash_attn as fa
+
+    calls = []
+    real = fa._bwd_dq.fn.run
+    monkeypatch.setattr(fa._bwd_dq.fn, "run", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q = randn(1, 33, 2, 64).requires_grad_()
+    for enforced, dq_kernel_runs in ((False, 0), (True, 1)):
+        calls.clear()
+        monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: enforced)
+        out = gptkernels.flash_attn(q, q, q, backend=BACKEND, deterministic=False)
+        torch.autograd.grad(out.sum(), q)
+        assert len(calls) == dq_kernel_runs
+
+
 def test_deterministic_must_be_bool():
     q = randn(1, 4, 2, 16)
     with pytest.raises(TypeError, match="deterministic"):

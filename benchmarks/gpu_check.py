@@ -60,6 +60,7 @@ class Log:
         self.f.write(f"\n$ {' '.join(cmd)}\n")
         start = time.monotonic()
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                errors="replace",  # a stray non-UTF-8 byte must not end the check
                                 env={**os.environ, **(env or {})}, start_new_session=True, bufsize=1)
         timed_out = False
 
@@ -129,7 +130,8 @@ def count_tests(lines) -> dict[str, dict[str, int]]:
 
 
 def tests(log: Log, deadline: float, paths: str = "tests") -> dict:
-    workers = os.environ.get("GPU_TEST_WORKERS", "4")
+    # Triton compiles hundreds of specialisations (notes/README.md): one xdist worker per 2 cores
+    workers = os.environ.get("GPU_TEST_WORKERS", str(max(1, min(8, (os.cpu_count() or 8) // 2))))
     cmd = [PY, "-m", "pytest", *paths.split(), "-v", "-p", "no:cacheprovider", "-o", "console_output_style=classic"]
     try:
         import xdist  # noqa: F401

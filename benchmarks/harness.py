@@ -55,6 +55,8 @@ class Session:
         self.budget = timing.Budget(None)
         self.progress = progress
         self.verbose = verbose
+        #: called after every row (run.py saves the JSON: a run stopped mid-suite keeps its rows)
+        self.on_row = None
 
     # ---- tables and rows -------------------------------------------------------------------------
 
@@ -71,6 +73,11 @@ class Session:
         if self.verbose:
             fig = f"{row.value:.1f}" if row.value is not None else "-"
             print(f"  {row.table:24s} {row.case:>18s} {row.impl:34s} {row.status:11s} {fig}", flush=True)
+        if self.on_row is not None:
+            try:
+                self.on_row()
+            except Exception as e:  # saving must not turn a measured row into a failed one
+                print(f"saving after a row failed: {type(e).__name__}: {e}", flush=True)
         return row
 
     def skip(self, table: str, case: str, impl: str, why: str, **kw) -> Row:

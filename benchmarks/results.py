@@ -168,7 +168,9 @@ def save(doc: dict, path: str | os.PathLike) -> Path:
     validate(doc)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_clean(doc), indent=1, allow_nan=False) + "\n")
+    tmp = path.with_name(path.name + ".tmp")  # written whole, then renamed: a kill never leaves half a file
+    tmp.write_text(json.dumps(_clean(doc), indent=1, allow_nan=False) + "\n")
+    os.replace(tmp, path)
     return path
 
 

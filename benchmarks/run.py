@@ -140,7 +140,8 @@ def run_gpu(args) -> int:
     path = out / f"{name}.json"
 
     def save(plot: bool):
-        """The run so far as JSON (after every suite: a run stopped from outside keeps what it measured)."""
+        """The run so far as JSON (after every row and suite: a run stopped from outside keeps what it
+        measured)."""
         doc = results.new_document("gpu", env, suites=args.suites, quick=args.quick, ceilings=ceilings,
                                    tables=list(sess.tables.values()), rows=list(sess.rows),
                                    duration_s=time.monotonic() - start, targets=targets.evaluate(sess.rows))
@@ -155,9 +156,15 @@ def run_gpu(args) -> int:
     planned = sum(modules[s].planned_rows(args.quick) for s in args.suites)
     bar = _progress(planned, args.no_progress, "bench")
     sess = Session(quick=args.quick, ceilings=ceilings, progress=bar, verbose=args.verbose)
+    sess.on_row = lambda: save(plot=False)  # a run killed at a time limit keeps every finished row
     shares = budgets(args)
+    suites_start, allowed = time.monotonic(), 0.0
     for s in args.suites:
-        sess.budget = timing.Budget(shares[s])
+        if shares[s] is not None:  # an earlier suite's overrun comes out of this one's share: ends on time
+            allowed += shares[s]
+            sess.budget = timing.Budget(max(0.0, allowed - (time.monotonic() - suites_start)))
+        else:
+            sess.budget = timing.Budget(None)
         t0 = time.monotonic()
         try:
             modules[s].run(sess, args.quick)

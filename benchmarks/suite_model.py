@@ -177,6 +177,11 @@ class ModelBench:
                 lab = self.name if table == "model-step" else label[b]
                 self.sess.fail(table, lab, impl, e, ours=ours, params=self.params(b))
 
+        if self.sess.budget.exhausted():  # the check and agreement below compile and generate: skip them too
+            for table, b in tags:
+                self.sess.skip(table, self.name if table == "model-step" else label[b], impl,
+                               "time budget of the suite spent", ours=ours)
+            return
         with torch.no_grad():
             try:
                 fwd = self.forward_fn(impl)
@@ -281,6 +286,13 @@ def run(sess: Session, quick: bool) -> None:
     for t in tables(quick):
         sess.table(t)
     for name in MODELS:
+        if sess.budget.exhausted():  # building the models and their float64 reference takes a while
+            for impl in impls():
+                for table, b in [("model-prefill", 1), ("model-prefill", 32), ("model-decode", 1),
+                                 ("model-decode", 32), ("model-step", 1)]:
+                    sess.skip(table, name if table == "model-step" else f"{name} B={b}", impl,
+                              "time budget of the suite spent", ours=impl != HF)
+            continue
         try:
             mb = ModelBench(sess, name, quick)
         except Exception as e:

@@ -361,3 +361,70 @@ def test_targets_only_for_suites_that_ran():
     rot = [Row(**r) for r in sample_gpu_doc()["rows"] if r["table"] == "rotary"]
     ts = targets.evaluate(rot)
     assert ts and {t["issue"] for t in ts} == {3, 6} and all(t["tables"] for t in ts)
+
+
+def test_run_saves_after_every_row(tmp_path):
+    """run.py saves the JSON after each row (Session.on_row): a run killed at the device call's time
+    limit keeps what it measured; a failing save is reported, never turned into a failed row."""
+    from benchmarks.harness import Session
+
+    sess = Session(quick=True, ceilings=None)
+    sess.table(Table(id="t", suite="rotary", title="t", x="T", unit="GB/s"))
+    saved = []
+    sess.on_row = lambda: saved.append(len(sess.rows))
+    sess.skip("t", "1", "a", "why")
+    sess.skip("t", "2", "a", "why")
+    assert saved == [1, 2]
+    sess.on_row = lambda: 1 / 0
+    assert sess.skip("t", "3", "a", "why").status == "skipped" and len(sess.rows) == 3
+    path = results.save(sample_gpu_doc(), tmp_path / "run.json")
+    assert results.load(path)["rows"] and [p.name for p in tmp_path.iterdir()] == ["run.json"]  # no .tmp left
+
+
+def test_model_suite_past_its_budget_builds_nothing(monkeypatch):
+    """Past the budget the model suite skips its rows without building the models (which compiles
+    kernels and generates tokens for minutes on a GPU)."""
+    from benchmarks.harness import Session
+
+    def boom(*a, **kw):
+        raise AssertionError("ModelBench built past the budget")
+
+    monkeypatch.setattr(suite_model, "ModelBench", boom)
+    sess = Session(quick=True, ceilings=None)
+    sess.budget = timing.Budget(0.0)
+    sess.budget.start -= 1.0
+    suite_model.run(sess, True)
+    assert len(sess.rows) == suite_model.planned_rows(True)
+    assert all(r.status == "skipped" and "budget" in r.message for r in sess.rows)
+
+
+def test_run_gpu_path_with_the_device_faked(tmp_path, monkeypatch):
+    """run.run_gpu (what only runs on a GPU), its device parts faked: the JSON exists after the first
+    row, and a suite's overrun comes out of the next suite's share (the run ends on time)."""
+    import time as _time
+    from types import SimpleNamespace
+
+    clock = [0.0]
+    monkeypatch.setattr(run, "time", SimpleNamespace(monotonic=lambda: clock[0], strftime=_time.strftime,
+                                                     gmtime=_time.gmtime))
+    monkeypatch.setattr(timing, "measure_ceilings",
+                        lambda quick=False: timing.Ceilings(800.0, 3000.0, (1, 1, 1), 1.0, 1.0, 1.0))
+    budgets_seen, saved = {}, []
+
+    def fake(name, took):
+        def run_suite(sess, quick):
+            budgets_seen[name] = sess.budget.seconds
+            sess.table(Table(id=name, suite=name, title=name, x="x", unit="ms"))
+            sess.add(Row(table=name, case="1", impl="gptkernels triton", status="ok", ours=True, ms=1.0))
+            saved.append(bool(list(tmp_path.glob("run-*.json"))))  # (run_gpu catches a suite's exceptions)
+            clock[0] += took
+        return run_suite
+
+    monkeypatch.setattr(suite_rotary, "run", fake("rotary", 40.0))   # share 25 s: 15 s over
+    monkeypatch.setattr(suite_paged, "run", fake("paged", 10.0))
+    args = run.parse_args(["--suite", "rotary,paged", "--budget", "100", "--out", str(tmp_path), "--no-progress"])
+    assert run.run_gpu(args) == 0
+    assert budgets_seen == {"rotary": pytest.approx(25.0), "paged": pytest.approx(60.0)}
+    assert saved == [True, True]  # the JSON was written after the first row, before the suite ended
+    doc = results.load(next(tmp_path.glob("run-*.json")))
+    assert doc["kind"] == "gpu" and [r["table"] for r in doc["rows"]] == ["rotary", "paged"]

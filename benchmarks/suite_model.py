@@ -2,7 +2,8 @@
 
 Prefill tokens/s and decode tokens/s at batch 1 and 32 (prompt 512, 256 new), beside HF
 transformers' ``generate`` with its SDPA attention, on the same weights (HF's random init, loaded
-into ours with ``load_hf_state_dict``). Batch-1 decode step time against its bandwidth floor
+into ours with ``load_hf_state_dict``), and the same HF model with ``attn_implementation="gptkernels"``
+(:mod:`gptkernels.hf`: what a transformers user gets from our attention alone). Batch-1 decode step time against its bandwidth floor
 (weight bytes + KV bytes per step / copy GB/s), shown as effective GB/s and % of the copy ceiling.
 
 * prefill: the median time of one forward over B x 512 tokens (full logits, both sides).
@@ -29,6 +30,7 @@ PROMPT = 512
 DTYPE = torch.bfloat16
 OURS = ("triton", "cuda")
 HF = "hf transformers (sdpa)"
+HF_OURS = "hf transformers (gptkernels attention)"
 
 
 def config(quick: bool) -> dict:
@@ -36,7 +38,7 @@ def config(quick: bool) -> dict:
 
 
 def impls() -> list[str]:
-    return [f"gptkernels {b}" for b in OURS] + [HF]
+    return [f"gptkernels {b}" for b in OURS] + [HF, HF_OURS]
 
 
 def planned_rows(quick: bool) -> int:
@@ -114,7 +116,7 @@ class ModelBench:
         self.new, self.reps = config(quick)["new"], config(quick)["reps"]
         self.hf = _hf_model(self.preset)
         self.weight_bytes, self.matmul_params = _weight_bytes(self.hf)  # same shapes as ours
-        self.ours = None
+        self.ours = self.hf_ours = None
         gen = torch.Generator(device=timing.DEVICE).manual_seed(0)
         vocab = self.cfg.vocab_size
         self.prompts = {b: torch.randint(0, vocab, (b, PROMPT), device=timing.DEVICE, generator=gen) for b in BATCHES}
@@ -134,9 +136,21 @@ class ModelBench:
 
     # ---- one implementation ------------------------------------------------------------------------
 
-    def forward_fn(self, impl: str):
+    def hf_model(self, impl: str):
+        """HF's model as is (HF), or a copy whose attention is ours (HF_OURS, made on first use)."""
         if impl == HF:
-            return lambda ids: self.hf(input_ids=ids, use_cache=False).logits
+            return self.hf
+        if self.hf_ours is None:
+            import gptkernels.hf
+
+            self.hf_ours = copy.deepcopy(self.hf)
+            self.hf_ours.set_attn_implementation(gptkernels.hf.register())
+        return self.hf_ours
+
+    def forward_fn(self, impl: str):
+        if impl in (HF, HF_OURS):
+            hf = self.hf_model(impl)
+            return lambda ids: hf(input_ids=ids, use_cache=False).logits
         backend = impl.split()[1]
         if self.ours is None:
             self.ours = _ours(self.preset, self.hf)
@@ -145,11 +159,13 @@ class ModelBench:
     def generate_fn(self, impl: str):
         """gen(ids, n) -> (tokens, stats or None). Ours reports its phases in ``stats`` (prefill,
         CUDA-graph capture, decode, with syncs at the boundaries)."""
-        if impl == HF:
+        if impl in (HF, HF_OURS):
+            hf = self.hf_model(impl)
+
             def gen(ids, n):
                 mask = torch.ones_like(ids)
-                return self.hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                        do_sample=False), None
+                return hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                   do_sample=False), None
             return gen
         import gptkernels
 

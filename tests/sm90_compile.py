@@ -100,7 +100,7 @@ def cases(head_dim=80, elem="bf16"):
         ("fwd", fa._fwd_kernel, fa._FWD_TABLE, dict(common, VARLEN_K=True, PAGE=1)),
         ("fwd_paged", fa._fwd_kernel, fa._FWD_TABLE, dict(common, VARLEN_K=False, PAGED=True, PAGE=16)),
         ("dkdv", fa._bwd_dkdv, fa._DKDV_TABLE, dict(common, ATOMIC_DQ=False)),
-        ("dkdv_atomic_dq", fa._bwd_dkdv, fa._DKDV_TABLE, dict(common, ATOMIC_DQ=True)),
+        ("dkdv_atomic_dq", fa._bwd_dkdv, fa._DKDV_ATOMIC_TABLE, dict(common, ATOMIC_DQ=True)),
         ("dq", fa._bwd_dq, fa._DQ_TABLE, common),
     ]
 

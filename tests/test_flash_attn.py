@@ -227,6 +227,23 @@ def test_torch_deterministic_mode_overrides(monkeypatch):
         assert len(calls) == dq_kernel_runs
 
 
+def test_gpu_config_choice_without_autotuning():
+    # GPTKERNELS_AUTOTUNE=0 (set for every test) takes the first row of the call's bucket; the
+    # atomic-dQ kernel has its own order (its 16 x 64 tile spills least at D = 128).
+    from gptkernels.kernels import flash_attn as fa
+
+    rows = list(dict.fromkeys(r for t in (fa._DKDV_TABLE, fa._DKDV_ATOMIC_TABLE) for v in t.values() for r in v))
+    cfgs = [fa._config(r) for r in rows]
+    prune = fa._pick(fa._DKDV_TABLE, fa._DKDV_ATOMIC_TABLE)
+    q = torch.empty(1, dtype=torch.bfloat16)
+    for atomic, table in ((False, fa._DKDV_TABLE), (True, fa._DKDV_ATOMIC_TABLE)):
+        for d in (64, 128, 256):
+            (cfg,) = prune(cfgs, {"Q": q}, BLOCK_D=d, ATOMIC_DQ=atomic)
+            want = table[(False, d)][0]
+            assert (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages) == want
+    assert fa._DKDV_ATOMIC_TABLE[(False, 128)][0] != fa._DKDV_TABLE[(False, 128)][0]
+
+
 def test_deterministic_must_be_bool():
     q = randn(1, 4, 2, 16)
     with pytest.raises(TypeError, match="deterministic"):

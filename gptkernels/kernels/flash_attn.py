@@ -224,6 +224,14 @@ _DKDV_TABLE = {
     (True, 128): [(16, 32, 4, 2)],
     (True, 256): [(16, 16, 4, 1)],
 }
+#: The same rows for the dK/dV kernel with atomic dQ (``deterministic=False``), reordered by the
+#: offline compile (notes/attention.md): its dQ^T tile adds registers, so at D = 128 the 64-wide key
+#: tile spills least and comes first (the choice without autotuning); 32 x 128 spills at D = 64.
+_DKDV_ATOMIC_TABLE = {
+    **_DKDV_TABLE,
+    (False, 64): [(16, 128, 8, 2), (16, 64, 4, 2)],
+    (False, 128): [(16, 64, 8, 2), (16, 128, 8, 2)],
+}
 _DQ_TABLE = {
     (False, 64): [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
     (False, 128): [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (64, 16, 4, 2)],
@@ -256,14 +264,16 @@ def _autotune_configs(table, interp) -> list[triton.Config]:
 ENV_AUTOTUNE = "GPTKERNELS_AUTOTUNE"
 
 
-def _pick(table):
-    """early_config_prune: keep the configs listed for this call's dtype and head-dim bucket."""
+def _pick(table, atomic_table=None):
+    """early_config_prune: keep the configs listed for this call's dtype and head-dim bucket (from
+    ``atomic_table`` when the launch has ATOMIC_DQ=True)."""
 
     def prune(cfgs, named_args, **kwargs):
         if len(cfgs) == 1:
             return cfgs
         block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-        rows = table[(named_args["Q"].dtype == torch.float32, min(max(block_d, 64), 256))]
+        tbl = atomic_table if atomic_table is not None and kwargs.get("ATOMIC_DQ") else table
+        rows = tbl[(named_args["Q"].dtype == torch.float32, min(max(block_d, 64), 256))]
         if os.environ.get(ENV_AUTOTUNE, "1") == "0":
             rows = rows[:1]
         wanted = set(rows)
@@ -279,9 +289,9 @@ def _pick(table):
 _TUNE_KEY = ["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "PAGED", "VARLEN_Q", "seq_bucket", "band_bucket"]
 
 
-def _autotune(table, interp, extra_key=(), reset_to_zero=None):
+def _autotune(table, interp, extra_key=(), reset_to_zero=None, atomic_table=None):
     return triton.autotune(configs=_autotune_configs(table, interp), key=_TUNE_KEY + list(extra_key),
-                           prune_configs_by={"early_config_prune": _pick(table)},
+                           prune_configs_by={"early_config_prune": _pick(table, atomic_table)},
                            reset_to_zero=reset_to_zero)
 
 
@@ -514,14 +524,17 @@ def _dkdv_tiles(dk, dv, k, v, Q_head, DO_head, DQ_head, L_rows, D_rows, start, e
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
         if ATOMIC_DQ:
-            dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=PRECISION)
-            tl.atomic_add(DQ_head + tok * stride_dqs + offs_m[:, None] * stride_dqs + offs_d[None, :],
-                          dq, mask=mask, sem="relaxed")
+            # dQ^T = K^T dS^T: the head dim is the long (M) side of the dot, so it takes wgmma
+            # (BLOCK_M = 16 rows would not)
+            dq_t = tl.dot(tl.trans(k), ds_t.to(k.dtype), input_precision=PRECISION)
+            tl.atomic_add(DQ_head + tok * stride_dqs + offs_m[None, :] * stride_dqs + offs_d[:, None],
+                          dq_t, mask=tl.trans(mask), sem="relaxed")
     return dk, dv
 
 
 # DQacc is zeroed between autotuning trials (each trial adds into it with ATOMIC_DQ).
-@_autotune(_DKDV_TABLE, _DKDV_INTERP, extra_key=["ATOMIC_DQ"], reset_to_zero=["DQacc"])
+@_autotune(_DKDV_TABLE, _DKDV_INTERP, extra_key=["ATOMIC_DQ"], reset_to_zero=["DQacc"],
+           atomic_table=_DKDV_ATOMIC_TABLE)
 @triton.jit(do_not_specialize=_VARYING[:4])
 def _bwd_dkdv(
     Q, K, V, DO, Lse, Delta, DK, DV, DQacc,

@@ -967,3 +967,13 @@ def test_cuda_kernels_use_64bit_offsets(ops):
     check_64bit_cache_offsets(_cuda, "cuda")
     torch.cuda.empty_cache()
     check_64bit_row_offsets(_cuda, "cuda")
+
+
+def test_emulator_build_clears_a_stale_lock_file(tmp_path):
+    # torch 2.11's extension builder waits forever while a `lock` file exists; one left by a killed
+    # build (or by newer torch, which keeps it) must not hang the next run.
+    from tests.cuda_emulator.build import _exclusive_build
+
+    (tmp_path / "lock").write_text("")
+    with _exclusive_build(str(tmp_path)):
+        assert not (tmp_path / "lock").exists()

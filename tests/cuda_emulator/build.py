@@ -11,6 +11,8 @@ arrays so that every block starts with them poisoned, and self-test kernels (sel
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import glob
 import importlib.util
@@ -81,6 +83,31 @@ def load(verbose: bool = False):
 
     build_dir = os.environ.get("GPTKERNELS_EMU_BUILD_DIR") or os.path.join(ROOT, "build", "cuda_emulator")
     os.makedirs(build_dir, exist_ok=True)
+    with _exclusive_build(build_dir):
+        _load(load_ext, build_dir, verbose)
+    return getattr(torch.ops, NAMESPACE)
+
+
+@contextlib.contextmanager
+def _exclusive_build(build_dir: str):
+    """One builder at a time (xdist workers), under an OS lock that dies with its process.
+
+    Older torch (2.11, the GPU image's) guards the build with a ``lock`` file whose mere existence
+    blocks every later build: one left by a killed build (a device call's time limit) or by newer
+    torch (which keeps it as an flock file) would hang the next run forever. Under our lock nobody
+    else is building, so any ``lock`` file there is stale and is removed.
+    """
+    with open(os.path.join(build_dir, ".gptkernels_emu.flock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(build_dir, "lock"))
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _load(load_ext, build_dir: str, verbose: bool) -> None:
     load_ext(
         name="gptkernels_emu",
         sources=_sources(build_dir),
@@ -98,4 +125,3 @@ def load(verbose: bool = False):
         with_cuda=False,
         verbose=verbose,
     )
-    return getattr(torch.ops, NAMESPACE)

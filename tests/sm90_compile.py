@@ -47,7 +47,7 @@ SM90 = GPUTarget("cuda", 90, 32)
 SM90_SHARED = 227 * 1024
 
 _INDEX_ARGS = {"cu_q", "cu_k", "seqlens_k", "block_table"}
-_FP32_ARGS = {"Lse", "Delta", "DLse", "DQacc"}
+_FP32_ARGS = {"Lse", "Delta", "DLse", "DQacc", "Opart", "Lpart"}
 
 
 def compile_sm90(kernel, row, constexprs, elem="bf16"):
@@ -97,8 +97,11 @@ def cases(head_dim=80, elem="bf16"):
                   HEAD_DIM=head_dim, BLOCK_D=block_d,
                   PRECISION="ieee" if elem == "fp32" else "tf32")
     return [
-        ("fwd", fa._fwd_kernel, fa._FWD_TABLE, dict(common, VARLEN_K=True, PAGE=1)),
-        ("fwd_paged", fa._fwd_kernel, fa._FWD_TABLE, dict(common, VARLEN_K=False, PAGED=True, PAGE=16)),
+        ("fwd", fa._fwd_kernel, fa._FWD_TABLE, dict(common, VARLEN_K=True, PAGE=1, SPLIT=False)),
+        ("fwd_split", fa._fwd_kernel, fa._FWD_TABLE, dict(common, VARLEN_K=True, PAGE=1, SPLIT=True)),
+        ("fwd_decode", fa._fwd_kernel, fa._FWD_DECODE_TABLE, dict(common, VARLEN_K=True, PAGE=1, SPLIT=True)),
+        ("fwd_paged", fa._fwd_kernel, fa._FWD_TABLE, dict(common, VARLEN_K=False, PAGED=True, PAGE=16,
+                                                          SPLIT=False)),
         ("dkdv", fa._bwd_dkdv, fa._DKDV_TABLE, dict(common, ATOMIC_DQ=False)),
         ("dkdv_atomic_dq", fa._bwd_dkdv, fa._DKDV_ATOMIC_TABLE, dict(common, ATOMIC_DQ=True)),
         ("dq", fa._bwd_dq, fa._DQ_TABLE, common),
@@ -308,6 +311,7 @@ def main_flash(head_dim, dtype, all_configs, ptxas):
             result = {
                 "kernel": name, "config": row, "shared": compiled.metadata.shared,
                 "wgmma": "wgmma" in compiled.asm["ptx"],
+                "mma_sync": "mma.sync" in compiled.asm["ptx"],
                 "pipelined": "async_copy_global_to_local" in compiled.asm["ttgir"],
                 # global float32 adds: "red" (no result used) or "atom" instructions, without CAS loops
                 "atomics": sorted(set(re.findall(r"\b(?:red|atom)\.global[.\w]*", compiled.asm["ptx"]))),

@@ -242,6 +242,12 @@ def test_gpu_config_choice_without_autotuning():
             want = table[(False, d)][0]
             assert (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages) == want
     assert fa._DKDV_ATOMIC_TABLE[(False, 128)][0] != fa._DKDV_TABLE[(False, 128)][0]
+    # the forward: a 16-row query tile when no sequence has more than 16 query rows
+    rows = list(dict.fromkeys(r for t in (fa._FWD_TABLE, fa._FWD_DECODE_TABLE) for v in t.values() for r in v))
+    prune = fa._pick(fa._FWD_TABLE, decode_table=fa._FWD_DECODE_TABLE)
+    for seq_bucket, table in ((16, fa._FWD_DECODE_TABLE), (32, fa._FWD_TABLE), (4096, fa._FWD_TABLE)):
+        (cfg,) = prune([fa._config(r) for r in rows], {"Q": q, "seq_bucket": seq_bucket}, BLOCK_D=128)
+        assert (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages) == table[(False, 128)][0]
 
 
 def test_deterministic_must_be_bool():
@@ -357,6 +363,13 @@ def test_every_gpu_config(dtype, head_dim, monkeypatch):
             if kernel is fa._bwd_dkdv:  # the same configs with atomic dQ
                 check_attention(q, k, v, causal=True, window=100, grad=True, deterministic=False)
         monkeypatch.setattr(kernel, "configs", original)
+    # the forward's configs for <= 16 query rows (decode), with and without split keys
+    for row in fa._FWD_DECODE_TABLE[bucket]:
+        monkeypatch.setattr(fa._fwd_kernel, "configs", [fa._config(row)])
+        for splits in (1, 3):
+            monkeypatch.setattr(fa, "_fwd_num_splits", lambda *args, n=splits: n)
+            check_attention(q[:, :5], k, v, causal=True, window=100)
+            check_attention(q[:, :1], k, v, causal=True)
 
 
 def test_compiles_for_hopper():
@@ -366,9 +379,11 @@ def test_compiles_for_hopper():
     from tests.sm90_compile import SM90_SHARED, compile_in_subprocess
 
     results = compile_in_subprocess(timeout=900)
-    assert {r["kernel"] for r in results} == {"fwd", "fwd_paged", "dkdv", "dkdv_atomic_dq", "dq"}
+    assert {r["kernel"] for r in results} == {"fwd", "fwd_split", "fwd_decode", "fwd_paged", "dkdv",
+                                              "dkdv_atomic_dq", "dq"}
     for r in results:
-        assert r["wgmma"] and r["pipelined"], r
+        # the decode tile (16 query rows) is below wgmma's 64: Ampere-style mma.sync tensor cores
+        assert (r["mma_sync"] if r["kernel"] == "fwd_decode" else r["wgmma"]) and r["pipelined"], r
         assert r["shared"] <= SM90_SHARED, r
     # the atomic-dQ variant adds dS K tiles to float32 dQ with reductions, not compare-and-swap loops
     assert all(r["atomics"] for r in results if r["kernel"] == "dkdv_atomic_dq")
@@ -529,6 +544,50 @@ def test_bad_cu_seqlens_stay_in_bounds(monkeypatch):
     out, lse = gptkernels.flash_attn(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=40,
                                      max_seqlen_k=90, return_lse=True, backend=BACKEND)
     assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(lse).all())
+
+
+# --------------------------------------------------------------------------------------------------
+# Split keys (flash-decoding): few query tiles, long keys
+# --------------------------------------------------------------------------------------------------
+
+# (batch, Sq, Sk, Hq, Hkv, D, causal, window)
+_SPLIT_CASES = [
+    (2, 1, 300, 8, 2, 64, True, None),      # decode rows, GQA
+    (1, 5, 300, 4, 1, 80, True, 64),        # a short chunk with a window
+    (1, 40, 17, 2, 2, 64, True, None),      # Sq > Sk: rows that see nothing in every split
+    (2, 17, 130, 2, 1, 128, False, None),
+]
+
+
+@pytest.mark.parametrize("splits", [2, 3, 7])
+def test_split_keys_forward(splits, monkeypatch):
+    # Forced split counts (the heuristic only splits long keys): each split's share of every query
+    # tile's band, the merge, and lse (also through the backward, which reads it).
+    from gptkernels.kernels import flash_attn as fa
+
+    monkeypatch.setattr(fa, "_fwd_num_splits", lambda *args: splits)
+    for i, (b, sq, sk, hq, hkv, d, causal, window) in enumerate(_SPLIT_CASES):
+        q, k, v = randn(b, sq, hq, d), randn(b, sk, hkv, d), randn(b, sk, hkv, d)
+        check_attention(q, k, v, causal=causal, window=window, grad=i == 1)
+    lq, lk = (1, 0, 3), (200, 9, 0)
+    q, k, v = randn(sum(lq), 4, 64, dtype=torch.float16), randn(sum(lk), 2, 64, dtype=torch.float16), \
+        randn(sum(lk), 2, 64, dtype=torch.float16)
+    check_attention(q, k, v, causal=True, cu_seqlens_q=_cu(lq), cu_seqlens_k=_cu(lk), max_seqlen_q=3,
+                    max_seqlen_k=200)
+    k_cache, v_cache, table, seqlens = _paged_cache([250, 7, 90], 16, 2, 64, torch.float32)
+    check_attention(randn(3, 2, 4, 64), k_cache, v_cache, causal=True, block_table=table,
+                    seqlens_k=seqlens)
+
+
+def test_split_heuristic():
+    # Decode-shaped calls with long keys split; a prefill that fills the GPU by itself does not.
+    from gptkernels.kernels import flash_attn as fa
+
+    cpu = torch.device("cpu")
+    assert fa._fwd_num_splits(1, 8, 1, 8192, None, cpu) > 1
+    assert fa._fwd_num_splits(1, 8, 1, 8192, 256, cpu) == 1      # a window of 256: short band
+    assert fa._fwd_num_splits(1, 8, 1, 300, None, cpu) == 1       # short keys
+    assert fa._fwd_num_splits(4, 32, 4096, 4096, None, cpu) == 1  # 1024 programs already
 
 
 def test_no_keys_at_all():

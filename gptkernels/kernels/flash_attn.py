@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from ._config import configs, next_pow2
+from .paged import merge_splits
 
 LOG2E = 1.4426950408889634
 _LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)  # the same constant, usable inside kernels
@@ -224,6 +225,18 @@ _DKDV_TABLE = {
     (True, 128): [(16, 32, 4, 2)],
     (True, 256): [(16, 16, 4, 1)],
 }
+#: The forward when every sequence has at most 16 query rows (decode, speculative chunks): a 16-row
+#: query tile, so the tensor cores do not multiply 112 padding rows per key (that would make a
+#: memory-bound step compute-bound). mma.sync, pipelined, no spills in the offline compile (D = 256:
+#: the 64-wide key tile; 128 spills).
+_FWD_DECODE_TABLE = {
+    (False, 64): [(16, 128, 4, 3), (16, 64, 4, 3)],
+    (False, 128): [(16, 64, 4, 3), (16, 128, 4, 3)],
+    (False, 256): [(16, 64, 4, 3), (16, 32, 4, 2)],
+    (True, 64): [(16, 32, 4, 2)],
+    (True, 128): [(16, 32, 4, 2)],
+    (True, 256): [(16, 16, 4, 1)],
+}
 #: The same rows for the dK/dV kernel with atomic dQ (``deterministic=False``), reordered by the
 #: offline compile (notes/attention.md): its dQ^T tile adds registers, so at D = 128 the 64-wide key
 #: tile spills least and comes first (the choice without autotuning); 32 x 128 spills at D = 64.
@@ -253,8 +266,8 @@ def _config(row) -> triton.Config:
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
 
-def _autotune_configs(table, interp) -> list[triton.Config]:
-    rows = list(dict.fromkeys(row for rows in table.values() for row in rows))  # union, in order
+def _autotune_configs(tables, interp) -> list[triton.Config]:
+    rows = list(dict.fromkeys(row for t in tables for rows in t.values() for row in rows))  # union, in order
     return configs([_config(r) for r in rows], _config(interp))
 
 
@@ -264,15 +277,20 @@ def _autotune_configs(table, interp) -> list[triton.Config]:
 ENV_AUTOTUNE = "GPTKERNELS_AUTOTUNE"
 
 
-def _pick(table, atomic_table=None):
+def _pick(table, atomic_table=None, decode_table=None):
     """early_config_prune: keep the configs listed for this call's dtype and head-dim bucket (from
-    ``atomic_table`` when the launch has ATOMIC_DQ=True)."""
+    ``atomic_table`` when the launch has ATOMIC_DQ=True, from ``decode_table`` when no sequence has
+    more than 16 query rows)."""
 
     def prune(cfgs, named_args, **kwargs):
         if len(cfgs) == 1:
             return cfgs
         block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-        tbl = atomic_table if atomic_table is not None and kwargs.get("ATOMIC_DQ") else table
+        tbl = table
+        if atomic_table is not None and kwargs.get("ATOMIC_DQ"):
+            tbl = atomic_table
+        elif decode_table is not None and named_args["seq_bucket"] <= 16:
+            tbl = decode_table
         rows = tbl[(named_args["Q"].dtype == torch.float32, min(max(block_d, 64), 256))]
         if os.environ.get(ENV_AUTOTUNE, "1") == "0":
             rows = rows[:1]
@@ -289,16 +307,17 @@ def _pick(table, atomic_table=None):
 _TUNE_KEY = ["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "PAGED", "VARLEN_Q", "seq_bucket", "band_bucket"]
 
 
-def _autotune(table, interp, extra_key=(), reset_to_zero=None, atomic_table=None):
-    return triton.autotune(configs=_autotune_configs(table, interp), key=_TUNE_KEY + list(extra_key),
-                           prune_configs_by={"early_config_prune": _pick(table, atomic_table)},
+def _autotune(table, interp, extra_key=(), reset_to_zero=None, atomic_table=None, decode_table=None):
+    tables = [t for t in (table, atomic_table, decode_table) if t is not None]
+    return triton.autotune(configs=_autotune_configs(tables, interp), key=_TUNE_KEY + list(extra_key),
+                           prune_configs_by={"early_config_prune": _pick(table, atomic_table, decode_table)},
                            reset_to_zero=reset_to_zero)
 
 
 #: Integer arguments whose values vary from call to call: not specialised (Triton would otherwise
 #: compile a variant per "== 1" / "divisible by 16" class of each). Strides stay specialised: a unit
 #: last-dim stride and 16-divisible row strides are what make the loads vectorised and pipelined.
-_VARYING = ["q_len", "kv_len", "group", "window", "num_blocks", "stride_tb"]
+_VARYING = ["q_len", "kv_len", "group", "window", "num_blocks", "stride_tb", "num_splits"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -351,7 +370,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, start, end, pos_q, seqlen_k, wi
     return acc, l_i, m_i
 
 
-@_autotune(_FWD_TABLE, _FWD_INTERP)
+@_autotune(_FWD_TABLE, _FWD_INTERP, extra_key=["SPLIT"], decode_table=_FWD_DECODE_TABLE)
 @triton.jit(do_not_specialize=_VARYING)
 def _fwd_kernel(
     Q, K, V, Out, Lse,
@@ -362,14 +381,23 @@ def _fwd_kernel(
     stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh,
     stride_tb, num_blocks,
+    Opart, Lpart, stride_pb, stride_ps, stride_ph, stride_pp, stride_lpb, stride_lps, stride_lph,
+    num_splits,
     q_len, kv_len, group, qk_scale, window, seq_bucket, band_bucket,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Causal: the last query tiles have the most keys; launch them first to shorten the tail.
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    # SPLIT (flash-decoding, few query tiles): num_splits programs per query tile, each over an
+    # equal share of the tile's key band, write a partial (out, lse) that merge_splits combines.
+    if SPLIT:
+        split = tl.program_id(0) % num_splits
+        pid_m = tl.num_programs(0) // num_splits - 1 - tl.program_id(0) // num_splits
+    else:
+        split = 0
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)  # int64: h * stride_h passes 2**31 for large strided inputs
     b = tl.program_id(2)
     q_start, seqlen_q, k_start, seqlen_k = _seq_bounds(b, cu_q, cu_k, seqlens_k, q_len, kv_len,
@@ -408,17 +436,28 @@ def _fwd_kernel(
     pos_q = rows + shift
     lo, int_lo, int_hi, hi = _q_tile_band(m0, seqlen_q, seqlen_k, shift, window, CAUSAL,
                                           HAS_WINDOW, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, lo, int_lo, pos_q, seqlen_k, window,
+    if SPLIT:
+        # This split's whole tiles of the band [lo, hi), intersected with the three loops' ranges
+        # (lo and every share are BLOCK_N-aligned, so the loops' tile alignment holds).
+        share = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N), num_splits) * BLOCK_N
+        s_lo = lo + split * share
+        s_hi = tl.minimum(s_lo + share, hi)
+        lo1, hi1 = tl.maximum(lo, s_lo), tl.minimum(int_lo, s_hi)
+        lo2, hi2 = tl.maximum(int_lo, s_lo), tl.minimum(int_hi, s_hi)
+        lo3, hi3 = tl.maximum(int_hi, s_lo), tl.minimum(hi, s_hi)
+    else:
+        lo1, hi1, lo2, hi2, lo3, hi3 = lo, int_lo, int_lo, int_hi, int_hi, hi
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, lo1, hi1, pos_q, seqlen_k, window,
                                qk_scale, b, block_table, stride_tb, num_blocks,
                                stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
                                offs_n, offs_d, True, CAUSAL, HAS_WINDOW, PAGED, PAGE, HEAD_DIM,
                                BLOCK_N, PRECISION)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, int_lo, int_hi, pos_q, seqlen_k,
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, lo2, hi2, pos_q, seqlen_k,
                                window, qk_scale, b, block_table, stride_tb, num_blocks,
                                stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
                                offs_n, offs_d, False, CAUSAL, HAS_WINDOW, PAGED, PAGE, HEAD_DIM,
                                BLOCK_N, PRECISION)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, int_hi, hi, pos_q, seqlen_k, window,
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, lo3, hi3, pos_q, seqlen_k, window,
                                qk_scale, b, block_table, stride_tb, num_blocks,
                                stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
                                offs_n, offs_d, True, CAUSAL, HAS_WINDOW, PAGED, PAGE, HEAD_DIM,
@@ -430,11 +469,18 @@ def _fwd_kernel(
     out = acc / l_safe[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) / _LOG2E_C, float("-inf"))
 
-    O_tile = Out + b.to(tl.int64) * stride_ob + q_tok * stride_os + h * stride_oh
-    tl.store(O_tile + offs_m[:, None] * stride_os + offs_d[None, :], out.to(Out.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
-    L_tile = Lse + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start + m0
-    tl.store(L_tile + offs_m, lse, mask=row_ok)
+    tile_mask = row_ok[:, None] & d_ok[None, :]
+    if SPLIT:  # float32 partials, laid out (B, Sq, Hq, splits, D) / (B, Sq, Hq, splits)
+        P_tile = Opart + b.to(tl.int64) * stride_pb + q_tok * stride_ps + h * stride_ph + split * stride_pp
+        tl.store(P_tile + offs_m[:, None] * stride_ps + offs_d[None, :], out, mask=tile_mask)
+        LP_tile = Lpart + b.to(tl.int64) * stride_lpb + q_tok * stride_lps + h * stride_lph + split
+        tl.store(LP_tile + offs_m * stride_lps, lse, mask=row_ok)
+    else:
+        O_tile = Out + b.to(tl.int64) * stride_ob + q_tok * stride_os + h * stride_oh
+        tl.store(O_tile + offs_m[:, None] * stride_os + offs_d[None, :], out.to(Out.dtype.element_ty),
+                 mask=tile_mask)
+        L_tile = Lse + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start + m0
+        tl.store(L_tile + offs_m, lse, mask=row_ok)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -793,8 +839,17 @@ def flash_attn_forward(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, 
     so = _tok_strides(out, varlen_q)
     slb, slh = _lse_strides(q, varlen_q)
     dense_k = not (paged or varlen_k)
+    num_splits = _fwd_num_splits(batch, hq, max_q, max_seqlen_k or kv_len, window, q.device)
+    if num_splits > 1:  # float32 partial results per split, rows laid out like q's
+        opart = torch.empty((*q.shape[:-1], num_splits, head_dim), dtype=torch.float32, device=q.device)
+        lpart = torch.empty((*q.shape[:-1], num_splits), dtype=torch.float32, device=q.device)
+        sp = _tok_strides(opart[..., 0, :], varlen_q)[:3] + (opart.stride(-2),)
+        slp = _tok_strides(lpart, varlen_q)[:3]
+    else:
+        opart = lpart = dummy
+        sp, slp = (0, 0, 0, 0), (0, 0, 0)
     for bs in _batch_chunks(batch):
-        grid = lambda meta, n=bs.stop - bs.start: (triton.cdiv(max_q, meta["BLOCK_M"]), hq, n)  # noqa: E731
+        grid = lambda meta, n=bs.stop - bs.start: (triton.cdiv(max_q, meta["BLOCK_M"]) * num_splits, hq, n)  # noqa: E731
         _fwd_kernel[grid](
             q if varlen_q else q[bs], k[bs] if dense_k else k, v[bs] if dense_k else v,
             out if varlen_q else out[bs], lse if varlen_q else lse[bs],
@@ -803,13 +858,34 @@ def flash_attn_forward(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, 
             seqlens_k[bs] if paged else dummy, block_table[bs] if paged else dummy,
             *sq, *sk, *sv, so[0], so[1], so[2], slb, slh,
             block_table.stride(0) if paged else 0, num_blocks,
+            opart if varlen_q or num_splits == 1 else opart[bs],
+            lpart if varlen_q or num_splits == 1 else lpart[bs], *sp, *slp, num_splits,
             q_len, kv_len, group, softmax_scale * LOG2E, window or 0,
             *_tune_buckets(max_q, max_seqlen_k or kv_len, window),
             CAUSAL=causal, HAS_WINDOW=window is not None, BOTTOM_RIGHT=bottom_right,
             VARLEN_Q=varlen_q, VARLEN_K=varlen_k, PAGED=paged, PAGE=page,
             HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), PRECISION=_precision(q.dtype),
+            SPLIT=num_splits > 1,
         )
+    if num_splits > 1:
+        # every row's splits -> out (rows of q's layout) and lse, which is (B, Hq, Sq) / (Hq, Tq)
+        rows = out.view(-1, hq, head_dim)
+        lse_rows = torch.empty((rows.shape[0], hq), dtype=torch.float32, device=q.device)
+        merge_splits(opart.view(-1, hq, num_splits, head_dim), lpart.view(-1, hq, num_splits), rows,
+                     lse_rows)
+        lse.copy_(lse_rows.t() if varlen_q else lse_rows.view(batch, -1, hq).transpose(1, 2))
     return out, lse
+
+
+def _fwd_num_splits(batch: int, hq: int, max_q: int, max_k: int, window, device) -> int:
+    """Key splits for the forward (flash-decoding): more than one only when the query tiles alone
+    leave the GPU idle (decode, short chunks) and the band each row sees is long. The paged decode's
+    heuristic, with (sequences x query tiles) x query heads as its programs."""
+    from ..paged import _sm_count, num_splits_heuristic
+
+    band = max_k if window is None else min(max_k, window + max_q)
+    q_tiles = triton.cdiv(max_q, 128)  # the largest BLOCK_M: never more splits than needed
+    return num_splits_heuristic(batch * q_tiles, hq, band, _sm_count(device))
 
 
 def flash_attn_backward(dout, dlse, q, k, v, out, lse, *, causal, window, softmax_scale,

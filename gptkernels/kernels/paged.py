@@ -258,8 +258,18 @@ def paged_decode(q, k_cache, v_cache, block_table, seq_lens, *, softmax_scale, w
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     if num_splits > 1:
-        _paged_merge_kernel[(batch, hq)](
-            po, plse, out, lse, num_splits, *po.stride(), *plse.stride(), *out.stride(), *lse.stride(),
-            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=min(16, next_pow2(num_splits)),
-        )
+        merge_splits(po, plse, out, lse)
     return out, lse
+
+
+def merge_splits(po, plse, out, lse):
+    """Combine split-K partial results: po (R, H, S, D) and plse (R, H, S) float32 (each split's
+    normalised output and natural-log lse; a split that saw nothing has lse -inf) -> out (R, H, D)
+    and lse (R, H), written in place (any strides). Used by paged decode and the flash forward."""
+    rows, heads, num_splits, d = po.shape
+    if rows == 0 or heads == 0:
+        return
+    _paged_merge_kernel[(rows, heads)](
+        po, plse, out, lse, num_splits, *po.stride(), *plse.stride(), *out.stride(), *lse.stride(),
+        HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)), BLOCK_S=min(16, next_pow2(num_splits)),
+    )

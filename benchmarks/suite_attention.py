@@ -5,6 +5,9 @@ B x S = 16k tokens and H = 2048 / D heads (a 2048-wide model), so every S fills 
 efficient), FlexAttention compiled, the eager reference (small S) and the matmul ceiling. Then
 window 256 at S = 16k against full causal and against FlexAttention's sliding window.
 
+Last, decode: one query row against a dense KV cache (batch 1, Llama-3-8B's 32/8 heads), which
+`flash_attn` serves with split keys; GB/s of K/V read against the copy ceiling.
+
 Correctness before timing: the outputs (and gradients) of two (batch, head) slices, the first and the
 last, against the float64 reference on the same inputs, held to SPEC's parity rule with the eager
 bf16 computation as the yardstick. Heads are independent, so a slice's reference is exact.
@@ -27,11 +30,21 @@ OURS = ("triton", "cuda")
 EAGER_MAX_S = 2048  # the eager reference materialises B*H*S*S float32 scores: small S only
 
 
+#: Decode shape (Hq, Hkv, D): Llama-3-8B's attention, batch 1, one query row.
+DECODE_HEADS = (32, 8, 128)
+
+
 def config(quick: bool) -> dict:
     if quick:
-        return {"dims": {128: (1024, 4096, 16384), 64: (4096,)}, "window_s": (16384,)}
+        return {"dims": {128: (1024, 4096, 16384), 64: (4096,)}, "window_s": (16384,),
+                "decode_sk": (32768,)}
     return {"dims": {128: (1024, 2048, 4096, 8192, 16384), 64: (1024, 2048, 4096, 8192, 16384)},
-            "window_s": (4096, 16384)}
+            "window_s": (4096, 16384), "decode_sk": (4096, 16384, 65536)}
+
+
+def decode_impls() -> list[str]:
+    return [f"gptkernels {b}" for b in OURS] + [f"torch sdpa {b}" for b in peers.SDPA_BACKENDS] + \
+        ["flexattention (compiled)"]
 
 
 #: The backward also runs with atomic dQ (FlashAttention-2's single dK/dV/dQ kernel, not bit-exact).
@@ -58,7 +71,7 @@ def planned_rows(quick: bool) -> int:
             n += len(impls("fwd", s, None, quick)) + len(impls("bwd", s, None, quick))
     for s in cfg["window_s"]:
         n += len(impls("fwd", s, WINDOW, quick)) + len(impls("bwd", s, WINDOW, quick))
-    return n
+    return n + len(cfg["decode_sk"]) * len(decode_impls())
 
 
 def tables(quick: bool) -> list[Table]:
@@ -78,6 +91,14 @@ def tables(quick: bool) -> list[Table]:
             title=f"Sliding-window attention {word}, bf16, W={WINDOW}, D=128, H=16, B=16k/S",
             x="S", unit="TFLOP/s", formula=f, ceiling="matmul", plot="line",
             note="FLOPs count only the band's (query, key) pairs, so TFLOP/s compares the useful work."))
+    hq, hkv, d = DECODE_HEADS
+    out.append(Table(
+        id="attn-decode", suite="attention",
+        title=f"Decode attention over a dense KV cache, bf16, B=1, Sq=1, Hq={hq}, Hkv={hkv}, D={d}",
+        x="Sk", unit="GB/s", formula=formulas.paged_kv_bytes([1], 1, 1, 2).formula.replace("seq_lens", "Sk"),
+        ceiling="copy", plot="line",
+        note="flash_attn splits the keys across programs here (flash-decoding); SDPA and Flex get GQA "
+             "natively (enable_gqa) and is_causal=False (one row sees every key)."))
     return out
 
 
@@ -211,6 +232,61 @@ def _measure(sess: Session, table: str, case: Case, impl: str):
             s.q.grad = s.k.grad = s.v.grad = None
 
 
+class DecodeCase:
+    """One query row per head against Sk cached keys (GQA), checked whole against float64."""
+
+    def __init__(self, sk: int):
+        hq, hkv, d = DECODE_HEADS
+        self.sk, self.shape_q, self.shape_kv = sk, (1, 1, hq, d), (1, sk, hkv, d)
+        self.params = {"B": 1, "Sq": 1, "Sk": sk, "Hq": hq, "Hkv": hkv, "D": d, "dtype": "bfloat16"}
+        self.bytes = formulas.paged_kv_bytes([sk], hkv, d, formulas.dtype_bytes(DTYPE)).value
+        self.sets = [self._make() for _ in range(timing.n_sets(int(self.bytes)))]
+        self._ref = None
+
+    def _make(self):
+        q = torch.randn(self.shape_q, device=timing.DEVICE, dtype=DTYPE)
+        k, v = (torch.randn(self.shape_kv, device=timing.DEVICE, dtype=DTYPE) for _ in range(2))
+        return SimpleNamespace(q=q, k=k, v=v)
+
+    def check(self, out):
+        from gptkernels import reference
+
+        if self._ref is None:
+            s0 = self.sets[0]
+            ref = reference.attention(s0.q.double(), s0.k.double(), s0.v.double(), causal=True)
+            base = reference.attention(s0.q, s0.k, s0.v, causal=True, upcast=False)
+            self._ref = (ref, base)
+        return compare([("out", out, *self._ref)])
+
+
+def _decode_fn(impl: str):
+    """(B, 1, Hq, D) x (B, Sk, Hkv, D) -> (B, 1, Hq, D): one row that sees every key."""
+    import gptkernels
+
+    if impl.startswith("gptkernels "):
+        backend = impl.split()[1]
+        return lambda q, k, v: gptkernels.flash_attn(q, k, v, causal=True, backend=backend)
+    t = (lambda x: x.transpose(1, 2))  # noqa: E731
+    if impl.startswith("torch sdpa "):
+        name = impl.split()[2]
+        return lambda q, k, v: t(peers.sdpa(name, t(q), t(k), t(v), is_causal=False, enable_gqa=True))
+    if impl.startswith("flexattention"):
+        flex = peers.flex_compiled()
+        return lambda q, k, v: t(flex(t(q), t(k), t(v), enable_gqa=True))
+    raise ValueError(f"unknown decode implementation {impl!r}")
+
+
+def _measure_decode(sess: Session, case: DecodeCase, impl: str):
+    common = dict(ours=impl.startswith("gptkernels"), x=case.sk, params=case.params, bytes=case.bytes)
+    try:
+        fn = _decode_fn(impl)
+    except Exception as e:
+        return sess.fail("attn-decode", str(case.sk), impl, e, **common)
+    with torch.no_grad():
+        return sess.measure("attn-decode", str(case.sk), impl, run=lambda s: fn(s.q, s.k, s.v),
+                            sets=case.sets, check=lambda out, s0: case.check(out), **common)
+
+
 def run(sess: Session, quick: bool) -> None:
     for t in tables(quick):
         sess.table(t)
@@ -236,4 +312,15 @@ def run(sess: Session, quick: bool) -> None:
         for impl in names:
             _measure(sess, table, case, impl)
         del case
+    for sk in cfg["decode_sk"]:
+        try:
+            dcase = DecodeCase(sk)
+        except Exception as e:
+            for impl in decode_impls():
+                sess.fail("attn-decode", str(sk), impl, e, x=sk, ours=impl.startswith("gptkernels"))
+            continue
+        for impl in decode_impls():
+            _measure_decode(sess, dcase, impl)
+        del dcase
+        free_memory()
         free_memory()

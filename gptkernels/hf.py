@@ -25,6 +25,9 @@ import torch
 from .attention import sdpa
 
 NAME = "gptkernels"
+#: Keyword arguments that change the attention math in ways neither we nor transformers' sdpa
+#: function compute (gpt-oss and others pass attention sinks as ``s_aux``): refused, never dropped.
+UNSUPPORTED = ("s_aux",)
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -33,17 +36,22 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                       gptkernels_backend: Optional[str] = None, **kwargs):
     """transformers' attention-function signature: query (B, Hq, L, D), key/value (B, Hkv, S, D)
     -> (output (B, L, Hq, D), None). ``gptkernels_backend`` pins a backend (default: resolved)."""
-    if attention_mask is not None or any(kwargs.get(k) is not None for k in ("position_bias", "cache", "softcap")):
+    for name in UNSUPPORTED:
+        if kwargs.get(name) is not None:
+            raise ValueError(f"attn_implementation={NAME!r}: this model passes {name} (attention sinks), "
+                             "which gptkernels does not compute; use attn_implementation='eager'")
+    if (attention_mask is not None or query.shape[0] != key.shape[0]  # a batch-1 query broadcast
+            or any(kwargs.get(k) is not None for k in ("position_bias", "cache", "softcap"))):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
-    # As transformers' sdpa: causal only with more than one query row (a decode row sees every key),
-    # top-left aligned (keys past the last query row, e.g. a static cache's empty tail, are unseen).
+    # As transformers' sdpa (5.x): causal only with more than one query row (a decode row sees every
+    # key), top-left aligned (keys past the last query row, e.g. a static cache's empty tail, unseen).
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     out = sdpa(query, key, value, dropout_p=dropout, is_causal=bool(causal) and query.shape[2] > 1,
                scale=scaling, enable_gqa=query.shape[1] != key.shape[1], backend=gptkernels_backend)
-    return out.transpose(1, 2), None  # (B, L, H, D): contiguous when the kernels ran
+    return out.transpose(1, 2).contiguous(), None  # (B, L, H, D): a no-op when the kernels ran
 
 
 def register(name: str = NAME, backend: Optional[str] = None) -> str:

@@ -115,6 +115,23 @@ def test_gradients_match_sdpa():
         assert_parity(grads[1][n], want.double(), want, name=n)
 
 
+def test_calls_we_do_not_compute():
+    # Attention sinks (gpt-oss's s_aux) are refused, not dropped; a batch-1 query against a batch of
+    # keys (which transformers' sdpa broadcasts) goes to transformers' own function.
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = torch.nn.Module()
+    module.is_causal = True
+    q = torch.randn(1, 4, 8, 32, device=DEVICE)
+    k, v = torch.randn(3, 4, 10, 32, device=DEVICE), torch.randn(3, 4, 10, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="s_aux"):
+        gptkernels.hf.attention_forward(module, q, k, v, None, s_aux=torch.zeros(4, device=DEVICE))
+    got, _ = gptkernels.hf.attention_forward(module, q, k, v, None)
+    want, _ = sdpa_attention_forward(module, q, k, v, None)
+    assert got.shape == want.shape == (3, 8, 4, 32) and got.is_contiguous()
+    assert torch.equal(got, want)
+
+
 def test_backend_pin_and_bad_names():
     name = gptkernels.hf.register("gptkernels-torch-test", backend="torch")
     ref, _ = _models("gpt2")

@@ -559,23 +559,24 @@ _SPLIT_CASES = [
 ]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("splits", [2, 3, 7])
-def test_split_keys_forward(splits, monkeypatch):
+def test_split_keys_forward(splits, dtype, monkeypatch):
     # Forced split counts (the heuristic only splits long keys): each split's share of every query
     # tile's band, the merge, and lse (also through the backward, which reads it).
     from gptkernels.kernels import flash_attn as fa
 
     monkeypatch.setattr(fa, "_fwd_num_splits", lambda *args: splits)
     for i, (b, sq, sk, hq, hkv, d, causal, window) in enumerate(_SPLIT_CASES):
-        q, k, v = randn(b, sq, hq, d), randn(b, sk, hkv, d), randn(b, sk, hkv, d)
+        q, k, v = randn(b, sq, hq, d, dtype=dtype), randn(b, sk, hkv, d, dtype=dtype), randn(b, sk, hkv, d, dtype=dtype)
         check_attention(q, k, v, causal=causal, window=window, grad=i == 1)
     lq, lk = (1, 0, 3), (200, 9, 0)
-    q, k, v = randn(sum(lq), 4, 64, dtype=torch.float16), randn(sum(lk), 2, 64, dtype=torch.float16), \
-        randn(sum(lk), 2, 64, dtype=torch.float16)
+    q, k, v = randn(sum(lq), 4, 64, dtype=dtype), randn(sum(lk), 2, 64, dtype=dtype), \
+        randn(sum(lk), 2, 64, dtype=dtype)
     check_attention(q, k, v, causal=True, cu_seqlens_q=_cu(lq), cu_seqlens_k=_cu(lk), max_seqlen_q=3,
                     max_seqlen_k=200)
-    k_cache, v_cache, table, seqlens = _paged_cache([250, 7, 90], 16, 2, 64, torch.float32)
-    check_attention(randn(3, 2, 4, 64), k_cache, v_cache, causal=True, block_table=table,
+    k_cache, v_cache, table, seqlens = _paged_cache([250, 7, 90], 16, 2, 64, dtype)
+    check_attention(randn(3, 2, 4, 64, dtype=dtype), k_cache, v_cache, causal=True, block_table=table,
                     seqlens_k=seqlens)
 
 

@@ -5,7 +5,8 @@ Every op takes ``backend=None | "triton" | "cuda" | "torch"``; see :func:`backen
 
 from ._backend import BackendUnavailableError, backends
 from .attention import flash_attn, sdpa
-from .paged import CacheFullError, PagedKVCache, paged_append, paged_decode
+from .kv_cache import CacheFullError, PagedKVCache
+from .paged import paged_append, paged_decode
 from .rotary import apply_rotary, rotary_cos_sin
 
 __version__ = "0.1.0"

@@ -8,6 +8,8 @@ rules live in one place:
   under ``TRITON_INTERPRET=1`` where CPU tensors go to ``"triton"`` (that is how CPU tests run kernels).
 * An explicit backend that cannot serve the call raises :class:`BackendUnavailableError` saying why.
   Nothing ever falls back silently.
+
+Where a resolved backend's launchers live is :mod:`gptkernels._dispatch`.
 """
 
 from __future__ import annotations
@@ -128,3 +130,4 @@ def resolve(backend: str | None, device: torch.device, op: str) -> str:
     if reason is not None:
         raise BackendUnavailableError(f"{op}: backend {backend!r} (from {source}) is unavailable: {reason}")
     return backend
+

@@ -13,11 +13,7 @@ from typing import Iterable, Sequence
 import torch
 
 from ._backend import debug_checks as debug_enabled  # noqa: F401  (re-exported for callers)
-
-#: dtypes the kernels compute in (activations, caches).
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-#: largest head dim the attention kernels support.
-MAX_HEAD_DIM = 256
+from ._policy import MAX_HEAD_DIM
 
 
 def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:

@@ -8,16 +8,16 @@ fake (meta) implementation and an autograd formula.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from . import _checks as C
+from . import _policy as P
 from . import reference
 from ._backend import BackendUnavailableError, resolve
-from ._ops import backend_fn, needs_grad
+from ._dispatch import backend_fn, needs_grad
 
 OP = "flash_attn"
 
@@ -53,17 +53,10 @@ def _flash_attn_fwd(
                block_table=block_table, seqlens_k=seqlens_k, bottom_right=bottom_right)
 
 
-def _lse_shape(q: torch.Tensor) -> tuple[int, ...]:
-    # dense q (B, Sq, Hq, D) -> (B, Hq, Sq); varlen q (Tq, Hq, D) -> (Hq, Tq)
-    if q.dim() == 4:
-        return (q.shape[0], q.shape[2], q.shape[1])
-    return (q.shape[1], q.shape[0])
-
-
 @_flash_attn_fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k, max_seqlen_q, max_seqlen_k,
       causal, window, softmax_scale, bottom_right, backend, deterministic):
-    return q.new_empty(q.shape), q.new_empty(_lse_shape(q), dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(P.lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
 
 
 @torch.library.custom_op("gptkernels::flash_attn_bwd", mutates_args=())
@@ -145,7 +138,7 @@ def _check_flash_attn(q, k, v, causal, window, softmax_scale, cu_seqlens_q, cu_s
     """
     n = {"q": "q", "k": "k", "v": "v", "softmax_scale": "softmax_scale", **(names or {})}
     for name, t in ((n["q"], q), (n["k"], k), (n["v"], v)):
-        C.check_tensor(t, name, dtypes=C.FLOAT_DTYPES, op=op)
+        C.check_tensor(t, name, dtypes=P.FLOAT_DTYPES, op=op)
     C.check_same_dtype(op, n["q"], q, **{n["k"]: k, n["v"]: v})
     C.check_same_device(op, n["q"], q, **{n["k"]: k, n["v"]: v})
     if not isinstance(causal, bool):
@@ -221,7 +214,7 @@ def _flash_attn(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, cu_seql
     # torch.use_deterministic_algorithms(True) wins: like torch's own ops that have a deterministic
     # alternative, take it rather than fail
     deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
-    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    scale = P.softmax_scale(q.shape[-1], softmax_scale)
     backend = resolve(backend, q.device, op)
     if backend == "torch":
         out, lse = reference.attention(
@@ -288,8 +281,8 @@ def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scal
     hq, hkv = query.shape[-3], key.shape[-3]
     if hq != hkv and not enable_gqa:
         raise ValueError(f"{op}: query has {hq} heads and key {hkv}: pass enable_gqa=True for GQA/MQA")
-    kernel_ok = (attn_mask is None and dropout_p == 0.0 and query.dtype in C.FLOAT_DTYPES
-                 and value.shape[-1] == query.shape[-1] and query.shape[-1] <= C.MAX_HEAD_DIM)
+    kernel_ok = (attn_mask is None and dropout_p == 0.0 and query.dtype in P.FLOAT_DTYPES
+                 and value.shape[-1] == query.shape[-1] and query.shape[-1] <= P.MAX_HEAD_DIM)
     if not kernel_ok:
         mask = attn_mask
         if window is not None:

@@ -23,7 +23,7 @@ import torch
 from ._backend import debug_checks, resolve
 from .models.common import AttnContext, CausalLM
 from .models.inputs import Batch, pack_batch
-from .paged import PagedKVCache
+from .kv_cache import PagedKVCache
 
 OP = "generate"
 

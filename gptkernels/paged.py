@@ -1,10 +1,8 @@
-"""Paged KV cache: the block manager :class:`PagedKVCache` and the ops :func:`paged_append`,
-:func:`paged_decode`.
+"""Paged KV-cache ops: :func:`paged_append` and :func:`paged_decode`.
 
 Layout (SPEC.md, "Paged KV cache"): per layer, ``k_cache`` and ``v_cache`` are (num_blocks, block_size,
-Hkv, D); a token's slot is ``block * block_size + offset_in_block``. The manager lives on the host
-(plain Python lists: a handful of integers per sequence and step) and hands the kernels device
-tensors: slot mappings, block tables, sequence lengths.
+Hkv, D); a token's slot is ``block * block_size + offset_in_block``. The block manager that hands out
+slots and block tables is :class:`gptkernels.kv_cache.PagedKVCache`.
 
 The ops check their inputs here, resolve the backend, and run the eager reference (``"torch"``) or a
 kernel backend through the ``torch.library`` ops ``gptkernels::paged_append`` (mutates the caches)
@@ -14,310 +12,15 @@ implementations and a decode step can be captured in a CUDA graph (no host sync 
 
 from __future__ import annotations
 
-import math
-import operator
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
 from . import _checks as C
+from . import _policy as P
 from . import reference
 from ._backend import BackendUnavailableError, resolve
-from ._ops import backend_fn, needs_grad
-
-# --------------------------------------------------------------------------------------------------
-# Block manager
-# --------------------------------------------------------------------------------------------------
-
-
-class CacheFullError(RuntimeError):
-    """Not enough free blocks for a :meth:`PagedKVCache.reserve`; no sequence was changed."""
-
-
-def _as_int(x, name: str, op: str) -> int:
-    if isinstance(x, bool):
-        raise TypeError(f"{op}: {name} must be an int, got {x!r}")
-    try:
-        return operator.index(x)
-    except TypeError:
-        raise TypeError(f"{op}: {name} must be an int, got {type(x).__name__} {x!r}") from None
-
-
-def _as_int_list(xs, name: str, op: str) -> list[int]:
-    if isinstance(xs, (str, bytes)) or not isinstance(xs, (Sequence, torch.Tensor)):
-        raise TypeError(f"{op}: {name} must be a list of ints, got {type(xs).__name__}")
-    if isinstance(xs, torch.Tensor):
-        if xs.dim() != 1 or xs.is_floating_point() or xs.is_complex():
-            raise TypeError(f"{op}: {name} must be a list (or 1-D integer tensor) of ints, got {xs!r}")
-        return [int(x) for x in xs.tolist()]
-    return [_as_int(x, f"{name}[{i}]", op) for i, x in enumerate(xs)]
-
-
-class PagedKVCache:
-    """Per-layer paged K/V caches and the block manager that hands their blocks to sequences.
-
-    ``k_cache[layer]`` / ``v_cache[layer]`` are (num_blocks, block_size, num_kv_heads, head_dim) tensors.
-    Sequences are named by int ids chosen by the caller. :meth:`reserve` grows sequences block by
-    block and returns the slots their new tokens go to; :meth:`free` returns a sequence's blocks to
-    the pool; :meth:`fork` shares a sequence's blocks with a new one by reference count (a shared,
-    partly filled last block is copied when either sequence appends to it: copy-on-write).
-
-    Example::
-
-        cache = PagedKVCache(num_layers=2, num_blocks=64, block_size=16, num_kv_heads=8, head_dim=64,
-                             dtype=torch.float16, device="cuda")
-        slots = cache.reserve([0, 1], [5, 3])          # prompts of 5 and 3 tokens
-        for layer in range(2):
-            paged_append(k, v, cache.k_cache[layer], cache.v_cache[layer], slots)   # k, v (8, 8, 64)
-        out = paged_decode(q, cache.k_cache[0], cache.v_cache[0],
-                           cache.block_table([0, 1]), cache.seq_lens([0, 1]))
-    """
-
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, *, dtype: torch.dtype = torch.float16, device=None):
-        op = "PagedKVCache"
-        for name, val in (("num_layers", num_layers), ("num_blocks", num_blocks),
-                          ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
-                          ("block_size", block_size)):
-            if _as_int(val, name, op) < 1:
-                raise ValueError(f"{op}: {name} must be >= 1, got {val}")
-        C.check_block_size(op, "block_size", block_size)
-        C.check_head_dim(op, "head_dim", head_dim)
-        if dtype not in C.FLOAT_DTYPES:
-            raise TypeError(f"{op}: dtype must be one of {C.FLOAT_DTYPES}, got {dtype!r}")
-        self.num_layers, self.num_blocks, self.block_size = int(num_layers), int(num_blocks), int(block_size)
-        self.num_kv_heads, self.head_dim, self.dtype = int(num_kv_heads), int(head_dim), dtype
-        self.device = torch.device(device) if device is not None else torch.get_default_device()
-        shape = (self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
-        # Zeros, not empty: slots no sequence has written stay finite (the kernels mask them anyway).
-        self.k_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
-        self.v_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
-        self.reset()
-
-    # ---- state -------------------------------------------------------------------------------
-
-    def reset(self) -> None:
-        """Forget every sequence: all blocks are free (the cache tensors keep their contents)."""
-        # A stack: the most recently freed block is handed out first (it may still be in L2).
-        self._free: list[int] = list(range(self.num_blocks - 1, -1, -1))
-        self._ref: list[int] = [0] * self.num_blocks  # sequences holding each block
-        self._tables: dict[int, list[int]] = {}
-        self._lens: dict[int, int] = {}
-
-    @property
-    def num_free_blocks(self) -> int:
-        return len(self._free)
-
-    @property
-    def seq_ids(self) -> list[int]:
-        return list(self._tables)
-
-    def __contains__(self, seq_id) -> bool:
-        return seq_id in self._tables
-
-    def blocks(self, seq_id: int) -> list[int]:
-        """The blocks of ``seq_id`` in order (a copy)."""
-        return list(self._tables[self._known(seq_id, "blocks")])
-
-    def ref_count(self, block: int) -> int:
-        """How many sequences hold ``block`` (0: it is free)."""
-        return self._ref[block]
-
-    def _known(self, seq_id, op: str) -> int:
-        sid = _as_int(seq_id, "seq_id", f"PagedKVCache.{op}")
-        if sid not in self._tables:
-            raise ValueError(f"PagedKVCache.{op}: unknown seq_id {sid} (reserve() creates sequences)")
-        return sid
-
-    def seq_len(self, seq_id: int) -> int:
-        """Tokens reserved for ``seq_id``."""
-        return self._lens[self._known(seq_id, "seq_len")]
-
-    # ---- growing -----------------------------------------------------------------------------
-
-    def _entries(self, seq_ids, num_tokens, op: str) -> list[tuple[int, int]]:
-        ids = _as_int_list(seq_ids, "seq_ids", op)
-        counts = _as_int_list(num_tokens, "num_tokens", op)
-        if len(ids) != len(counts):
-            raise ValueError(f"{op}: seq_ids and num_tokens must have the same length, got {len(ids)} and {len(counts)}")
-        for i, n in enumerate(counts):
-            if n < 0:
-                raise ValueError(f"{op}: num_tokens[{i}] must be >= 0, got {n}")
-        return list(zip(ids, counts))
-
-    def _blocks_needed(self, entries: list[tuple[int, int]]) -> int:
-        """Free blocks that reserving ``entries`` in order takes (new blocks + copy-on-write copies)."""
-        bs = self.block_size
-        length: dict[int, int] = {}   # length of each sequence after the entries seen so far
-        private: set[int] = set()     # sequences whose last block is already their own in this call
-        ref_drop: dict[int, int] = {}  # refcount given up by the copies planned so far
-        needed = 0
-        for sid, n in entries:
-            cur = length.get(sid, self._lens.get(sid, 0))
-            if n > 0 and cur % bs and sid not in private:
-                last = self._tables[sid][-1]
-                if self._ref[last] - ref_drop.get(last, 0) > 1:  # shared and partly filled: copy it
-                    needed += 1
-                    ref_drop[last] = ref_drop.get(last, 0) + 1
-            if n > 0:
-                private.add(sid)
-            needed += -(-(cur + n) // bs) - (-(-cur // bs))
-            length[sid] = cur + n
-        return needed
-
-    def blocks_needed(self, seq_ids, num_tokens) -> int:
-        """How many free blocks ``reserve(seq_ids, num_tokens)`` would take."""
-        return self._blocks_needed(self._entries(seq_ids, num_tokens, "PagedKVCache.blocks_needed"))
-
-    def can_reserve(self, seq_ids, num_tokens) -> bool:
-        """Whether ``reserve(seq_ids, num_tokens)`` would succeed now."""
-        return self.blocks_needed(seq_ids, num_tokens) <= len(self._free)
-
-    def _take(self) -> int:
-        block = self._free.pop()
-        self._ref[block] = 1
-        return block
-
-    def _release(self, block: int) -> None:
-        self._ref[block] -= 1
-        if self._ref[block] == 0:
-            self._free.append(block)
-
-    def reserve(self, seq_ids, num_tokens) -> torch.Tensor:
-        """Reserve ``num_tokens[i]`` new slots at the end of sequence ``seq_ids[i]`` (created if unknown).
-
-        Returns the slot mapping: int64 (sum(num_tokens),) on the cache's device, the new tokens of
-        each entry in order, ready for :func:`paged_append`. All or nothing: if the free blocks do not
-        suffice it raises :class:`CacheFullError` and every sequence is exactly as before.
-        """
-        op = "PagedKVCache.reserve"
-        entries = self._entries(seq_ids, num_tokens, op)
-        needed = self._blocks_needed(entries)
-        if needed > len(self._free):
-            raise CacheFullError(
-                f"{op}: {sum(n for _, n in entries)} tokens need {needed} free blocks, only "
-                f"{len(self._free)} of {self.num_blocks} are free (free() finished sequences)")
-        bs = self.block_size
-        slots: list[int] = []
-        for sid, n in entries:
-            table = self._tables.setdefault(sid, [])
-            cur = self._lens.setdefault(sid, 0)
-            if n > 0 and cur % bs and self._ref[table[-1]] > 1:
-                self._copy_on_write(table)
-            while len(table) * bs < cur + n:
-                table.append(self._take())
-            slots.extend(table[p // bs] * bs + p % bs for p in range(cur, cur + n))
-            self._lens[sid] = cur + n
-        return self._to_device(slots, torch.int64)
-
-    def _to_device(self, data: list, dtype: torch.dtype) -> torch.Tensor:
-        """A host list as a tensor on the cache's device. To a GPU through pinned memory and a
-        non-blocking copy: the host does not wait for the GPU work queued before it (a decode loop
-        can prepare step n+1 while step n runs)."""
-        host = torch.tensor(data, dtype=dtype)
-        if self.device.type == "cuda":
-            return host.pin_memory().to(self.device, non_blocking=True)
-        return host.to(self.device)
-
-    def _copy_on_write(self, table: list[int]) -> None:
-        """Give ``table`` a private copy of its shared last block (in every layer)."""
-        old, new = table[-1], self._take()
-        for cache in (*self.k_cache, *self.v_cache):
-            cache[new].copy_(cache[old])
-        self._release(old)
-        table[-1] = new
-
-    def fork(self, parent_id: int, child_id: int) -> None:
-        """Create ``child_id`` sharing all of ``parent_id``'s tokens (its blocks, by reference count).
-
-        Takes no free block now; the first append of either sequence into a shared, partly filled
-        last block copies that block (copy-on-write), so reserve() may then need one more block.
-        """
-        op = "PagedKVCache.fork"
-        parent = self._known(parent_id, "fork")
-        child = _as_int(child_id, "child_id", op)
-        if child in self._tables:
-            raise ValueError(f"{op}: child_id {child} already exists (free() it first)")
-        self._tables[child] = list(self._tables[parent])
-        self._lens[child] = self._lens[parent]
-        for block in self._tables[child]:
-            self._ref[block] += 1
-
-    def free(self, seq_id: int) -> None:
-        """Forget ``seq_id``; blocks no other sequence holds return to the pool."""
-        sid = self._known(seq_id, "free")
-        for block in reversed(self._tables.pop(sid)):
-            self._release(block)
-        del self._lens[sid]
-
-    # ---- tensors for the kernels -------------------------------------------------------------
-
-    def block_table(self, seq_ids, max_blocks: int | None = None) -> torch.Tensor:
-        """int32 (B, max_blocks) on the cache's device: row b lists the blocks of ``seq_ids[b]``.
-
-        Pad entries are 0 (a valid block: never read, the kernels stop at the sequence length).
-        ``max_blocks`` defaults to the longest row (at least 1); pass a fixed value for shapes that
-        stay the same from step to step (CUDA graphs).
-        """
-        op = "PagedKVCache.block_table"
-        rows = [self._tables[self._known(s, "block_table")] for s in _as_int_list(seq_ids, "seq_ids", op)]
-        longest = max((len(r) for r in rows), default=0)
-        if max_blocks is None:
-            width = max(1, longest)
-        else:
-            width = _as_int(max_blocks, "max_blocks", op)
-            if width < longest:
-                raise ValueError(f"{op}: max_blocks={width} is less than the {longest} blocks of the longest sequence")
-        data = [r + [0] * (width - len(r)) for r in rows]
-        return self._to_device(data, torch.int32).reshape(len(rows), width)
-
-    def seq_lens(self, seq_ids) -> torch.Tensor:
-        """int32 (B,) on the cache's device: the reserved length of each sequence."""
-        op = "PagedKVCache.seq_lens"
-        lens = [self._lens[self._known(s, "seq_lens")] for s in _as_int_list(seq_ids, "seq_ids", op)]
-        return self._to_device(lens, torch.int32)
-
-    def __repr__(self) -> str:
-        return (f"PagedKVCache(num_layers={self.num_layers}, num_blocks={self.num_blocks}, "
-                f"block_size={self.block_size}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-                f"dtype={self.dtype}, device={self.device}, sequences={len(self._tables)}, "
-                f"free_blocks={len(self._free)})")
-
-
-# --------------------------------------------------------------------------------------------------
-# Split heuristic (one place, every backend)
-# --------------------------------------------------------------------------------------------------
-
-#: A split should cover at least this many keys: below it the merge and launch overheads dominate.
-MIN_SPLIT_TOKENS = 512
-#: Upper bound of the split count (the merge kernel reads every split's partial result).
-MAX_SPLITS = 128
-#: SM count assumed off the GPU (the interpreter): keeps the choice of splits the same on every machine.
-CPU_NOMINAL_SMS = 16
-
-
-@torch.compiler.assume_constant_result
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return CPU_NOMINAL_SMS
-
-
-def num_splits_heuristic(batch: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
-    """How many splits (flash-decoding) a decode of ``batch`` x ``num_kv_heads`` programs should use.
-
-    One program per (sequence, KV head, split). Enough programs to fill the GPU about twice
-    (2 x num_sms: two resident programs per SM keep enough loads in flight to hide memory latency),
-    but each split covers at least MIN_SPLIT_TOKENS keys of ``max_context`` (the most the block table
-    can hold: a static bound, no host sync), and at most MAX_SPLITS splits.
-    """
-    programs = max(1, batch * num_kv_heads)
-    target = 2 * num_sms
-    if programs >= target:
-        return 1
-    splits = -(-target // programs)
-    return max(1, min(splits, max_context // MIN_SPLIT_TOKENS, MAX_SPLITS))
-
+from ._dispatch import backend_fn, needs_grad
 
 # --------------------------------------------------------------------------------------------------
 # torch.library ops (kernel backends; "torch" is plain eager code)
@@ -356,7 +59,7 @@ def _(q, k_cache, v_cache, block_table, seq_lens, softmax_scale, window, num_spl
 
 def _check_caches(op: str, k_cache, v_cache, dtype: torch.dtype, device: torch.device, ref: str) -> None:
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        C.check_tensor(t, name, ndim=4, dtypes=C.FLOAT_DTYPES, op=op)
+        C.check_tensor(t, name, ndim=4, dtypes=P.FLOAT_DTYPES, op=op)
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"{op}: k_cache and v_cache must have the same shape (num_blocks, block_size, Hkv, D), "
                          f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
@@ -372,8 +75,8 @@ def _check_caches(op: str, k_cache, v_cache, dtype: torch.dtype, device: torch.d
 
 def _check_append(k, v, k_cache, v_cache, slot_mapping) -> None:
     op = "paged_append"
-    C.check_tensor(k, "k", ndim=3, dtypes=C.FLOAT_DTYPES, op=op)
-    C.check_tensor(v, "v", ndim=3, dtypes=C.FLOAT_DTYPES, op=op)
+    C.check_tensor(k, "k", ndim=3, dtypes=P.FLOAT_DTYPES, op=op)
+    C.check_tensor(v, "v", ndim=3, dtypes=P.FLOAT_DTYPES, op=op)
     C.check_same_dtype(op, "k", k, v=v)
     C.check_same_device(op, "k", k, v=v)
     if k.shape != v.shape:
@@ -398,7 +101,7 @@ def _check_append(k, v, k_cache, v_cache, slot_mapping) -> None:
 
 def _check_decode(q, k_cache, v_cache, block_table, seq_lens, softmax_scale, window, num_splits) -> None:
     op = "paged_decode"
-    C.check_tensor(q, "q", ndim=3, dtypes=C.FLOAT_DTYPES, op=op)
+    C.check_tensor(q, "q", ndim=3, dtypes=P.FLOAT_DTYPES, op=op)
     _check_caches(op, k_cache, v_cache, q.dtype, q.device, "q")
     if q.shape[-1] != k_cache.shape[-1]:
         raise ValueError(f"{op}: q and k_cache must have the same head dim, got {q.shape[-1]} and {k_cache.shape[-1]}")
@@ -456,7 +159,7 @@ def paged_decode(q, k_cache, v_cache, block_table, seq_lens, *, softmax_scale=No
     _check_decode(q, k_cache, v_cache, block_table, seq_lens, softmax_scale, window, num_splits)
     if not isinstance(return_lse, bool):
         raise TypeError(f"paged_decode: return_lse must be a bool, got {return_lse!r}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    scale = P.softmax_scale(q.shape[-1], softmax_scale)
     backend = resolve(backend, q.device, "paged_decode")
     if backend == "torch":
         out, lse = reference.paged_decode(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=scale,
@@ -467,8 +170,8 @@ def paged_decode(q, k_cache, v_cache, block_table, seq_lens, *, softmax_scale=No
                 f"paged_decode: backend {backend!r} is not differentiable; call it under torch.no_grad() "
                 "(or use backend='torch')")
         if num_splits is None:
-            num_splits = num_splits_heuristic(q.shape[0], k_cache.shape[2],
-                                              block_table.shape[1] * k_cache.shape[1], _sm_count(q.device))
+            band = P.decode_band(block_table.shape[1] * k_cache.shape[1], window)
+            num_splits = P.num_splits(q.shape[0] * k_cache.shape[2], band, P.sm_count(q.device))
         out, lse = _paged_decode_op(q, k_cache, v_cache, block_table, seq_lens, scale, window,
                                     num_splits, backend)
     return (out, lse) if return_lse else out

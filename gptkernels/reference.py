@@ -10,9 +10,9 @@ They do no input checking: the public ops in :mod:`gptkernels` check before call
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from ._policy import softmax_scale as softmax_scale_default
 
 
 def _compute_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
@@ -107,7 +107,7 @@ def attention(
       and ``seqlens_k`` (B,); q is dense (B, Sq, Hq, D) or varlen with ``cu_seqlens_q``.
     """
     dtype = _compute_dtype(q.dtype, upcast)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    scale = softmax_scale_default(q.shape[-1], softmax_scale)
     varlen_q = cu_seqlens_q is not None
     paged = block_table is not None
 

@@ -18,9 +18,10 @@ from typing import Optional
 import torch
 
 from . import _checks as C
+from . import _policy as P
 from . import reference
 from ._backend import resolve
-from ._ops import backend_fn, needs_grad
+from ._dispatch import backend_fn, needs_grad
 
 OP = "apply_rotary"
 OP_CACHE = "rotary_cos_sin"
@@ -113,16 +114,14 @@ def _(q, k, cos, sin, positions, offset_t, offset, interleaved, backend):
 # Input checks
 # --------------------------------------------------------------------------------------------------
 
-_INDEX_DTYPES = (torch.int32, torch.int64)
-
 
 def _check_apply_rotary(q, k, cos, sin, positions, offset, interleaved, inplace):
     """Validate an apply_rotary call (everything that needs no device sync; the rest under
     GPTKERNELS_DEBUG=1)."""
-    C.check_tensor(q, "q", ndim=(3, 4), dtypes=C.FLOAT_DTYPES, op=OP)
+    C.check_tensor(q, "q", ndim=(3, 4), dtypes=P.FLOAT_DTYPES, op=OP)
     lead = q.shape[:-2]  # (B, S) dense, (T,) packed
     if k is not None:
-        C.check_tensor(k, "k", ndim=q.dim(), dtypes=C.FLOAT_DTYPES, op=OP)
+        C.check_tensor(k, "k", ndim=q.dim(), dtypes=P.FLOAT_DTYPES, op=OP)
         C.check_same_dtype(OP, "q", q, k=k)
         C.check_same_device(OP, "q", q, k=k)
         if k.shape[:-2] != lead:
@@ -133,8 +132,8 @@ def _check_apply_rotary(q, k, cos, sin, positions, offset, interleaved, inplace)
     head_dim = q.shape[-1]
     C.check_head_dim(OP, "q", head_dim)
 
-    C.check_tensor(cos, "cos", ndim=2, dtypes=C.FLOAT_DTYPES, op=OP)
-    C.check_tensor(sin, "sin", ndim=2, dtypes=C.FLOAT_DTYPES, op=OP)
+    C.check_tensor(cos, "cos", ndim=2, dtypes=P.FLOAT_DTYPES, op=OP)
+    C.check_tensor(sin, "sin", ndim=2, dtypes=P.FLOAT_DTYPES, op=OP)
     if sin.shape != cos.shape:
         raise ValueError(f"{OP}: sin must have cos's shape {tuple(cos.shape)}, got {tuple(sin.shape)}")
     C.check_same_dtype(OP, "cos", cos, sin=sin)
@@ -151,7 +150,7 @@ def _check_apply_rotary(q, k, cos, sin, positions, offset, interleaved, inplace)
 
     seq = q.shape[-3]  # S (dense) or T (packed): the index s of a token
     if positions is not None:
-        C.check_index_tensor(OP, "positions", positions, ndim=q.dim() - 2, dtypes=_INDEX_DTYPES,
+        C.check_index_tensor(OP, "positions", positions, ndim=q.dim() - 2, dtypes=P.INDEX_DTYPES,
                              device=q.device)
         if positions.shape != lead:
             raise ValueError(f"{OP}: positions must have q's leading dims {tuple(lead)}, "
@@ -167,7 +166,7 @@ def _check_apply_rotary(q, k, cos, sin, positions, offset, interleaved, inplace)
         if q.dim() != 4:
             raise ValueError(f"{OP}: a per-sequence offset tensor needs dense q (B, S, H, D); for packed "
                              f"q (T, H, D) pass positions, got q shape {tuple(q.shape)}")
-        C.check_index_tensor(OP, "offset", offset, ndim=1, dtypes=_INDEX_DTYPES, device=q.device)
+        C.check_index_tensor(OP, "offset", offset, ndim=1, dtypes=P.INDEX_DTYPES, device=q.device)
         C.check_dim(OP, "offset", offset, 0, q.shape[0], "the batch size of q")
         if C.debug_enabled() and offset.numel():
             lo, hi = int(offset.min()), int(offset.max())
@@ -351,7 +350,7 @@ def rotary_cos_sin(rotary_dim, max_positions, *, base=10000.0, scaling=None, dev
         raise ValueError(f"{OP_CACHE}: max_positions must be >= 1, got {max_positions}")
     if isinstance(base, bool) or not isinstance(base, (int, float)) or not base > 1:
         raise ValueError(f"{OP_CACHE}: base must be a number > 1, got {base!r}")
-    if dtype not in C.FLOAT_DTYPES + (torch.float64,):
+    if dtype not in P.FLOAT_DTYPES + (torch.float64,):
         raise TypeError(f"{OP_CACHE}: dtype must be a floating dtype, got {dtype}")
     inv_freq, attention_factor = rotary_inv_freq(rotary_dim, max_positions, base=float(base),
                                                  scaling=scaling)

@@ -25,14 +25,14 @@ def _first_config_only(monkeypatch):
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Counts calls into the Triton attention forward launcher (kernel path vs. fallthrough)."""
-    from gptkernels import kernels
+    from gptkernels import triton as triton_backend
 
     calls = []
-    real = kernels.flash_attn_forward
+    real = triton_backend.flash_attn_forward
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(kernels, "flash_attn_forward", counting)
+    monkeypatch.setattr(triton_backend, "flash_attn_forward", counting)
     return calls

@@ -1,4 +1,4 @@
-"""The "cuda" backend: the CUDA C++ extension gptkernels._C (csrc/) and its wrappers gptkernels._cuda.
+"""The "cuda" backend: the CUDA C++ extension gptkernels._C (csrc/) and its wrappers gptkernels.cuda.
 
 Three layers:
 
@@ -30,8 +30,11 @@ import pytest
 import torch
 
 import gptkernels
-from gptkernels import _cuda, reference
+from gptkernels import cuda as cuda_backend, reference
 from gptkernels._backend import BackendUnavailableError
+from gptkernels._policy import CPU_NOMINAL_SMS, decode_band
+from gptkernels._policy import num_splits as policy_num_splits
+from gptkernels._policy import softmax_scale as softmax_scale_default
 from tests.helpers import DEVICE, ON_GPU, assert_parity, grid, randn, requires_gpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -227,7 +230,7 @@ def ops():
         if blocker:
             pytest.skip(f"the CUDA extension cannot be built here: {blocker}")
         pytest.fail(f"gptkernels._C is not built ({e}): run `make build-cuda` first")
-    _cuda._ops()  # registers the fakes
+    cuda_backend._ops()  # registers the fakes
     return torch.ops.gptkernels_C
 
 
@@ -324,27 +327,29 @@ CPP_CHECKS = [
     ("paged_append", lambda: (_h(3, 2, 8), _h(3, 2, 8), _h(4, 8, 2, 8), _h(4, 8, 2, 8), _i(0, 1, 2)), ValueError,
      "k must be a CUDA tensor"),
     ("paged_decode", lambda: (_h(2, 4, 8), _h(4, 8, 2, 8), _h(4, 8, 2, 8), _i(0, 1, 2, 3).view(2, 2), _i(3),
-                              0.3, None, 0), ValueError, r"seq_lens\.shape\[0\]"),
+                              0.3, None, 1), ValueError, r"seq_lens\.shape\[0\]"),
     ("paged_decode", lambda: (_h(2, 4, 8), _h(4, 8, 2, 8), _h(4, 8, 2, 8, dtype=torch.bfloat16),
-                              _i(0, 1, 2, 3).view(2, 2), _i(3, 4), 0.3, None, 0), TypeError, "v_cache"),
+                              _i(0, 1, 2, 3).view(2, 2), _i(3, 4), 0.3, None, 1), TypeError, "v_cache"),
     ("paged_decode", lambda: (_h(2, 4, 8), _h(4, 8, 3, 8), _h(4, 8, 3, 8), _i(0, 1, 2, 3).view(2, 2), _i(3, 4),
-                              0.3, None, 0), ValueError, "multiple of the number of heads of k_cache"),
+                              0.3, None, 1), ValueError, "multiple of the number of heads of k_cache"),
     ("paged_decode", lambda: (_h(2, 4, 8), _h(4, 8, 2, 8), _h(4, 8, 2, 8), _i(0, 1, 2, 3).view(2, 2), _i(3, 4),
-                              0.3, 0, 0), ValueError, "window must be >= 1"),
+                              0.3, 0, 1), ValueError, "window must be >= 1"),
     ("paged_decode", lambda: (_h(2, 4, 8), _h(4, 8, 2, 8), _h(4, 8, 2, 8), _i(0, 1, 2, 3).view(2, 2), _i(3, 4),
-                              0.3, None, 0), ValueError, "q must be a CUDA tensor"),
+                              0.3, None, 1), ValueError, "q must be a CUDA tensor"),
     # int32 key counts: max_blocks * block_size (a stride-0 table: no memory)
     ("flash_attn_fwd", lambda: (_h(1, 1, 2, 32), _h(1, 1024, 2, 32), _h(1, 1024, 2, 32), None, None,
                                 _i(0).view(1, 1).expand(1, 1 << 21), _i(5), 1, 5, True, None, 0.1, True),
      ValueError, "block_table covers more than 2"),
     ("paged_decode", lambda: (_h(1, 2, 8), _h(1, 1024, 2, 8), _h(1, 1024, 2, 8), _i(0).view(1, 1).expand(1, 1 << 21),
-                              _i(5), 0.3, None, 0), ValueError, "block_table covers more than 2"),
+                              _i(5), 0.3, None, 1), ValueError, "block_table covers more than 2"),
     # grid limits (gridDim.y and .z <= 65535)
     ("flash_attn_fwd", lambda: (_h(1, 1, 65536, 32), _h(1, 1, 1, 32), _h(1, 1, 1, 32), None, None, None, None, 1,
                                 1, True, None, 0.1, True), ValueError, "at most 65535 sequences and heads"),
     ("paged_decode", lambda: (_h(65536, 1, 8), _h(1, 8, 1, 8), _h(1, 8, 1, 8),
                               torch.zeros(65536, 1, dtype=torch.int32), torch.ones(65536, dtype=torch.int32), 0.3,
-                              None, 0), ValueError, "at most 65535 sequences"),
+                              None, 1), ValueError, "at most 65535 sequences"),
+    ("paged_decode", lambda: (_h(2, 4, 8), _h(4, 8, 2, 8), _h(4, 8, 2, 8), _i(0, 1, 2, 3).view(2, 2), _i(3, 4),
+                              0.3, None, 0), ValueError, "num_splits must be >= 1"),
 ]
 
 
@@ -369,41 +374,41 @@ def test_unsupported_options_raise_backend_unavailable(ops, what):
     dev = DEVICE
     if what == "float32":
         q = randn(1, 4, 2, 64, device=dev)
-        call, match = lambda: _cuda.flash_attn_forward(q, q, q, **_flash_kw()), "float32"
+        call, match = lambda: cuda_backend.flash_attn_forward(q, q, q, **_flash_kw()), "float32"
     elif what == "head_dim":
         q = randn(1, 4, 2, 48, dtype=torch.float16, device=dev)
-        call, match = lambda: _cuda.flash_attn_forward(q, q, q, **_flash_kw()), "head dim 48"
+        call, match = lambda: cuda_backend.flash_attn_forward(q, q, q, **_flash_kw()), "head dim 48"
     elif what == "unaligned":  # head dim not contiguous: no 16-byte row loads
         q = randn(1, 4, 2, 128, dtype=torch.float16, device=dev)[..., ::2]
-        call, match = lambda: _cuda.flash_attn_forward(q, q, q, **_flash_kw()), "16-byte aligned rows"
+        call, match = lambda: cuda_backend.flash_attn_forward(q, q, q, **_flash_kw()), "16-byte aligned rows"
     elif what == "cos_dtype":
         q = randn(1, 4, 2, 8, dtype=torch.float16, device=dev)
         cos = randn(10, 4, dtype=torch.bfloat16, device=dev)
-        call, match = (lambda: _cuda.apply_rotary(q, None, cos, cos, positions=None, offset=0, interleaved=False,
+        call, match = (lambda: cuda_backend.apply_rotary(q, None, cos, cos, positions=None, offset=0, interleaved=False,
                                                   inplace=False, conjugate=False)), "cos/sin"
     elif what == "decode_head_dim":
         q, kc = randn(1, 2, 6, dtype=torch.float16, device=dev), randn(2, 8, 2, 6, dtype=torch.float16, device=dev)
         t, n = torch.zeros(1, 2, dtype=torch.int32, device=dev), torch.ones(1, dtype=torch.int32, device=dev)
-        call, match = (lambda: _cuda.paged_decode(q, kc, kc, t, n, softmax_scale=None, window=None,
-                                                  num_splits=None)), "head dim 6"
+        call, match = (lambda: cuda_backend.paged_decode(q, kc, kc, t, n, softmax_scale=0.5, window=None,
+                                                         num_splits=1)), "head dim 6"
     elif what == "decode_cache_layout":  # head dim strided in the cache
         q = randn(1, 2, 8, dtype=torch.float16, device=dev)
         kc = randn(2, 8, 2, 16, dtype=torch.float16, device=dev)[..., ::2]
         t, n = torch.zeros(1, 2, dtype=torch.int32, device=dev), torch.ones(1, dtype=torch.int32, device=dev)
-        call, match = (lambda: _cuda.paged_decode(q, kc, kc, t, n, softmax_scale=None, window=None,
-                                                  num_splits=None)), "contiguous head dim"
+        call, match = (lambda: cuda_backend.paged_decode(q, kc, kc, t, n, softmax_scale=0.5, window=None,
+                                                         num_splits=1)), "contiguous head dim"
     else:
         k = randn(3, 2, 8, dtype=torch.float16, device=dev)
         kc = randn(4, 8, 2, 8, device=dev)
         s = torch.arange(3, device=dev)
-        call, match = lambda: _cuda.paged_append(k, k, kc, kc, s), "dtypes must match"
+        call, match = lambda: cuda_backend.paged_append(k, k, kc, kc, s), "dtypes must match"
     with pytest.raises(BackendUnavailableError, match=match):
         call()
 
 
 def test_no_attention_backward_on_cuda():
     """attention.py asks the backend for flash_attn_backward when grads are needed: cuda has none."""
-    assert not hasattr(_cuda, "flash_attn_backward")
+    assert not hasattr(cuda_backend, "flash_attn_backward")
     if ON_GPU:
         q = randn(1, 8, 2, 64, dtype=torch.float16, device="cuda").requires_grad_()
         with pytest.raises(BackendUnavailableError, match="flash_attn_backward"):
@@ -433,7 +438,7 @@ def test_fake_implementations_trace(ops):
         qd = torch.empty(3, 4, 64, dtype=torch.bfloat16)
         cache = torch.empty(10, 16, 2, 64, dtype=torch.bfloat16)
         out, lse = ops.paged_decode(qd, cache, cache, torch.empty(3, 4, dtype=torch.int32),
-                                    torch.empty(3, dtype=torch.int32), 0.1, None, 0)
+                                    torch.empty(3, dtype=torch.int32), 0.1, None, 1)
         assert out.shape == qd.shape and lse.shape == (3, 4)
 
 
@@ -506,22 +511,32 @@ def emu_ops():
         if "CUDA headers" in str(e):
             pytest.skip(f"needs the CUDA toolkit headers to build the emulator: {e}")
         raise
-    _cuda.register_fakes(NAMESPACE)
+    cuda_backend.register_fakes(NAMESPACE)
     return ns
 
 
 @pytest.fixture
 def emu(emu_ops, monkeypatch):
-    """gptkernels._cuda's launchers, running the csrc kernels on the CPU emulator (CPU tensors)."""
-    monkeypatch.setattr(_cuda, "_OPS", emu_ops)
-    return _cuda
+    """gptkernels.cuda's launchers, running the csrc kernels on the CPU emulator (CPU tensors)."""
+    monkeypatch.setattr(cuda_backend, "_OPS", emu_ops)
+    return cuda_backend
 
 
 def _emu_flash(emu):
     def run(q, k, v, **kw):
-        if kw["softmax_scale"] is None:
-            kw["softmax_scale"] = 1.0 / math.sqrt(q.shape[-1])
+        kw["softmax_scale"] = softmax_scale_default(q.shape[-1], kw["softmax_scale"])
         return emu.flash_attn_forward(q, k, v, bottom_right=True, **kw)
+    return run
+
+
+def _emu_decode(emu):
+    """The launcher with what the public op resolves (scale default, the split policy)."""
+    def run(q, kc, vc, table, lens, *, softmax_scale, window, num_splits):
+        if num_splits is None:
+            band = decode_band(table.shape[1] * kc.shape[1], window)
+            num_splits = policy_num_splits(q.shape[0] * kc.shape[2], band, CPU_NOMINAL_SMS)
+        return emu.paged_decode(q, kc, vc, table, lens, softmax_scale=softmax_scale_default(q.shape[-1], softmax_scale),
+                                window=window, num_splits=num_splits)
     return run
 
 
@@ -609,14 +624,14 @@ EMU_DECODE = [
     dict(lens=[513], Hq=2, Hkv=1, D=256, block_size=256, num_splits=5),
     dict(lens=[20, 0, 3], Hq=2, Hkv=2, D=32, block_size=8, window=4),        # a sequence of length 0
     dict(lens=[75, 9], Hq=8, Hkv=2, D=12, block_size=32, scale=1.0, num_splits=9),  # small head dim, empty splits
-    dict(lens=[64, 33], Hq=3, Hkv=1, D=96, block_size=16),                   # splits chosen by the kernel side
+    dict(lens=[64, 33], Hq=3, Hkv=1, D=96, block_size=16),                   # splits chosen by the policy
 ]
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("case", range(len(EMU_DECODE)))
 def test_emulated_paged_decode(emu, case, dtype):
-    check_decode(emu.paged_decode, "cpu", dtype, seed=case, **EMU_DECODE[case])
+    check_decode(_emu_decode(emu), "cpu", dtype, seed=case, **EMU_DECODE[case])
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
@@ -726,8 +741,8 @@ def check_64bit_cache_offsets(mod, device):
 
     q = randn(2, Hq, D, dtype=torch.float16, device=device)
     for splits in (1, 3):
-        near = mod.paged_decode(q, kc, vc, table, seq_lens, softmax_scale=None, window=None, num_splits=splits)
-        far = mod.paged_decode(q, far_k, far_v, far_table, seq_lens, softmax_scale=None, window=None,
+        near = mod.paged_decode(q, kc, vc, table, seq_lens, softmax_scale=0.125, window=None, num_splits=splits)
+        far = mod.paged_decode(q, far_k, far_v, far_table, seq_lens, softmax_scale=0.125, window=None,
                                num_splits=splits)
         assert torch.equal(near[0], far[0]) and torch.equal(near[1], far[1])
 
@@ -964,9 +979,9 @@ def test_paged_decode_cuda_graph():
 @requires_gpu
 def test_cuda_kernels_use_64bit_offsets(ops):
     """The emulated 64-bit offset checks on the GPU (up to ~9 GiB of device memory for a moment)."""
-    check_64bit_cache_offsets(_cuda, "cuda")
+    check_64bit_cache_offsets(cuda_backend, "cuda")
     torch.cuda.empty_cache()
-    check_64bit_row_offsets(_cuda, "cuda")
+    check_64bit_row_offsets(cuda_backend, "cuda")
 
 
 def test_emulator_build_clears_a_stale_lock_file(tmp_path):

@@ -213,7 +213,7 @@ def test_backward_atomic_dq_varlen():
 
 def test_torch_deterministic_mode_overrides(monkeypatch):
     # torch.use_deterministic_algorithms(True) takes the deterministic backward (the dq kernel runs)
-    from gptkernels.kernels import flash_attn as fa
+    from gptkernels.triton import flash_attn as fa
 
     calls = []
     real = fa._bwd_dq.fn.run
@@ -230,7 +230,7 @@ def test_torch_deterministic_mode_overrides(monkeypatch):
 def test_gpu_config_choice_without_autotuning():
     # GPTKERNELS_AUTOTUNE=0 (set for every test) takes the first row of the call's bucket; the
     # atomic-dQ kernel has its own order (its 16 x 64 tile spills least at D = 128).
-    from gptkernels.kernels import flash_attn as fa
+    from gptkernels.triton import flash_attn as fa
 
     rows = list(dict.fromkeys(r for t in (fa._DKDV_TABLE, fa._DKDV_ATOMIC_TABLE) for v in t.values() for r in v))
     cfgs = [fa._config(r) for r in rows]
@@ -328,7 +328,7 @@ _TILE_SHAPES = [
 def test_other_tile_shapes(shapes, monkeypatch):
     import triton
 
-    from gptkernels.kernels import flash_attn as fa
+    from gptkernels.triton import flash_attn as fa
 
     for name, kernel in (("fwd", fa._fwd_kernel), ("dkdv", fa._bwd_dkdv), ("dq", fa._bwd_dq)):
         bm, bn = shapes[name]
@@ -348,7 +348,7 @@ def test_other_tile_shapes(shapes, monkeypatch):
                                             (torch.bfloat16, 256), (torch.float32, 96)], ids=str)
 def test_every_gpu_config(dtype, head_dim, monkeypatch):
     # Each config the autotuner may pick for this dtype and head dim, one at a time.
-    from gptkernels.kernels import flash_attn as fa
+    from gptkernels.triton import flash_attn as fa
 
     bucket = (dtype == torch.float32, min(max(fa._block_d(head_dim), 64), 256))
     q = randn(2, 300, 4, head_dim, dtype=dtype)
@@ -376,7 +376,7 @@ def test_compiles_for_hopper():
     # The interpreter never runs Triton's compiler: prove, without a GPU, that every kernel compiles
     # for sm_90a, uses wgmma tensor cores, pipelines its loads and fits in an H100's shared memory.
     # A subprocess, because TRITON_INTERPRET (read when the kernels are defined) must be unset.
-    from tests.sm90_compile import SM90_SHARED, compile_in_subprocess
+    from tools.sm90_compile import SM90_SHARED, compile_in_subprocess
 
     results = compile_in_subprocess(timeout=900)
     assert {r["kernel"] for r in results} == {"fwd", "fwd_split", "fwd_decode", "fwd_paged", "dkdv",
@@ -564,7 +564,7 @@ _SPLIT_CASES = [
 def test_split_keys_forward(splits, dtype, monkeypatch):
     # Forced split counts (the heuristic only splits long keys): each split's share of every query
     # tile's band, the merge, and lse (also through the backward, which reads it).
-    from gptkernels.kernels import flash_attn as fa
+    from gptkernels.triton import flash_attn as fa
 
     monkeypatch.setattr(fa, "_fwd_num_splits", lambda *args: splits)
     for i, (b, sq, sk, hq, hkv, d, causal, window) in enumerate(_SPLIT_CASES):
@@ -582,7 +582,7 @@ def test_split_keys_forward(splits, dtype, monkeypatch):
 
 def test_split_heuristic():
     # Decode-shaped calls with long keys split; a prefill that fills the GPU by itself does not.
-    from gptkernels.kernels import flash_attn as fa
+    from gptkernels.triton import flash_attn as fa
 
     cpu = torch.device("cpu")
     assert fa._fwd_num_splits(1, 8, 1, 8192, None, cpu) > 1
@@ -617,7 +617,7 @@ def test_head_offsets_past_2_31():
     # buffer; e.g. a (B, H, S, D) tensor seen as (B, S, H, D) with S * D > 2**30): head 2 starts
     # past 2**31, so h * stride_h must be computed in int64 in every kernel (forward, preprocess,
     # dK/dV, dQ, paged keys). An int32 product wraps and reads far outside the tensors.
-    from gptkernels.kernels import flash_attn as fa
+    from gptkernels.triton import flash_attn as fa
 
     dtype = DTYPES[0]
     q, k, v, dout, k_cache, v_cache = huge_stride_views(
@@ -646,7 +646,7 @@ def test_large_batch_is_launched_in_chunks(monkeypatch):
     # CUDA caps grid dims y and z at 65535 and the batch is grid axis 2: a bigger batch (dense, or
     # varlen with many sequences) is launched in chunks. The limit is lowered to 2 here so that the
     # interpreter runs several chunks; every launch is recorded and checked against it.
-    from gptkernels.kernels import flash_attn as fa
+    from gptkernels.triton import flash_attn as fa
 
     monkeypatch.setattr(fa, "MAX_GRID_YZ", 2)
     grids = []

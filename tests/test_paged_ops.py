@@ -13,7 +13,7 @@ import torch
 import gptkernels
 from gptkernels import PagedKVCache, paged_append, paged_decode, reference
 from gptkernels._backend import BackendUnavailableError, unavailable_reason
-from gptkernels.paged import MAX_SPLITS, MIN_SPLIT_TOKENS, num_splits_heuristic
+from gptkernels._policy import MAX_SPLITS, MIN_SPLIT_TOKENS, decode_band, num_splits, sm_count
 from tests.helpers import DEVICE, DTYPES, ON_GPU, assert_parity, grid, huge_stride_views, randn, requires_gpu
 
 
@@ -76,7 +76,7 @@ def test_decode_long_context(dtype):
     """A few thousand keys: the split heuristic splits (also on CPU: 16 nominal SMs) and matches."""
     lens = grid([2903], [2903, 31001])
     case = _paged_case(lens, 8, 2, 64, 64, dtype, seed=5)
-    assert num_splits_heuristic(len(lens), 2, case[3].shape[1] * 64, gptkernels.paged._sm_count(case[0].device)) > 1
+    assert num_splits(len(lens) * 2, case[3].shape[1] * 64, sm_count(case[0].device)) > 1
     _check_decode(*case)
 
 
@@ -138,16 +138,20 @@ def test_decode_strided_q():
                                rtol=0, atol=0)
 
 
-def test_num_splits_heuristic():
+def test_split_policy():
     sms = 132
-    assert num_splits_heuristic(64, 8, 4096, sms) == 1  # 512 programs fill an H100 by themselves
-    s = num_splits_heuristic(1, 8, 128 * 1024, sms)
+    assert num_splits(64 * 8, 4096, sms) == 1  # 512 programs fill an H100 by themselves
+    s = num_splits(8, 128 * 1024, sms)
     assert 1 < s <= MAX_SPLITS and 8 * s >= 2 * sms  # batch 1, 128k: split until the GPU is full
-    assert num_splits_heuristic(1, 8, 1000, sms) == 1  # too short to be worth a split
-    assert num_splits_heuristic(1, 1, 10 ** 7, sms) == min(2 * sms, MAX_SPLITS)
-    assert num_splits_heuristic(1, 8, 128 * 1024, sms) <= 128 * 1024 // MIN_SPLIT_TOKENS
+    assert num_splits(8, 1000, sms) == 1  # too short to be worth a split
+    assert num_splits(1, 10 ** 7, sms) == min(2 * sms, MAX_SPLITS)
+    assert num_splits(8, 128 * 1024, sms) <= 128 * 1024 // MIN_SPLIT_TOKENS
     for b in (1, 2, 4, 8, 16, 32):  # fewer splits as the batch grows
-        assert num_splits_heuristic(2 * b, 8, 32768, sms) <= num_splits_heuristic(b, 8, 32768, sms)
+        assert num_splits(2 * b * 8, 32768, sms) <= num_splits(b * 8, 32768, sms)
+    # a sliding window bounds the keys a row sees: a 128k table with a 1k window is a 1k band
+    assert decode_band(128 * 1024, 1024) == 1024 and decode_band(128 * 1024, None) == 128 * 1024
+    assert decode_band(100, 1024, query_rows=16) == 100 and decode_band(4096, 1024, query_rows=16) == 1039
+    assert num_splits(8, decode_band(128 * 1024, 1024), sms) <= 2
 
 
 # --------------------------------------------------------------------------------------------------
@@ -342,12 +346,12 @@ def test_cuda_graph_capture_and_replay(num_splits):
 
 
 def test_dispatch(monkeypatch):
-    from gptkernels import kernels
+    from gptkernels import triton as triton_backend
 
     q, kc, vc, table, lens = _paged_case([5, 9], 4, 2, 64, 8, torch.float32)
     calls = []
-    real = kernels.paged_decode
-    monkeypatch.setattr(kernels, "paged_decode", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    real = triton_backend.paged_decode
+    monkeypatch.setattr(triton_backend, "paged_decode", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     paged_decode(q, kc, vc, table, lens)  # default: the Triton kernels (GPU, or the CPU interpreter)
     assert len(calls) == 1 and calls[0]["num_splits"] >= 1 and calls[0]["window"] is None
     paged_decode(q, kc, vc, table, lens, num_splits=3, window=4, softmax_scale=0.5)
@@ -487,7 +491,7 @@ def test_offsets_past_2_31():
 def test_num_splits_beyond_the_grid_limit(monkeypatch):
     # The splits are grid axis z, which CUDA caps at 65535: a larger forced num_splits is clamped
     # (lowered to 3 here so that the interpreter stays fast). The answer does not depend on it.
-    from gptkernels.kernels import paged as pg
+    from gptkernels.triton import paged as pg
 
     monkeypatch.setattr(pg, "MAX_GRID_Z", 3)
     grids = []
@@ -511,7 +515,7 @@ def test_compiles_for_hopper():
     # compile for sm_90a with the arguments their launchers pass (every autotune config of decode),
     # fit an H100's shared memory, do not spill, and lower as notes/paged.md says: 16-byte K/V loads
     # (ld.global.v4, or 16-byte cp.async copies on the pipelined tensor-core path of groups >= 2).
-    from tests.sm90_compile import SM90_SHARED, compile_in_subprocess
+    from tools.sm90_compile import SM90_SHARED, compile_in_subprocess
 
     results = compile_in_subprocess("--kernels", "paged", "--all-configs", "--ptxas")
     assert {(r["kernel"], r["case"]["dtype"], r["case"].get("group")) for r in results} == {

@@ -15,7 +15,7 @@ import torch
 import gptkernels
 from gptkernels import reference
 from gptkernels._backend import BackendUnavailableError, unavailable_reason
-from gptkernels._ops import backend_module
+from gptkernels._dispatch import backend_module
 from tests.helpers import DEVICE, DTYPES, ON_GPU, assert_parity, grid, randn, requires_gpu
 
 
@@ -168,7 +168,7 @@ def test_cos_sin_any_float_dtype_and_strides(backend):
 def test_triton_launch_configs(config):
     """Any (block_t, block_h, head_splits, num_warps) a tuning sweep may pick gives the same answer;
     the launcher contract: conjugate=True undoes the rotation, in place returns its inputs."""
-    from gptkernels.kernels.rotary import apply_rotary as launch
+    from gptkernels.triton.rotary import apply_rotary as launch
 
     block_t, block_h, splits, warps = config
     q, k = randn(3, 4, 6, 80), randn(3, 4, 3, 80)
@@ -191,7 +191,7 @@ def test_inplace_kernel_is_never_benchmarked():
     The launch config comes from a heuristic; an autotuner would have to restore q and k."""
     from triton.runtime.autotuner import Autotuner
 
-    from gptkernels.kernels import rotary as ro
+    from gptkernels.triton import rotary as ro
 
     kernel = ro._rotary_kernel
     assert not isinstance(kernel, Autotuner) or {"q_ptr", "k_ptr"} <= set(kernel.restore_value)
@@ -619,7 +619,7 @@ def test_compiles_for_hopper():
     # partial R, out of place), fits an H100's shared memory and does not spill; and, as
     # notes/rotary.md promises, that its q/k loads are 16-byte vectors in every case (the GPT-NeoX
     # layout at R = D/4 took 8-byte ones until pick_config sized the tile by the half-row).
-    from tests.sm90_compile import SM90_SHARED, compile_in_subprocess
+    from tools.sm90_compile import SM90_SHARED, compile_in_subprocess
 
     results = compile_in_subprocess("--kernels", "rotary", "--ptxas")
     assert {(r["case"]["dtype"], r["case"]["layout"], r["case"]["rot_dim"]) for r in results} == {

@@ -31,14 +31,4 @@ inline void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
-// Streaming multiprocessors of `device` (the split heuristics size their grids with it).
-inline int multiprocessor_count(int device) {
-  int sms = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) {
-    (void)cudaGetLastError();  // clear the error; assume an H100
-    sms = 132;
-  }
-  return sms;
-}
-
 }  // namespace gptkernels

@@ -16,7 +16,6 @@ namespace gptkernels {
 namespace {
 
 constexpr int kMaxSplits = 128;         // paged_decode_kernel.cuh: kMaxSplits (merge kernel smem)
-constexpr int kMinKeysPerSplit = 256;  // below this a split's fixed costs dominate
 
 void check_cache_pair(const at::Tensor& k_cache, const at::Tensor& v_cache, const char* op) {
   check_dim(k_cache, 4, op, "k_cache", "(num_blocks, block_size, Hkv, D)");
@@ -103,7 +102,8 @@ std::tuple<at::Tensor, at::Tensor> paged_decode(const at::Tensor& q, const at::T
                               "the CUDA kernel, got strides ",
                               k_cache.strides(), " and ", v_cache.strides());
   TORCH_CHECK_VALUE(!window.has_value() || *window >= 1, op, ": window must be >= 1, got ", window.value_or(0));
-  TORCH_CHECK_VALUE(num_splits >= 0, op, ": num_splits must be >= 1 (or 0: choose), got ", num_splits);
+  // The split count is chosen by the public op (gptkernels/_policy.py, one policy for every backend).
+  TORCH_CHECK_VALUE(num_splits >= 1, op, ": num_splits must be >= 1, got ", num_splits);
   const int64_t group = heads_q / heads_kv;
   const int64_t head_chunks = (group + kDecodeMaxGroup - 1) / kDecodeMaxGroup;
   TORCH_CHECK_VALUE(batch <= 65535 && heads_kv * head_chunks <= 65535, op,
@@ -124,18 +124,7 @@ std::tuple<at::Tensor, at::Tensor> paged_decode(const at::Tensor& q, const at::T
   const at::Tensor table = block_table.contiguous();  // tiny; a no-op when already contiguous
   const at::Tensor lens = seq_lens.contiguous();
 
-  // Split choice without a host sync: only shapes. Enough thread blocks for ~2 waves, but no split
-  // shorter than kMinKeysPerSplit keys of the longest possible context.
-  const int64_t max_keys = std::min<int64_t>(block_table.size(1) * k_cache.size(1),
-                                             window.has_value() ? *window : INT64_MAX);
-  int64_t splits = num_splits;
-  if (splits == 0) {
-    const int64_t blocks = batch * heads_kv * head_chunks;
-    const int64_t target = 2 * multiprocessor_count(q.get_device());
-    splits = blocks >= target ? 1 : (target + blocks - 1) / blocks;
-    splits = std::min(splits, std::max<int64_t>(1, (max_keys + kMinKeysPerSplit - 1) / kMinKeysPerSplit));
-  }
-  splits = std::max<int64_t>(1, std::min<int64_t>(splits, kMaxSplits));
+  const int64_t splits = std::min<int64_t>(num_splits, kMaxSplits);
 
   PagedDecodeParams p{};
   p.q = q.data_ptr();

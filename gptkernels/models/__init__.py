@@ -7,7 +7,8 @@
     logits = model(input_ids, attention_mask=None, backend=None)           # (B, S, vocab)
 """
 
-from .common import FAMILIES, AttnContext, CausalLM, ModelConfig
+from .common import AttnContext, CausalLM
+from .config import FAMILIES, ModelConfig
 from .loading import from_config, from_hf_config, from_pretrained
 from .presets import PRESETS, TINY
 

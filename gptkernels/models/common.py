@@ -21,8 +21,7 @@ How a forward pass runs attention is described by an :class:`AttnContext`:
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -32,105 +31,9 @@ from torch import nn
 from ..attention import flash_attn
 from ..paged import paged_append, paged_decode
 from ..rotary import apply_rotary, rotary_cos_sin
-
-FAMILIES = ("gpt2", "gpt-neo", "gpt-neox", "opt")
-
-#: HF activation names -> function. The tanh forms are the same formula HF's NewGELU computes.
-ACTIVATIONS = {
-    "gelu": F.gelu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
-    "relu": F.relu,
-    "silu": F.silu,
-    "swish": F.silu,
-}
-
-
-@dataclass
-class ModelConfig:
-    """Everything that shapes a model's numbers. Built from an HF config by
-    :func:`gptkernels.models.from_hf_config`; every field is plain data (dataclass, JSON-friendly)."""
-
-    family: str
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    intermediate_size: int
-    max_positions: int
-    activation: str = "gelu_new"
-    norm_eps: float = 1e-5
-    norm_affine: bool = True           # OPT's layer_norm_elementwise_affine
-    #: per-layer softmax scale; None -> 1/sqrt(head_dim) for every layer
-    softmax_scales: Optional[list[float]] = None
-    #: per-layer sliding window (GPT-Neo's local layers); None -> every layer global
-    windows: Optional[list[Optional[int]]] = None
-    qkv_bias: bool = True
-    out_bias: bool = True
-    mlp_bias: bool = True
-    #: learned absolute position embeddings (GPT-2, GPT-Neo, OPT); False for rotary models
-    learned_positions: bool = True
-    position_offset: int = 0           # OPT: position p reads row p + 2 of its table
-    rotary_dim: int = 0                # GPT-NeoX: channels that rotate (rotary_pct * head_dim)
-    rope_base: float = 10000.0
-    rope_scaling: Optional[dict] = None
-    parallel_residual: bool = False    # GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
-    norm_before: bool = True           # False: OPT-350m's post-LayerNorm blocks
-    final_norm: bool = True
-    embed_dim: Optional[int] = None    # OPT's word_embed_proj_dim (project_in/out when != hidden)
-    tie_word_embeddings: bool = True
-    bos_token_id: Optional[int] = None
-    eos_token_id: Optional[int] = None
-    pad_token_id: Optional[int] = None
-    extra: dict = field(default_factory=dict)  # anything the family wants to keep (model_type...)
-
-    def __post_init__(self):
-        if self.family not in FAMILIES:
-            raise ValueError(f"ModelConfig: family must be one of {FAMILIES}, got {self.family!r}")
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-                     "max_positions"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"ModelConfig: {name} must be an int >= 1, got {value!r}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"ModelConfig: hidden_size ({self.hidden_size}) must be a multiple of "
-                             f"num_heads ({self.num_heads})")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"ModelConfig: activation must be one of {sorted(ACTIVATIONS)}, "
-                             f"got {self.activation!r}")
-        for name in ("softmax_scales", "windows"):
-            value = getattr(self, name)
-            if value is not None and len(value) != self.num_layers:
-                raise ValueError(f"ModelConfig: {name} must have one entry per layer "
-                                 f"({self.num_layers}), got {len(value)}")
-        if self.windows is not None:
-            for w in self.windows:
-                if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
-                    raise ValueError(f"ModelConfig: windows must hold None or ints >= 1, got {w!r}")
-        if self.rotary_dim:
-            if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
-                raise ValueError(f"ModelConfig: rotary_dim must be even and at most head_dim "
-                                 f"({self.head_dim}), got {self.rotary_dim}")
-        if self.embed_dim is None:
-            self.embed_dim = self.hidden_size
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    def softmax_scale(self, layer: int) -> float:
-        if self.softmax_scales is None:
-            return 1.0 / math.sqrt(self.head_dim)
-        return float(self.softmax_scales[layer])
-
-    def window(self, layer: int) -> Optional[int]:
-        return None if self.windows is None else self.windows[layer]
-
-    def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
+from .config import ACTIVATIONS, ModelConfig
+from .families import convert_hf_state_dict
+from .inputs import pack_batch
 
 # --------------------------------------------------------------------------------------------------
 # How attention runs in one forward pass
@@ -303,8 +206,6 @@ class CausalLM(nn.Module):
         """Load weights from a Hugging Face state dict (HF's own key names; with or without the
         ``transformer.`` / ``gpt_neox.`` / ``model.`` prefixes). Conversion is the family's
         (:mod:`gptkernels.models.gpt2` etc.); missing or unexpected weights raise a ValueError."""
-        from .loading import convert_hf_state_dict
-
         converted = convert_hf_state_dict(self.config, state_dict)
         if self.config.tie_word_embeddings:
             converted["lm_head.weight"] = converted["tok_emb.weight"]
@@ -359,8 +260,6 @@ class CausalLM(nn.Module):
         pass ``position_ids`` (B, S) to override (HF's GPT-2/Neo/NeoX forward uses ``arange(S)`` even
         with a padded mask). ``backend`` goes to every kernel call.
         """
-        from .inputs import pack_batch
-
         batch = pack_batch(self.config, input_ids, attention_mask, position_ids, op="model")
         ctx = AttnContext(positions=batch.positions, backend=backend, cu_seqlens=batch.cu_seqlens,
                           max_seqlen=batch.max_seqlen)

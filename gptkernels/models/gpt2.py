@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from ._convert import StateDict, cfg_get
-from .common import ModelConfig
+from .config import ModelConfig
 
 MODEL_TYPE = "gpt2"
 

@@ -10,12 +10,12 @@ Head splits only exist to fill the GPU when there are few tokens (decode). See n
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from .._policy import sm_count
 from ._config import INTERPRET, next_pow2
 
 
@@ -132,18 +132,6 @@ MAX_TILE_ELEMS = 16384
 PROGRAMS_PER_SM = 4
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _sm_count(device: torch.device) -> int:
-    # The interpreter pretends to have 2 SMs, so small CPU tests take the head-split path too.
-    if INTERPRET or device.type != "cuda":
-        return 2
-    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def pick_config(n_tokens: int, hq: int, hk: int, head_dim: int, device: torch.device,
                 block_t: int | None = None, block_h: int | None = None, head_splits: int | None = None,
                 num_warps: int | None = None, *, rot_dim: int | None = None, interleaved: bool = False,
@@ -164,7 +152,7 @@ def pick_config(n_tokens: int, hq: int, hk: int, head_dim: int, device: torch.de
         block_t = min(block_t, next_pow2(n_tokens), 64)
     if head_splits is None:
         token_programs = triton.cdiv(n_tokens, block_t)
-        want = PROGRAMS_PER_SM * _sm_count(device)
+        want = PROGRAMS_PER_SM * sm_count(device)
         max_splits = triton.cdiv(max(heads), block_h)
         head_splits = max(1, min(max_splits, triton.cdiv(want, token_programs)))
     return block_t, block_h, head_splits, num_warps

@@ -1,6 +1,6 @@
 """Triton kernels for the paged KV cache: cache append and split-K (flash-decoding) decode.
 
-Launchers (same names and signatures as their CUDA twins in :mod:`gptkernels._cuda`):
+Launchers (same names and signatures as their CUDA twins in :mod:`gptkernels.cuda`):
 
 * ``paged_append(k, v, k_cache, v_cache, slot_mapping) -> None``
 * ``paged_decode(q, k_cache, v_cache, block_table, seq_lens, *, softmax_scale, window, num_splits)

@@ -32,10 +32,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .._policy import LOG2E, decode_band, num_splits, sm_count
 from ._config import configs, next_pow2
 from .paged import merge_splits
 
-LOG2E = 1.4426950408889634
 _LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)  # the same constant, usable inside kernels
 
 
@@ -752,7 +752,7 @@ def _bwd_dq(
 
 
 # --------------------------------------------------------------------------------------------------
-# Launchers (same names and signatures as the CUDA backend's, see gptkernels._ops)
+# Launchers (same names and signatures as the CUDA backend's, see gptkernels._dispatch)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -880,12 +880,9 @@ def flash_attn_forward(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, 
 def _fwd_num_splits(batch: int, hq: int, max_q: int, max_k: int, window, device) -> int:
     """Key splits for the forward (flash-decoding): more than one only when the query tiles alone
     leave the GPU idle (decode, short chunks) and the band each row sees is long. The paged decode's
-    heuristic, with (sequences x query tiles) x query heads as its programs."""
-    from ..paged import _sm_count, num_splits_heuristic
-
-    band = max_k if window is None else min(max_k, window + max_q)
+    policy (gptkernels._policy), with (sequences x query tiles) x query heads as its programs."""
     q_tiles = triton.cdiv(max_q, 128)  # the largest BLOCK_M: never more splits than needed
-    return num_splits_heuristic(batch * q_tiles, hq, band, _sm_count(device))
+    return num_splits(batch * q_tiles * hq, decode_band(max_k, window, max_q), sm_count(device))
 
 
 def flash_attn_backward(dout, dlse, q, k, v, out, lse, *, causal, window, softmax_scale,

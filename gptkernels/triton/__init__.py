@@ -1,7 +1,7 @@
 """Triton kernels and their launchers.
 
-Each launcher has the same name and signature as its twin in :mod:`gptkernels._cuda`, so the public
-ops dispatch to either with one lookup (:mod:`gptkernels._ops`). Import this package only after
+Each launcher has the same name and signature as its twin in :mod:`gptkernels.cuda`, so the public
+ops dispatch to either with one lookup (:func:`gptkernels._dispatch.backend_fn`). Import this package only after
 deciding on ``TRITON_INTERPRET``: Triton reads it when the kernels are defined.
 """
 

@@ -1,7 +1,7 @@
 """The ``"cuda"`` backend: thin wrappers over the CUDA extension's ops ``torch.ops.gptkernels_C.*``.
 
-Same function names and signatures as the Triton launchers (:mod:`gptkernels.kernels`), so the
-public ops dispatch to either with one lookup (:mod:`gptkernels._ops`). They return contiguous
+Same function names and signatures as the Triton launchers (:mod:`gptkernels.triton`), so the
+public ops dispatch to either with one lookup (:func:`gptkernels._dispatch.backend_fn`). They return contiguous
 outputs. There is no ``flash_attn_backward`` here: the CUDA backend is forward-only for attention,
 and :mod:`gptkernels.attention` says so when gradients are needed.
 
@@ -13,11 +13,10 @@ errors (ValueError / TypeError from C++) pass through unchanged.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from ._backend import BackendUnavailableError
+from .._backend import BackendUnavailableError
+from .._policy import lse_shape
 
 #: The op namespace the wrappers call; ``None`` until first use (importing gptkernels._C registers
 #: it). The tests point it at the CPU emulator of the extension (tests/cuda_emulator).
@@ -28,7 +27,7 @@ _FAKES_REGISTERED: set[str] = set()
 def _ops():
     global _OPS
     if _OPS is None:
-        from . import _C  # noqa: F401  (loads the library: registers torch.ops.gptkernels_C)
+        from .. import _C  # noqa: F401  (loads the library: registers torch.ops.gptkernels_C)
 
         register_fakes("gptkernels_C")
         _OPS = torch.ops.gptkernels_C
@@ -57,8 +56,7 @@ def register_fakes(namespace: str) -> None:
     @torch.library.register_fake(lib + "flash_attn_fwd")
     def _(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k, max_seqlen_q, max_seqlen_k, causal,
           window, softmax_scale, bottom_right):
-        lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens_q is not None else (q.shape[0], q.shape[2], q.shape[1])
-        return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+        return q.new_empty(q.shape), q.new_empty(lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
 
     @torch.library.register_fake(lib + "rotary_out")
     def _(q, k, cos, sin, positions, offsets, offset, interleaved, conjugate, q_out, k_out):
@@ -78,7 +76,7 @@ def register_fakes(namespace: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Launchers (same signatures as gptkernels.kernels)
+# Launchers (same signatures as gptkernels.triton)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -87,17 +85,12 @@ def flash_attn_forward(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, 
     """(out, lse): out like q (contiguous), lse float32 (B, Hq, Sq) dense or (Hq, Tq) varlen.
 
     float16/bfloat16 only, head dims 32, 64, 80, 96, 128, rows 16-byte aligned (head dim contiguous).
+    ``softmax_scale`` and, for varlen q, ``max_seqlen_q`` come resolved from gptkernels.attention.
     """
-    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    if max_seqlen_q is not None:
-        max_q = int(max_seqlen_q)
-    elif cu_seqlens_q is None:
-        max_q = q.shape[1]
-    else:  # sizes the grid; needs a host sync (attention.py passes it)
-        max_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if cu_seqlens_q.numel() > 1 else 0
-    max_k = int(max_seqlen_k or 0)  # informational: the kernel reads each sequence's key count
+    max_q = q.shape[1] if cu_seqlens_q is None else int(max_seqlen_q)  # dense: Sq is q's shape
+    max_k = 0 if max_seqlen_k is None else int(max_seqlen_k)  # unused: each sequence's key count is read
     out, lse = _call("flash_attn", "flash_attn_fwd", q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k,
-                     max_q, max_k, bool(causal), window, scale, bool(bottom_right))
+                     max_q, max_k, bool(causal), window, float(softmax_scale), bool(bottom_right))
     return out, lse
 
 
@@ -125,11 +118,8 @@ def paged_append(k, v, k_cache, v_cache, slot_mapping):
 
 
 def paged_decode(q, k_cache, v_cache, block_table, seq_lens, *, softmax_scale, window, num_splits):
-    """(out (B, Hq, D) like q, lse (B, Hq) float32). num_splits None: chosen from the shapes (no sync)."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    splits = 0 if num_splits is None else int(num_splits)
-    if num_splits is not None and splits < 1:
-        raise ValueError(f"paged_decode: num_splits must be None or an int >= 1, got {num_splits!r}")
-    out, lse = _call("paged_decode", "paged_decode", q, k_cache, v_cache, block_table, seq_lens, scale, window,
-                     splits)
+    """(out (B, Hq, D) like q, lse (B, Hq) float32). ``softmax_scale`` and ``num_splits`` come resolved
+    from gptkernels.paged (the split policy is gptkernels._policy's, for every backend)."""
+    out, lse = _call("paged_decode", "paged_decode", q, k_cache, v_cache, block_table, seq_lens,
+                     float(softmax_scale), window, int(num_splits))
     return out, lse

@@ -14,8 +14,8 @@ Nothing runs on a GPU, also when one is present: the target is always sm_90a.
 
 By hand, with register/spill figures from ptxas (the tables in notes/attention.md):
 
-    python -m tests.sm90_compile --all-configs --ptxas
-    python -m tests.sm90_compile --kernels paged rotary --all-configs --ptxas
+    python -m tools.sm90_compile --all-configs --ptxas
+    python -m tools.sm90_compile --kernels paged rotary --all-configs --ptxas
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
 
-from gptkernels.kernels import flash_attn as fa
-from gptkernels.kernels import paged as pg
-from gptkernels.kernels import rotary as ro
+from gptkernels.triton import flash_attn as fa
+from gptkernels.triton import paged as pg
+from gptkernels.triton import rotary as ro
 
 #: What ``compile_sm90``/``compile_launch`` target: an H100 (Triton compiles capability 90 as sm_90a).
 SM90 = GPUTarget("cuda", 90, 32)
@@ -295,7 +295,7 @@ def compile_in_subprocess(*flags, timeout=600) -> list[dict]:
     drop = ("TRITON_INTERPRET", "TRITON_DISABLE_LINE_INFO")
     env = {k: v for k, v in os.environ.items() if k not in drop}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-m", "tests.sm90_compile", *flags], cwd=root, env=env,
+    proc = subprocess.run([sys.executable, "-m", "tools.sm90_compile", *flags], cwd=root, env=env,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in proc.stdout.splitlines()]

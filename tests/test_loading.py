@@ -89,6 +89,54 @@ def test_from_pretrained_old_neox_checkpoint(tmp_path):
     _same_logits(hf, ours, ours.config.vocab_size)
 
 
+def _stray_weights(hf) -> dict:
+    """Tensors under the model's own key names (layer-0 QKV, embeddings...) with other values: what
+    an optimizer state or an adapter saved beside the checkpoint may look like."""
+    return {k: torch.full_like(v, 0.5) for k, v in hf.state_dict().items()}
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_from_pretrained_ignores_stray_files(tmp_path, safe):
+    """Only the checkpoint's own weight files are read (as transformers reads them): a stray
+    optimizer_extra.safetensors or *.bin beside model.safetensors / pytorch_model.bin changes
+    nothing (it used to be merged in, replacing the real weights)."""
+    from safetensors.torch import save_file
+
+    hf = hf_model(VARIANTS["gpt2"])
+    save_checkpoint(hf, tmp_path, safe)
+    stray = {k: v.contiguous() for k, v in _stray_weights(hf).items() if "wte" not in k}
+    save_file(stray, tmp_path / "optimizer_extra.safetensors")
+    torch.save(stray, tmp_path / "pytorch_model_extra.bin")
+    torch.save(stray, tmp_path / "training_args.bin")
+    ours = from_pretrained(tmp_path, dtype=torch.float32, device=DEVICE)
+    _same_logits(hf, ours, ours.config.vocab_size)
+    from gptkernels.models.loading import weight_files
+
+    assert [p.split("/")[-1] for p in weight_files(str(tmp_path))] == \
+        ["model.safetensors" if safe else "pytorch_model.bin"]
+
+
+def test_from_pretrained_index_names_the_shards(tmp_path):
+    """With an index, exactly its shards are read: a stray shard-like file is ignored; a shard the
+    index names but the directory lacks is an error naming it."""
+    hf = hf_model(VARIANTS["gpt-neox-parallel-pct0.5"])
+    hf.save_pretrained(tmp_path, max_shard_size="60KB")
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in _stray_weights(hf).items()},
+              tmp_path / "model-00099-of-00099.safetensors")
+    ours = from_pretrained(tmp_path, device=DEVICE)
+    _same_logits(hf, ours, ours.config.vocab_size)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    (tmp_path / first).unlink()
+    with pytest.raises(FileNotFoundError, match=first):
+        from_pretrained(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(ValueError, match="model.safetensors.index.json"):
+        from_pretrained(tmp_path)
+
+
 def test_from_pretrained_bad_input(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         from_pretrained(tmp_path / "missing")

@@ -1,6 +1,6 @@
 """Configs and weights from Hugging Face: :func:`from_hf_config`, :func:`from_pretrained`,
-:func:`from_config`. Only local files are read (config.json, *.safetensors or pytorch_model*.bin,
-sharded or not); nothing is ever downloaded.
+:func:`from_config`. Only local files are read (config.json and the checkpoint's own weight files,
+see :func:`weight_files`); nothing is ever downloaded.
 """
 
 from __future__ import annotations
@@ -52,35 +52,70 @@ def from_config(config, *, dtype=None, device=None, std: float = 0.02) -> Causal
     return model.to(dtype=dtype).eval()
 
 
-def _shard_names(path: str, files: list[str], index_name: str) -> list[str]:
-    """The weight files of a checkpoint: those its index file names, if it has one, else ``files``."""
-    index = os.path.join(path, index_name)
-    if not os.path.exists(index):
-        return files
-    with open(index) as f:
-        return sorted(set(json.load(f)["weight_map"].values()))
+#: The weight files of a checkpoint, in the order transformers looks for them: one file, else its
+#: index's shards; safetensors before pickle. Nothing else in the directory is read (a stray
+#: ``optimizer_extra.safetensors`` or ``training_args.bin`` must not replace a model weight).
+_WEIGHT_FILES = (("model.safetensors", "model.safetensors.index.json"),
+                 ("pytorch_model.bin", "pytorch_model.bin.index.json"))
+
+
+def _index_shards(index: str) -> list[str]:
+    """The shard file names an index file (``*.index.json``) maps the weights to."""
+    try:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"from_pretrained: {index!r} is not a valid weight index "
+                         f"(a JSON object with a 'weight_map' of tensor name -> file): {e}") from e
+    for name in names:
+        if not isinstance(name, str) or os.path.basename(name) != name:
+            raise ValueError(f"from_pretrained: {index!r} names a shard {name!r} that is not a file "
+                             "name in the checkpoint directory")
+        if not os.path.isfile(os.path.join(os.path.dirname(index), name)):
+            raise FileNotFoundError(f"from_pretrained: shard {name!r} named by {index!r} is missing")
+    return names
+
+
+def weight_files(path: str) -> list[str]:
+    """The files :func:`from_pretrained` reads the weights from (full paths), chosen as transformers
+    chooses: ``model.safetensors``, else the shards ``model.safetensors.index.json`` names, else
+    ``pytorch_model.bin``, else the shards ``pytorch_model.bin.index.json`` names. Any other file in
+    ``path`` is ignored."""
+    for single, index in _WEIGHT_FILES:
+        if os.path.isfile(os.path.join(path, single)):
+            return [os.path.join(path, single)]
+        if os.path.isfile(os.path.join(path, index)):
+            return [os.path.join(path, name) for name in _index_shards(os.path.join(path, index))]
+    raise FileNotFoundError(f"from_pretrained: no weights in {path!r} (expected one of "
+                            f"{', '.join(name for pair in _WEIGHT_FILES for name in pair)})")
+
+
+def _load_file(file: str) -> dict:
+    """The tensors of one weight file; an unreadable file is an error that names it."""
+    try:
+        if file.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            tensors = load_file(file)
+        else:
+            tensors = torch.load(file, map_location="cpu", weights_only=True)
+    except ImportError:
+        raise
+    except Exception as e:  # safetensors' SafetensorError, pickle's UnpicklingError, EOFError...
+        raise ValueError(f"from_pretrained: cannot read weight file {file!r}: "
+                         f"{type(e).__name__}: {e}") from e
+    if not isinstance(tensors, dict):
+        raise ValueError(f"from_pretrained: weight file {file!r} holds a {type(tensors).__name__}, "
+                         "not a dict of tensors")
+    return tensors
 
 
 def _read_weights(path: str) -> dict:
-    """Every tensor of the checkpoint in ``path``: model.safetensors (or its shards) preferred,
-    else pytorch_model.bin (or its shards)."""
-    files = sorted(os.listdir(path))
-    st = [f for f in files if f.endswith(".safetensors")]
-    bins = [f for f in files if f.startswith("pytorch_model") and f.endswith(".bin")]
-    if st:
-        from safetensors.torch import load_file as load
-
-        names = _shard_names(path, st, "model.safetensors.index.json")
-    elif bins:
-        def load(file):
-            return torch.load(file, map_location="cpu", weights_only=True)
-
-        names = _shard_names(path, bins, "pytorch_model.bin.index.json")
-    else:
-        raise FileNotFoundError(f"from_pretrained: no *.safetensors or pytorch_model*.bin weights in {path!r}")
+    """Every tensor of the checkpoint in ``path`` (the files :func:`weight_files` names)."""
     out = {}
-    for name in names:
-        out.update(load(os.path.join(path, name)))
+    for file in weight_files(path):
+        out.update(_load_file(file))
     return out
 
 

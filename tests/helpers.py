@@ -58,3 +58,24 @@ def huge_stride_views(dtype, *specs) -> list[torch.Tensor]:
         offset += inner
     assert offset <= 2**20
     return views
+
+
+def index_views(x: torch.Tensor, junk: int) -> dict[str, torch.Tensor]:
+    """Non-contiguous views of an index tensor (1-D or 2-D), for "any strides" tests.
+
+    ``strided``: every other element (``junk`` in between), ``transposed``: a column-major layout
+    (a row of a transposed matrix for 1-D, with ``junk`` around it): both hold x's values.
+    ``expanded``: x's first element (1-D) or row (2-D) broadcast with stride 0: other values, so
+    compare it with its own ``.contiguous()``. A kernel that read these as contiguous would read the
+    junk (or past the end)."""
+    pad = torch.full_like(x, junk)
+    strided = torch.stack([x, pad], dim=-1)[..., 0]
+    if x.dim() == 1:
+        transposed = torch.stack([pad, x, pad]).t().contiguous().t()[1]
+    else:
+        transposed = x.t().contiguous().t()
+    expanded = x[:1].expand(x.shape)
+    views = {"strided": strided, "transposed": transposed, "expanded": expanded}
+    for name, view in views.items():
+        assert not view.is_contiguous() or x.numel() <= 1, name
+    return views

@@ -14,8 +14,8 @@ import torch
 
 import gptkernels
 from gptkernels import reference
-from tests.helpers import (DEVICE, DTYPES, FULL_GRID, assert_parity, grid, huge_stride_views, randn,
-                           requires_gpu)
+from tests.helpers import (DEVICE, DTYPES, FULL_GRID, assert_parity, grid, huge_stride_views,
+                           index_views, randn, requires_gpu)
 
 BACKEND = "triton"
 
@@ -501,6 +501,60 @@ def test_paged_matches_dense():
     v = torch.stack([reference.gather_paged(v_cache, table[b], 77) for b in range(2)])
     dense = gptkernels.flash_attn(q, k, v, backend=BACKEND)
     torch.testing.assert_close(paged, dense, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# Index tensors of any strides: the same answer as contiguous ones, on every backend
+# --------------------------------------------------------------------------------------------------
+
+
+def _same_on_views(call, args, name, junk, views):
+    """call(**args) with args[name] replaced by each of its ``views``: the answer equals the one with
+    the view made contiguous, and the torch backend's (forward, and backward where differentiable)."""
+    for view in views:
+        x = index_views(args[name], junk)[view]
+        for backend in ("triton", "torch"):
+            got = call(backend, **{**args, name: x})
+            want = call(backend, **{**args, name: x.contiguous()})
+            ref = call("torch", **{**args, name: x.contiguous()})
+            for g, w, r in zip(got, want, ref):
+                assert torch.equal(g, w), (name, view, backend)
+                torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_varlen_cu_seqlens_of_any_strides():
+    # (An expanded cu_seqlens cannot be valid: it would have to start at 0 and end at Tq > 0.)
+    lq, lk = (5, 0, 17, 9), (12, 3, 17, 30)
+    q, k, v = randn(sum(lq), 2, 32), randn(sum(lk), 1, 32), randn(sum(lk), 1, 32)
+    dout = randn(*q.shape)
+
+    def call(backend, cu_q, cu_k):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = gptkernels.flash_attn(*leaves, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=17,
+                                    max_seqlen_k=30, backend=backend)
+        return (out, *torch.autograd.grad((out * dout).sum(), leaves))
+
+    args = {"cu_q": _cu(lq), "cu_k": _cu(lk)}
+    _same_on_views(call, args, "cu_q", 7, ("strided", "transposed"))
+    _same_on_views(call, args, "cu_k", 7, ("strided", "transposed"))
+
+
+def test_paged_index_tensors_of_any_strides():
+    k_cache, v_cache, table, seqlens = _paged_cache([40, 9, 26], 8, 2, 32, torch.float32)
+    q = randn(3, 5, 4, 32)
+    cu_q = _cu((5, 0, 4))
+
+    def call(backend, table, seqlens, cu_q=None):
+        qq = q[:, :5].flatten(0, 1)[:9] if cu_q is not None else q
+        return gptkernels.flash_attn(qq, k_cache, v_cache, block_table=table, seqlens_k=seqlens,
+                                     cu_seqlens_q=cu_q, max_seqlen_q=None if cu_q is None else 5,
+                                     return_lse=True, backend=backend)
+
+    views = ("strided", "transposed", "expanded")
+    _same_on_views(call, {"table": table, "seqlens": seqlens}, "seqlens", 37, views)
+    _same_on_views(call, {"table": table, "seqlens": seqlens}, "table", 1, views)
+    _same_on_views(call, {"table": table, "seqlens": seqlens, "cu_q": cu_q}, "cu_q", 3,
+                   ("strided", "transposed"))
 
 
 # --------------------------------------------------------------------------------------------------

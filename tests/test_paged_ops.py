@@ -14,7 +14,8 @@ import gptkernels
 from gptkernels import PagedKVCache, paged_append, paged_decode, reference
 from gptkernels._backend import BackendUnavailableError, unavailable_reason
 from gptkernels._policy import MAX_SPLITS, MIN_SPLIT_TOKENS, decode_band, num_splits, sm_count
-from tests.helpers import DEVICE, DTYPES, ON_GPU, assert_parity, grid, huge_stride_views, randn, requires_gpu
+from tests.helpers import (DEVICE, DTYPES, ON_GPU, assert_parity, grid, huge_stride_views, index_views, randn,
+                           requires_gpu)
 
 
 def _paged_case(lens, hq, hkv, d, block_size, dtype, *, seed=0, extra_blocks=3, extra_cols=1):
@@ -217,6 +218,44 @@ def test_decode_out_of_cache_blocks(monkeypatch):
     lens[0] = 20
     with pytest.raises(ValueError, match=r"block_table\[1\] \(sequence 1\) points outside"):
         paged_decode(q, kc, vc, table, lens)
+
+
+# --------------------------------------------------------------------------------------------------
+# index tensors of any strides (the kernels read them as the torch backend does)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("view", ["strided", "transposed", "expanded"])
+@pytest.mark.parametrize("tensor", ["seq_lens", "block_table"])
+def test_decode_index_tensors_of_any_strides(tensor, view, backend):
+    # The junk between the elements is a valid length / block: read as contiguous, it gives a
+    # plausible wrong answer rather than a crash.
+    q, kc, vc, table, lens = _paged_case([20, 9, 31], 4, 2, 32, 8, torch.float32, seed=5)
+    args = {"block_table": table, "seq_lens": lens}
+    args[tensor] = index_views(args[tensor], junk=33 if tensor == "seq_lens" else 1)[view]
+    got = paged_decode(q, kc, vc, **args, num_splits=2, return_lse=True, backend=backend)
+    contig = {name: t.contiguous() for name, t in args.items()}
+    want = paged_decode(q, kc, vc, **contig, num_splits=2, return_lse=True, backend=backend)
+    ref = paged_decode(q, kc, vc, **contig, return_lse=True, backend="torch")
+    for g, w, r in zip(got, want, ref):
+        assert torch.equal(g, w)
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("view", ["strided", "transposed", "expanded"])
+def test_append_slot_mapping_of_any_strides(view, backend):
+    kc, vc = randn(4, 8, 2, 16), randn(4, 8, 2, 16)
+    k, v = randn(6, 2, 16), randn(6, 2, 16)
+    slots = torch.tensor([9, -1, 0, 31, 17, 4], device=DEVICE)
+    slots = index_views(slots, junk=20)[view]
+    if view == "expanded":  # every token writes slot 9: give them the same values (no race)
+        k, v = k[:1].expand_as(k), v[:1].expand_as(v)
+    got_k, got_v, want_k, want_v = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    paged_append(k, v, got_k, got_v, slots, backend=backend)
+    reference.paged_append(k, v, want_k, want_v, slots.contiguous())
+    assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import gptkernels
 from gptkernels import reference
 from gptkernels._backend import BackendUnavailableError, unavailable_reason
 from gptkernels._dispatch import backend_module
-from tests.helpers import DEVICE, DTYPES, ON_GPU, assert_parity, grid, randn, requires_gpu
+from tests.helpers import DEVICE, DTYPES, ON_GPU, assert_parity, grid, index_views, randn, requires_gpu
 
 
 def _kernel_backends() -> list[str]:
@@ -150,6 +150,31 @@ def test_positions_and_offsets(case, dtype, backend):
     ref, base = _reference(q, k, cos, sin, **kw)
     _check_outputs(outs, ref, base)
     _check_pass_through(outs, (q, k), 48)
+
+
+@pytest.mark.parametrize("backend", KERNELS + ["torch"])
+@pytest.mark.parametrize("view", ["strided", "transposed", "expanded"])
+@pytest.mark.parametrize("tensor", ["offset", "positions_dense", "positions_packed"])
+def test_index_tensors_of_any_strides(tensor, view, backend):
+    # Junk 0 between the elements: read as contiguous, the tokens would rotate by the wrong angle.
+    b, s = 3, 5
+    q, k = randn(b, s, 2, 32), randn(b, s, 1, 32)
+    if tensor == "offset":
+        idx = torch.tensor([7, 0, 40], device=DEVICE)
+    elif tensor == "positions_dense":
+        idx = torch.randint(1, MAX_POS, (b, s), device=DEVICE, dtype=torch.int32)
+    else:
+        q, k = q.flatten(0, 1), k.flatten(0, 1)
+        idx = torch.randint(1, MAX_POS, (b * s,), device=DEVICE)
+    x = index_views(idx, junk=0)[view]
+    name = "offset" if tensor == "offset" else "positions"
+    cos, sin = _cache(32)
+    got = gptkernels.apply_rotary(q, k, cos, sin, **{name: x}, backend=backend)
+    want = gptkernels.apply_rotary(q, k, cos, sin, **{name: x.contiguous()}, backend=backend)
+    ref = reference.apply_rotary(q, k, cos, sin, **{name: x.contiguous()})
+    for g, w, r in zip(got, want, ref):
+        assert torch.equal(g, w)
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", KERNELS)

@@ -14,7 +14,8 @@ Design (details, FLOP/byte predictions and what a GPU session must tune: ``notes
      sum over the group in registers, with no repeated K/V and no atomics.
   3. ``_bwd_dq``: one program per (query tile, query head, sequence) walks the key tiles of the band.
   Both recompute P = exp2(S * log2(e) - lse * log2(e)) from the saved lse.
-* Any strides: every tensor comes with its own strides; inputs are never copied. Offsets that can
+* Any strides: q, k, v, dout come with their own strides and are never copied; the index tensors
+  (cu_seqlens, seqlens_k, block_table: a few bytes) are made contiguous by the launchers. Offsets that can
   exceed 2**31 (batch, token, head, cache block) are computed in int64. The batch is grid axis 2,
   which CUDA caps at 65535: larger batches are launched in chunks.
 * Head dims 1..256: the D tile is padded to a power of two (>= 16, the smallest tl.dot) and masked.
@@ -770,6 +771,12 @@ def _cu_chunk(cu: torch.Tensor, bs: slice) -> torch.Tensor:
     return cu[bs.start:bs.stop + 1]
 
 
+def _contiguous(*index_tensors):
+    """Index tensors (cu_seqlens, seqlens_k, block_table) as the kernels read them: contiguous.
+    Any strides are accepted (views, expanded tensors); a copy is made only when needed."""
+    return tuple(None if t is None else t.contiguous() for t in index_tensors)
+
+
 def _block_d(head_dim: int) -> int:
     return max(16, next_pow2(head_dim))
 
@@ -810,6 +817,9 @@ def flash_attn_forward(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, 
     varlen_q = cu_seqlens_q is not None
     varlen_k = cu_seqlens_k is not None
     paged = block_table is not None
+    # The kernels read index tensors as contiguous: copy a strided/expanded one (a few bytes).
+    cu_seqlens_q, cu_seqlens_k, seqlens_k, block_table = _contiguous(
+        cu_seqlens_q, cu_seqlens_k, seqlens_k, block_table)
     hq, head_dim = q.shape[-2], q.shape[-1]
     group = hq // k.shape[-2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -895,6 +905,7 @@ def flash_attn_backward(dout, dlse, q, k, v, out, lse, *, causal, window, softma
     extra q-sized float32 buffer, the last bits of dQ vary between runs).
     """
     varlen = cu_seqlens_q is not None
+    cu_seqlens_q, cu_seqlens_k = _contiguous(cu_seqlens_q, cu_seqlens_k)
     hq, hkv, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
     group = hq // hkv
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)

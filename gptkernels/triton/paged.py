@@ -56,6 +56,7 @@ def paged_append(k, v, k_cache, v_cache, slot_mapping) -> None:
     T, hkv, d = k.shape
     if T == 0:
         return
+    slot_mapping = slot_mapping.contiguous()  # the kernel reads slot t at slot_ptr + t
     num_blocks, block_size = k_cache.shape[0], k_cache.shape[1]
     block_t = 16
     grid = (triton.cdiv(T, block_t), hkv)
@@ -237,6 +238,7 @@ def paged_decode(q, k_cache, v_cache, block_table, seq_lens, *, softmax_scale, w
     lse = q.new_empty((batch, hq), dtype=torch.float32)
     if batch == 0 or hq == 0:
         return out, lse
+    seq_lens = seq_lens.contiguous()  # read at lens_ptr + b (the block table's strides are honoured)
     if num_splits == 1:
         po, plse = out, lse
         po_strides = (out.stride(0), out.stride(1), 0, out.stride(2))

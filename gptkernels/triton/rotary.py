@@ -220,6 +220,8 @@ def apply_rotary(q, k, cos, sin, *, positions, offset, interleaved, inplace, con
 
     kk, kko = (k, k_out) if k is not None else (q, q_out)  # unused pointers when HAS_K is False
     has_off_t = isinstance(offset, torch.Tensor)
+    if has_off_t:
+        offset = offset.contiguous()  # read at off_ptr + b (positions' strides are honoured)
     pos_t = positions if positions is not None else q
     if positions is not None:
         stride_pb, stride_ps = (positions.stride() if positions.dim() == 2 else (0, positions.stride(0)))

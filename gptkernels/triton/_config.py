@@ -14,9 +14,19 @@ from .._backend import triton_interpret
 INTERPRET = triton_interpret()
 
 
+class ConfigList(list):
+    """An autotune list that keeps the GPU list at hand as ``.gpu`` (also under the interpreter, where
+    the list itself is the interpreter's one config: the work audit, benchmarks/suite_audit.py, runs
+    each GPU config in the interpreter)."""
+
+    gpu: list
+
+
 def configs(gpu: list[triton.Config], interpreter: triton.Config) -> list[triton.Config]:
     """The autotune list: ``gpu`` on a GPU, the single ``interpreter`` config in the interpreter."""
-    return [interpreter] if INTERPRET else gpu
+    chosen = ConfigList([interpreter] if INTERPRET else gpu)
+    chosen.gpu = list(gpu)
+    return chosen
 
 
 def next_pow2(n: int) -> int:

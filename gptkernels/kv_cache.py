@@ -2,14 +2,15 @@
 
 Layout (SPEC.md, "Paged KV cache"): per layer, ``k_cache`` and ``v_cache`` are (num_blocks, block_size,
 Hkv, D); a token's slot is ``block * block_size + offset_in_block``. The manager lives on the host
-(plain Python lists: a handful of integers per sequence and step) and hands the kernels device
-tensors: slot mappings, block tables, sequence lengths. The ops that read and write the caches are
-in :mod:`gptkernels.paged`.
+(plain Python lists: a handful of integers per sequence and step, guarded by one lock so several
+threads may share a cache) and hands the kernels device tensors: slot mappings, block tables,
+sequence lengths. The ops that read and write the caches are in :mod:`gptkernels.paged`.
 """
 
 from __future__ import annotations
 
 import operator
+import threading
 from typing import Sequence
 
 import torch
@@ -51,8 +52,27 @@ class PagedKVCache:
     ``k_cache[layer]`` / ``v_cache[layer]`` are (num_blocks, block_size, num_kv_heads, head_dim) tensors.
     Sequences are named by int ids chosen by the caller. :meth:`reserve` grows sequences block by
     block and returns the slots their new tokens go to; :meth:`free` returns a sequence's blocks to
-    the pool; :meth:`fork` shares a sequence's blocks with a new one by reference count (a shared,
-    partly filled last block is copied when either sequence appends to it: copy-on-write).
+    the pool; :meth:`fork` shares a sequence's blocks with a new one by reference count.
+
+    Copy-on-write, and the order it needs: a forked sequence shares its parent's blocks, including
+    a partly filled last block. The first :meth:`reserve` that adds tokens to a sequence whose last
+    block is shared and partly filled gives that sequence a private copy of the block's filled rows,
+    and the copy is made *during that reserve()* (queued on the device then), from whatever the
+    block holds at that moment. The manager cannot see :func:`paged_append`, so the rule is: **append
+    the K/V of every slot a reserve() returned before the next reserve() of a sequence that shares
+    the block** (a model step's reserve -> append -> attention, then fork, is always fine; fork may
+    come before or after the append). Out of order, e.g. ``reserve(p) -> fork(p, c) -> reserve(p)
+    -> append both``: p moves to the copy, which was taken before p's first tokens were written, so
+    p reads those rows as the copied block held them (zeros in a fresh cache, a freed sequence's
+    stale K/V otherwise), while c, still on the original block, reads them correctly. No single
+    moment the manager controls could fix that order (the append of the first tokens and of the
+    next ones may be the same call), so it is documented, not guessed at.
+
+    Thread safety: every method takes one lock around the bookkeeping (free list, reference counts,
+    tables), so threads may reserve/fork/free concurrently; each call is atomic (a reserve that
+    raises :class:`CacheFullError` changed nothing, even with other threads running). The lock does
+    not order device work: a thread's :func:`paged_append` into its slots must still come before its
+    next reserve(), as above.
 
     Example::
 
@@ -73,7 +93,7 @@ class PagedKVCache:
                           ("block_size", block_size)):
             if _as_int(val, name, op) < 1:
                 raise ValueError(f"{op}: {name} must be >= 1, got {val}")
-        C.check_block_size(op, "block_size", block_size)
+        C.check_block_size(op, "the cache (block_size)", block_size)
         C.check_head_dim(op, "head_dim", head_dim)
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"{op}: dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
@@ -84,36 +104,48 @@ class PagedKVCache:
         # Zeros, not empty: slots no sequence has written stay finite (the kernels mask them anyway).
         self.k_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
         self.v_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        # One lock around all host bookkeeping; reentrant because public methods call each other.
+        self._lock = threading.RLock()
         self.reset()
 
     # ---- state -------------------------------------------------------------------------------
 
     def reset(self) -> None:
         """Forget every sequence: all blocks are free (the cache tensors keep their contents)."""
-        # A stack: the most recently freed block is handed out first (it may still be in L2).
-        self._free: list[int] = list(range(self.num_blocks - 1, -1, -1))
-        self._ref: list[int] = [0] * self.num_blocks  # sequences holding each block
-        self._tables: dict[int, list[int]] = {}
-        self._lens: dict[int, int] = {}
+        with self._lock:
+            # A stack: the most recently freed block is handed out first (it may still be in L2).
+            self._free: list[int] = list(range(self.num_blocks - 1, -1, -1))
+            self._ref: list[int] = [0] * self.num_blocks  # sequences holding each block
+            self._tables: dict[int, list[int]] = {}
+            self._lens: dict[int, int] = {}
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        with self._lock:
+            return len(self._free)
 
     @property
     def seq_ids(self) -> list[int]:
-        return list(self._tables)
+        with self._lock:
+            return list(self._tables)
 
     def __contains__(self, seq_id) -> bool:
-        return seq_id in self._tables
+        with self._lock:
+            return seq_id in self._tables
 
     def blocks(self, seq_id: int) -> list[int]:
         """The blocks of ``seq_id`` in order (a copy)."""
-        return list(self._tables[self._known(seq_id, "blocks")])
+        with self._lock:
+            return list(self._tables[self._known(seq_id, "blocks")])
 
     def ref_count(self, block: int) -> int:
         """How many sequences hold ``block`` (0: it is free)."""
-        return self._ref[block]
+        op = "PagedKVCache.ref_count"
+        b = _as_int(block, "block", op)
+        if not 0 <= b < self.num_blocks:  # -1 would silently read the last block's count
+            raise ValueError(f"{op}: block must be in [0, num_blocks={self.num_blocks}), got {b}")
+        with self._lock:
+            return self._ref[b]
 
     def _known(self, seq_id, op: str) -> int:
         sid = _as_int(seq_id, "seq_id", f"PagedKVCache.{op}")
@@ -123,7 +155,8 @@ class PagedKVCache:
 
     def seq_len(self, seq_id: int) -> int:
         """Tokens reserved for ``seq_id``."""
-        return self._lens[self._known(seq_id, "seq_len")]
+        with self._lock:
+            return self._lens[self._known(seq_id, "seq_len")]
 
     # ---- growing -----------------------------------------------------------------------------
 
@@ -159,11 +192,15 @@ class PagedKVCache:
 
     def blocks_needed(self, seq_ids, num_tokens) -> int:
         """How many free blocks ``reserve(seq_ids, num_tokens)`` would take."""
-        return self._blocks_needed(self._entries(seq_ids, num_tokens, "PagedKVCache.blocks_needed"))
+        entries = self._entries(seq_ids, num_tokens, "PagedKVCache.blocks_needed")
+        with self._lock:
+            return self._blocks_needed(entries)
 
     def can_reserve(self, seq_ids, num_tokens) -> bool:
-        """Whether ``reserve(seq_ids, num_tokens)`` would succeed now."""
-        return self.blocks_needed(seq_ids, num_tokens) <= len(self._free)
+        """Whether ``reserve(seq_ids, num_tokens)`` would succeed now (another thread may take the
+        blocks before a later reserve(): reserve() itself is all or nothing)."""
+        with self._lock:
+            return self.blocks_needed(seq_ids, num_tokens) <= len(self._free)
 
     def _take(self) -> int:
         block = self._free.pop()
@@ -184,22 +221,23 @@ class PagedKVCache:
         """
         op = "PagedKVCache.reserve"
         entries = self._entries(seq_ids, num_tokens, op)
-        needed = self._blocks_needed(entries)
-        if needed > len(self._free):
-            raise CacheFullError(
-                f"{op}: {sum(n for _, n in entries)} tokens need {needed} free blocks, only "
-                f"{len(self._free)} of {self.num_blocks} are free (free() finished sequences)")
         bs = self.block_size
         slots: list[int] = []
-        for sid, n in entries:
-            table = self._tables.setdefault(sid, [])
-            cur = self._lens.setdefault(sid, 0)
-            if n > 0 and cur % bs and self._ref[table[-1]] > 1:
-                self._copy_on_write(table)
-            while len(table) * bs < cur + n:
-                table.append(self._take())
-            slots.extend(table[p // bs] * bs + p % bs for p in range(cur, cur + n))
-            self._lens[sid] = cur + n
+        with self._lock:
+            needed = self._blocks_needed(entries)
+            if needed > len(self._free):
+                raise CacheFullError(
+                    f"{op}: {sum(n for _, n in entries)} tokens need {needed} free blocks, only "
+                    f"{len(self._free)} of {self.num_blocks} are free (free() finished sequences)")
+            for sid, n in entries:
+                table = self._tables.setdefault(sid, [])
+                cur = self._lens.setdefault(sid, 0)
+                if n > 0 and cur % bs and self._ref[table[-1]] > 1:
+                    self._copy_on_write(table, cur % bs)
+                while len(table) * bs < cur + n:
+                    table.append(self._take())
+                slots.extend(table[p // bs] * bs + p % bs for p in range(cur, cur + n))
+                self._lens[sid] = cur + n
         return self._to_device(slots, torch.int64)
 
     def _to_device(self, data: list, dtype: torch.dtype) -> torch.Tensor:
@@ -211,11 +249,12 @@ class PagedKVCache:
             return host.pin_memory().to(self.device, non_blocking=True)
         return host.to(self.device)
 
-    def _copy_on_write(self, table: list[int]) -> None:
-        """Give ``table`` a private copy of its shared last block (in every layer)."""
+    def _copy_on_write(self, table: list[int], filled: int) -> None:
+        """Give ``table`` a private copy of the ``filled`` rows of its shared last block (in every
+        layer), as they are now (see the class docstring for the order this needs)."""
         old, new = table[-1], self._take()
         for cache in (*self.k_cache, *self.v_cache):
-            cache[new].copy_(cache[old])
+            cache[new, :filled].copy_(cache[old, :filled])
         self._release(old)
         table[-1] = new
 
@@ -226,21 +265,23 @@ class PagedKVCache:
         last block copies that block (copy-on-write), so reserve() may then need one more block.
         """
         op = "PagedKVCache.fork"
-        parent = self._known(parent_id, "fork")
         child = _as_int(child_id, "child_id", op)
-        if child in self._tables:
-            raise ValueError(f"{op}: child_id {child} already exists (free() it first)")
-        self._tables[child] = list(self._tables[parent])
-        self._lens[child] = self._lens[parent]
-        for block in self._tables[child]:
-            self._ref[block] += 1
+        with self._lock:
+            parent = self._known(parent_id, "fork")
+            if child in self._tables:
+                raise ValueError(f"{op}: child_id {child} already exists (free() it first)")
+            self._tables[child] = list(self._tables[parent])
+            self._lens[child] = self._lens[parent]
+            for block in self._tables[child]:
+                self._ref[block] += 1
 
     def free(self, seq_id: int) -> None:
         """Forget ``seq_id``; blocks no other sequence holds return to the pool."""
-        sid = self._known(seq_id, "free")
-        for block in reversed(self._tables.pop(sid)):
-            self._release(block)
-        del self._lens[sid]
+        with self._lock:
+            sid = self._known(seq_id, "free")
+            for block in reversed(self._tables.pop(sid)):
+                self._release(block)
+            del self._lens[sid]
 
     # ---- tensors for the kernels -------------------------------------------------------------
 
@@ -252,7 +293,9 @@ class PagedKVCache:
         stay the same from step to step (CUDA graphs).
         """
         op = "PagedKVCache.block_table"
-        rows = [self._tables[self._known(s, "block_table")] for s in _as_int_list(seq_ids, "seq_ids", op)]
+        ids = _as_int_list(seq_ids, "seq_ids", op)
+        with self._lock:  # copies of the rows: other threads may grow the tables afterwards
+            rows = [list(self._tables[self._known(s, "block_table")]) for s in ids]
         longest = max((len(r) for r in rows), default=0)
         if max_blocks is None:
             width = max(1, longest)
@@ -266,11 +309,14 @@ class PagedKVCache:
     def seq_lens(self, seq_ids) -> torch.Tensor:
         """int32 (B,) on the cache's device: the reserved length of each sequence."""
         op = "PagedKVCache.seq_lens"
-        lens = [self._lens[self._known(s, "seq_lens")] for s in _as_int_list(seq_ids, "seq_ids", op)]
+        ids = _as_int_list(seq_ids, "seq_ids", op)
+        with self._lock:
+            lens = [self._lens[self._known(s, "seq_lens")] for s in ids]
         return self._to_device(lens, torch.int32)
 
     def __repr__(self) -> str:
-        return (f"PagedKVCache(num_layers={self.num_layers}, num_blocks={self.num_blocks}, "
-                f"block_size={self.block_size}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-                f"dtype={self.dtype}, device={self.device}, sequences={len(self._tables)}, "
-                f"free_blocks={len(self._free)})")
+        with self._lock:
+            return (f"PagedKVCache(num_layers={self.num_layers}, num_blocks={self.num_blocks}, "
+                    f"block_size={self.block_size}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                    f"dtype={self.dtype}, device={self.device}, sequences={len(self._tables)}, "
+                    f"free_blocks={len(self._free)})")

@@ -299,3 +299,168 @@ def test_random_operations_against_model(seed):
             cache.free(sid)
         _check_against_model(cache, model)
     assert full_seen or num_blocks > 6  # the small caches do run full
+
+
+# --------------------------------------------------------------------------------------------------
+# Copy-on-write order, bad block ids, messages, several threads
+# --------------------------------------------------------------------------------------------------
+
+
+def _write(cache, slots, values):
+    """The caller's append (one layer, one KV head, head_dim 1: one value per slot)."""
+    cache.k_cache[0].view(-1)[slots] = torch.tensor(values, dtype=torch.float32, device=DEVICE)
+
+
+def _read(cache, sid):
+    table = cache.blocks(sid)
+    bs = cache.block_size
+    return [float(cache.k_cache[0].view(-1)[table[p // bs] * bs + p % bs]) for p in range(cache.seq_len(sid))]
+
+
+@pytest.mark.parametrize("fork_before_append", [False, True])
+def test_copy_on_write_documented_order(fork_before_append):
+    """The documented order (append a reserve()'s slots before a later reserve() of a sequence
+    sharing their block; fork before or after that append) gives every sequence its own tokens."""
+    cache = PagedKVCache(1, 6, 8, 1, 1, dtype=torch.float32, device=DEVICE)
+    prompt = cache.reserve([0], [5])
+    if fork_before_append:
+        cache.fork(0, 1)
+    _write(cache, prompt, [1, 2, 3, 4, 5])
+    if not fork_before_append:
+        cache.fork(0, 1)
+    step = cache.reserve([0, 1], [1, 1])       # 0 copies the shared block, then 1 owns it alone
+    _write(cache, step, [10, 20])
+    assert cache.blocks(0) != cache.blocks(1)
+    assert _read(cache, 0) == [1, 2, 3, 4, 5, 10] and _read(cache, 1) == [1, 2, 3, 4, 5, 20]
+
+
+def test_copy_on_write_out_of_order_is_as_documented():
+    """reserve(p) -> fork(p, c) -> reserve(p) -> append: the copy is made during the second
+    reserve(), before p's first tokens are written, so p reads those rows as the block held them
+    then (zeros here) while c, on the original block, reads them. This pins the documented
+    behaviour (README, PagedKVCache docstring); it is the reason for the documented order."""
+    cache = PagedKVCache(1, 6, 8, 1, 1, dtype=torch.float32, device=DEVICE)
+    prompt = cache.reserve([0], [5])
+    cache.fork(0, 1)
+    step = cache.reserve([0], [1])
+    _write(cache, prompt, [1, 2, 3, 4, 5])
+    _write(cache, step, [10])
+    assert _read(cache, 1) == [1, 2, 3, 4, 5]
+    assert _read(cache, 0) == [0, 0, 0, 0, 0, 10]
+
+
+def test_copy_on_write_copies_only_the_filled_rows():
+    """The copy carries the shared prefix's rows only: rows past it are the new owner's to write."""
+    cache = PagedKVCache(1, 4, 8, 1, 1, dtype=torch.float32, device=DEVICE)
+    for b in range(4):  # what earlier sequences left in each block
+        cache.k_cache[0][b] = -10.0 * (b + 1)
+    _write(cache, cache.reserve([0], [3]), [1, 2, 3])
+    cache.fork(0, 1)
+    _write(cache, cache.reserve([1], [1]), [4])
+    new = cache.blocks(1)[0]
+    assert new != cache.blocks(0)[0]
+    assert cache.k_cache[0][new].view(-1).tolist() == [1, 2, 3, 4] + [-10.0 * (new + 1)] * 4
+
+
+def test_ref_count_and_block_size_messages():
+    c = _cache(num_blocks=8)
+    for bad in (-1, 8, 100):
+        with pytest.raises(ValueError, match=r"ref_count: block must be in \[0, num_blocks=8\)"):
+            c.ref_count(bad)
+    with pytest.raises(TypeError, match="ref_count: block"):
+        c.ref_count(1.5)
+    assert c.ref_count(torch.tensor(7)) == 0
+    with pytest.raises(ValueError) as info:
+        PagedKVCache(1, 4, 12, 2, 8, dtype=torch.float16, device=DEVICE)
+    assert str(info.value) == ("PagedKVCache: the block size of the cache (block_size) must be a "
+                               "power of two from 8 to 256, got 12")
+
+
+def _check_invariants(cache):
+    """What must hold between any two calls: every block is free xor held, its count is the number
+    of tables holding it, no table holds a block twice, lengths fit the tables."""
+    held = {}
+    for sid in cache.seq_ids:
+        table = cache.blocks(sid)
+        assert len(set(table)) == len(table)
+        assert len(table) == -(-cache.seq_len(sid) // cache.block_size)
+        for b in table:
+            held[b] = held.get(b, 0) + 1
+    free = cache._free
+    assert len(set(free)) == len(free) and not set(free) & set(held)
+    assert len(free) + len(held) == cache.num_blocks
+    assert all(cache.ref_count(b) == held.get(b, 0) for b in range(cache.num_blocks))
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_threads_reserve_fork_free(trial):
+    """Several threads share one cache, each growing, forking and freeing its own sequences (with
+    the documented reserve -> append order), while another checks the invariants under the lock.
+    Before the lock: IndexError (pop from empty list) and sequences holding blocks they did not
+    own. Each thread's sequences must read back exactly their own tokens."""
+    import sys
+    import threading
+
+    cache = PagedKVCache(1, 16, 8, 1, 1, dtype=torch.float32, device=DEVICE)
+    errors, done = [], threading.Event()
+
+    def worker(tid):
+        rng = random.Random(1000 * trial + tid)
+        tokens = {}               # this thread's sequences -> the values written for them
+        next_sid, value = tid * 100_000, tid * 1_000_000
+        try:
+            for _ in range(500):
+                live = list(tokens)
+                op = rng.random()
+                if op < 0.55 or not live:
+                    sid = rng.choice(live) if live and rng.random() < 0.7 else next_sid
+                    next_sid += sid == next_sid
+                    n = rng.choice([1, 2, 7, 9])
+                    try:
+                        slots = cache.reserve([sid], [n])
+                    except CacheFullError:
+                        continue
+                    vals = list(range(value, value + n))
+                    value += n
+                    _write(cache, slots, vals)
+                    tokens.setdefault(sid, []).extend(vals)
+                elif op < 0.75:
+                    sid = rng.choice(live)
+                    cache.fork(sid, next_sid)
+                    tokens[next_sid] = list(tokens[sid])
+                    next_sid += 1
+                else:
+                    sid = rng.choice(live)
+                    cache.free(sid)
+                    del tokens[sid]
+                for sid, vals in tokens.items():
+                    assert cache.seq_len(sid) == len(vals)
+            for sid, vals in tokens.items():
+                assert _read(cache, sid) == [float(v) for v in vals], f"thread {tid}, sequence {sid}"
+        except BaseException as e:  # reported by the main thread
+            errors.append((tid, e))
+
+    def checker():
+        while not done.is_set():
+            with cache._lock:
+                try:
+                    _check_invariants(cache)
+                except BaseException as e:
+                    errors.append(("checker", e))
+                    return
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: races show up in one run
+    try:
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(6)]
+        check = threading.Thread(target=checker)
+        for t in (*threads, check):
+            t.start()
+        for t in threads:
+            t.join()
+        done.set()
+        check.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert not errors, errors
+    _check_invariants(cache)

@@ -149,6 +149,36 @@ def test_from_pretrained_bad_input(tmp_path):
         from_pretrained(tmp_path, dtype="float8")
 
 
+def test_from_pretrained_bad_files_are_named(tmp_path):
+    """A broken config.json, a config field of the wrong type or value, and an unreadable weight
+    file (safetensors or pickle) are errors naming the file (and the field)."""
+    hf = hf_model(VARIANTS["gpt2"])
+    hf.save_pretrained(tmp_path)
+    cfg_file = tmp_path / "config.json"
+    good = cfg_file.read_text()
+    cfg_file.write_text(good[: len(good) // 2])  # truncated: was a bare JSONDecodeError
+    with pytest.raises(ValueError, match="config.json.*not valid JSON"):
+        from_pretrained(tmp_path)
+    cfg_file.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="config.json.*JSON object"):
+        from_pretrained(tmp_path)
+    for field, value, error in [("n_head", 0, ValueError), ("n_layer", "2", TypeError)]:
+        cfg_file.write_text(json.dumps(dict(json.loads(good), **{field: value})))
+        with pytest.raises(error, match=f"'{field}'.*config.json"):
+            from_pretrained(tmp_path)
+    cfg_file.write_text(good)
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="model.safetensors"):
+        from_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="pytorch_model.bin"):
+        from_pretrained(tmp_path)
+    torch.save([torch.zeros(2)], tmp_path / "pytorch_model.bin")  # loads, but not a state dict
+    with pytest.raises(ValueError, match="pytorch_model.bin.*not a dict"):
+        from_pretrained(tmp_path)
+
+
 # --------------------------------------------------------------------------------------------------
 # The command line
 # --------------------------------------------------------------------------------------------------

@@ -143,6 +143,40 @@ def test_bad_config():
         from_hf_config(dict(VARIANTS["gpt2"], activation_function="tanh-ish"))
     with pytest.raises(ValueError, match="attention_types"):
         from_hf_config(dict(VARIANTS["gpt-neo-window4"], attention_types=[[["global"], 1]]))
+    with pytest.raises(ValueError, match="norm_eps"):
+        ModelConfig(family="gpt2", vocab_size=8, hidden_size=32, num_layers=1, num_heads=4,
+                    intermediate_size=8, max_positions=8, norm_eps=float("nan"))
+    with pytest.raises(ValueError, match="rope_base"):
+        ModelConfig(family="gpt-neox", vocab_size=8, hidden_size=32, num_layers=1, num_heads=4,
+                    intermediate_size=8, max_positions=8, rotary_dim=4, rope_base=0.0)
+
+
+@pytest.mark.parametrize("variant,field,value,error", [
+    ("gpt2", "n_head", 0, ValueError),                 # was ZeroDivisionError
+    ("gpt2", "n_layer", "2", TypeError),               # was a TypeError naming no field
+    ("gpt2", "n_embd", 64.0, TypeError),
+    ("gpt2", "vocab_size", -1, ValueError),
+    ("gpt2", "n_inner", True, TypeError),
+    ("gpt2", "scale_attn_weights", "false", TypeError),  # a string would read as true
+    ("gpt2", "layer_norm_epsilon", float("nan"), ValueError),
+    ("gpt2", "activation_function", 3, TypeError),
+    ("gpt-neo-window4", "num_heads", 0, ValueError),
+    ("gpt-neo-window4", "window_size", 0, ValueError),
+    ("gpt-neo-window4", "attention_types", [["global", "x"]], TypeError),
+    ("gpt-neox-sequential-pct0.25", "num_attention_heads", 0, ValueError),
+    ("gpt-neox-sequential-pct0.25", "rotary_pct", "0.25", TypeError),
+    ("gpt-neox-sequential-pct0.25", "rotary_pct", 1.5, ValueError),
+    ("gpt-neox-sequential-pct0.25", "rotary_emb_base", 0, ValueError),
+    ("gpt-neox-sequential-pct0.25", "rope_scaling", "linear", TypeError),
+    ("opt-post-ln", "num_hidden_layers", "2", TypeError),
+    ("opt-post-ln", "word_embed_proj_dim", 0, ValueError),
+    ("opt-post-ln", "do_layer_norm_before", 0, TypeError),
+])
+def test_bad_config_field_is_named(variant, field, value, error):
+    """A config.json field of the wrong type or value is an error naming the field, raised where it
+    is read (not a ZeroDivisionError or an anonymous TypeError further on)."""
+    with pytest.raises(error, match=f"'{field}'"):
+        from_hf_config(dict(VARIANTS[variant], **{field: value}))
 
 
 def test_bad_state_dict():

@@ -6,6 +6,7 @@ it from a Hugging Face config; :mod:`gptkernels.models.common` builds the model 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
@@ -75,6 +76,12 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ModelConfig: {name} must be an int >= 1, got {value!r}")
+        for name, positive in (("norm_eps", False), ("rope_base", True)):
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                    or value < 0 or (positive and value == 0)):
+                raise ValueError(f"ModelConfig: {name} must be a finite number {'> 0' if positive else '>= 0'}, "
+                                 f"got {value!r}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"ModelConfig: hidden_size ({self.hidden_size}) must be a multiple of "
                              f"num_heads ({self.num_heads})")

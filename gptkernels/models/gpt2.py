@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from ._convert import StateDict, cfg_get
+from ._convert import StateDict, cfg_bool, cfg_float, cfg_int, cfg_str
 from .config import ModelConfig
 
 MODEL_TYPE = "gpt2"
@@ -19,22 +19,24 @@ MODEL_TYPE = "gpt2"
 def config_from_hf(d: dict) -> ModelConfig:
     if d.get("add_cross_attention"):
         raise ValueError("from_hf_config: GPT-2 with cross-attention (add_cross_attention) is not supported")
-    hidden = cfg_get(d, "n_embd", "hidden_size")
-    heads = cfg_get(d, "n_head", "num_attention_heads")
-    layers = cfg_get(d, "n_layer", "num_hidden_layers")
+    hidden = cfg_int(d, "n_embd", "hidden_size")
+    heads = cfg_int(d, "n_head", "num_attention_heads")
+    layers = cfg_int(d, "n_layer", "num_hidden_layers")
+    scale_weights = cfg_bool(d, "scale_attn_weights", default=True)
+    scale_inverse_layer = cfg_bool(d, "scale_attn_by_inverse_layer_idx", default=False)
     scales = []
     for i in range(layers):
-        s = 1.0 / math.sqrt(hidden // heads) if cfg_get(d, "scale_attn_weights", default=True) else 1.0
-        if cfg_get(d, "scale_attn_by_inverse_layer_idx", default=False):
+        s = 1.0 / math.sqrt(hidden // heads) if scale_weights else 1.0
+        if scale_inverse_layer:
             s /= float(i + 1)
         scales.append(s)
     return ModelConfig(
-        family="gpt2", vocab_size=cfg_get(d, "vocab_size"), hidden_size=hidden, num_layers=layers,
-        num_heads=heads, intermediate_size=cfg_get(d, "n_inner", default=None) or 4 * hidden,
-        max_positions=cfg_get(d, "n_positions", "max_position_embeddings"),
-        activation=cfg_get(d, "activation_function", default="gelu_new"),
-        norm_eps=cfg_get(d, "layer_norm_epsilon", default=1e-5), softmax_scales=scales,
-        tie_word_embeddings=cfg_get(d, "tie_word_embeddings", default=True),
+        family="gpt2", vocab_size=cfg_int(d, "vocab_size"), hidden_size=hidden, num_layers=layers,
+        num_heads=heads, intermediate_size=cfg_int(d, "n_inner", default=None) or 4 * hidden,
+        max_positions=cfg_int(d, "n_positions", "max_position_embeddings"),
+        activation=cfg_str(d, "activation_function", default="gelu_new"),
+        norm_eps=cfg_float(d, "layer_norm_epsilon", default=1e-5), softmax_scales=scales,
+        tie_word_embeddings=cfg_bool(d, "tie_word_embeddings", default=True),
         bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
         pad_token_id=d.get("pad_token_id"), extra={"model_type": MODEL_TYPE})
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._convert import StateDict, cfg_get
+from ._convert import StateDict, cfg_bool, cfg_float, cfg_get, cfg_int, cfg_str
 from .config import ModelConfig
 
 MODEL_TYPE = "gpt_neo"
@@ -20,31 +20,40 @@ def attention_layers(d: dict) -> list[str]:
     """``attention_types`` ([[["global", "local"], 12]]) expanded to one entry per layer."""
     if d.get("attention_types") is not None:
         layers = []
-        for kinds, repeat in d["attention_types"]:
-            for _ in range(repeat):
-                layers.extend(kinds)
+        try:
+            for kinds, repeat in d["attention_types"]:
+                if isinstance(repeat, bool) or not isinstance(repeat, int) or isinstance(kinds, str):
+                    raise TypeError
+                for _ in range(repeat):
+                    layers.extend(kinds)
+        except (TypeError, ValueError):
+            raise TypeError(f"from_hf_config: config field 'attention_types' must be a list of "
+                            f"[[kinds...], repeat] pairs, got {d['attention_types']!r}") from None
         return layers
-    return list(cfg_get(d, "attention_layers"))
+    layers = cfg_get(d, "attention_layers")
+    if not isinstance(layers, (list, tuple)):
+        raise TypeError(f"from_hf_config: config field 'attention_layers' must be a list, got {layers!r}")
+    return list(layers)
 
 
 def config_from_hf(d: dict) -> ModelConfig:
-    hidden = cfg_get(d, "hidden_size")
-    num_layers = cfg_get(d, "num_layers", "num_hidden_layers")
+    hidden = cfg_int(d, "hidden_size")
+    num_layers = cfg_int(d, "num_layers", "num_hidden_layers")
     kinds = attention_layers(d)
     if len(kinds) != num_layers or set(kinds) - {"global", "local"}:
         raise ValueError(f"from_hf_config: GPT-Neo attention_types must give 'global'/'local' for each "
                          f"of the {num_layers} layers, got {kinds}")
-    window = cfg_get(d, "window_size", default=256)
+    window = cfg_int(d, "window_size", default=256)
     return ModelConfig(
-        family="gpt-neo", vocab_size=cfg_get(d, "vocab_size"), hidden_size=hidden,
-        num_layers=num_layers, num_heads=cfg_get(d, "num_heads", "num_attention_heads"),
-        intermediate_size=cfg_get(d, "intermediate_size", default=None) or 4 * hidden,
-        max_positions=cfg_get(d, "max_position_embeddings"),
-        activation=cfg_get(d, "activation_function", default="gelu_new"),
-        norm_eps=cfg_get(d, "layer_norm_epsilon", default=1e-5),
+        family="gpt-neo", vocab_size=cfg_int(d, "vocab_size"), hidden_size=hidden,
+        num_layers=num_layers, num_heads=cfg_int(d, "num_heads", "num_attention_heads"),
+        intermediate_size=cfg_int(d, "intermediate_size", default=None) or 4 * hidden,
+        max_positions=cfg_int(d, "max_position_embeddings"),
+        activation=cfg_str(d, "activation_function", default="gelu_new"),
+        norm_eps=cfg_float(d, "layer_norm_epsilon", default=1e-5),
         softmax_scales=[1.0] * num_layers,
         windows=[window if k == "local" else None for k in kinds],
-        qkv_bias=False, tie_word_embeddings=cfg_get(d, "tie_word_embeddings", default=True),
+        qkv_bias=False, tie_word_embeddings=cfg_bool(d, "tie_word_embeddings", default=True),
         bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
         pad_token_id=d.get("pad_token_id"), extra={"model_type": MODEL_TYPE})
 

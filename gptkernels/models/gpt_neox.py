@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from ._convert import StateDict, cfg_get
+from ._convert import StateDict, cfg_bool, cfg_float, cfg_int, cfg_str
 from .config import ModelConfig
 
 MODEL_TYPE = "gpt_neox"
@@ -23,19 +23,28 @@ def rope_parameters(d: dict) -> dict:
     Exactly what GPTNeoXConfig does: ``rope_scaling`` wins over ``rope_parameters``; a missing
     theta / rotary fraction comes from ``rotary_emb_base`` / ``rotary_pct`` (defaults 10000 and
     0.25), never from a top-level ``rope_theta``, which GPT-NeoX ignores."""
-    params = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})
-    params.setdefault("rope_theta", cfg_get(d, "rotary_emb_base", default=10000.0))
-    params.setdefault("partial_rotary_factor", cfg_get(d, "rotary_pct", default=0.25))
+    source = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
+    params = d.get(source) or {}
+    if not isinstance(params, dict):
+        raise TypeError(f"from_hf_config: config field {source!r} must be a JSON object, got {params!r}")
+    params = dict(params)
+    # Each value is checked where the file holds it, so an error names the key the file has.
+    if params.get("rope_theta") is None:
+        params["rope_theta"] = cfg_float(d, "rotary_emb_base", default=10000.0, positive=True)
+    if params.get("partial_rotary_factor") is None:
+        params["partial_rotary_factor"] = cfg_float(d, "rotary_pct", default=0.25, maximum=1.0)
     params.setdefault("rope_type", params.get("type", "default"))
     return params
 
 
 def config_from_hf(d: dict) -> ModelConfig:
-    hidden = cfg_get(d, "hidden_size")
-    heads = cfg_get(d, "num_attention_heads")
-    max_positions = cfg_get(d, "max_position_embeddings")
+    hidden = cfg_int(d, "hidden_size")
+    heads = cfg_int(d, "num_attention_heads")
+    max_positions = cfg_int(d, "max_position_embeddings")
     rope = rope_parameters(d)
-    rotary_dim = int((hidden // heads) * rope["partial_rotary_factor"])
+    fraction = cfg_float(rope, "partial_rotary_factor", maximum=1.0)  # from rope_scaling/_parameters
+    theta = cfg_float(rope, "rope_theta", positive=True)
+    rotary_dim = int((hidden // heads) * fraction)
     scaling = None
     if rope["rope_type"] != "default":
         scaling = {k: v for k, v in rope.items() if k not in ("partial_rotary_factor", "type")}
@@ -43,16 +52,16 @@ def config_from_hf(d: dict) -> ModelConfig:
             # HF's dynamic NTK always scales from max_position_embeddings (it ignores an
             # original_max_position_embeddings key): positions below it keep the default frequencies.
             scaling["original_max_position_embeddings"] = max_positions
-    bias = cfg_get(d, "attention_bias", default=True)
+    bias = cfg_bool(d, "attention_bias", default=True)
     return ModelConfig(
-        family="gpt-neox", vocab_size=cfg_get(d, "vocab_size"), hidden_size=hidden,
-        num_layers=cfg_get(d, "num_hidden_layers"), num_heads=heads,
-        intermediate_size=cfg_get(d, "intermediate_size"), max_positions=max_positions,
-        activation=cfg_get(d, "hidden_act", default="gelu"),
-        norm_eps=cfg_get(d, "layer_norm_eps", default=1e-5), qkv_bias=bias, out_bias=bias,
-        learned_positions=False, rotary_dim=rotary_dim, rope_base=float(rope["rope_theta"]),
-        rope_scaling=scaling, parallel_residual=cfg_get(d, "use_parallel_residual", default=True),
-        tie_word_embeddings=cfg_get(d, "tie_word_embeddings", default=False),
+        family="gpt-neox", vocab_size=cfg_int(d, "vocab_size"), hidden_size=hidden,
+        num_layers=cfg_int(d, "num_hidden_layers"), num_heads=heads,
+        intermediate_size=cfg_int(d, "intermediate_size"), max_positions=max_positions,
+        activation=cfg_str(d, "hidden_act", default="gelu"),
+        norm_eps=cfg_float(d, "layer_norm_eps", default=1e-5), qkv_bias=bias, out_bias=bias,
+        learned_positions=False, rotary_dim=rotary_dim, rope_base=theta,
+        rope_scaling=scaling, parallel_residual=cfg_bool(d, "use_parallel_residual", default=True),
+        tie_word_embeddings=cfg_bool(d, "tie_word_embeddings", default=False),
         bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
         pad_token_id=d.get("pad_token_id"), extra={"model_type": MODEL_TYPE})
 

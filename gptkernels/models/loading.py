@@ -119,6 +119,24 @@ def _read_weights(path: str) -> dict:
     return out
 
 
+def read_config(cfg_file: str) -> tuple[dict, ModelConfig]:
+    """config.json -> (its dict, the :class:`ModelConfig`). A file that is not a JSON object, or a
+    field of the wrong type or value, is an error naming the file (and, from the family's rules,
+    the field)."""
+    try:
+        with open(cfg_file) as f:
+            d = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"from_pretrained: {cfg_file!r} is not valid JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"from_pretrained: {cfg_file!r} must hold a JSON object, got {type(d).__name__}")
+    try:
+        cfg = from_hf_config(d)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"{e} (in {cfg_file!r})") from e
+    return d, cfg
+
+
 def from_pretrained(path, *, dtype=None, device=None) -> CausalLM:
     """Load a local HF checkpoint directory (config.json + weights). Never downloads.
 
@@ -132,9 +150,7 @@ def from_pretrained(path, *, dtype=None, device=None) -> CausalLM:
     if not os.path.isfile(cfg_file):
         raise FileNotFoundError(f"from_pretrained: path {path!r} has no config.json (a local HF "
                                 "checkpoint directory is expected; nothing is downloaded)")
-    with open(cfg_file) as f:
-        d = json.load(f)
-    cfg = from_hf_config(d)
+    d, cfg = read_config(cfg_file)
     saved = d.get("dtype") or d.get("torch_dtype")
     dtype = resolve_dtype(dtype, _DTYPES.get(str(saved).replace("torch.", ""), torch.float32))
     weights = _read_weights(path)

@@ -12,26 +12,26 @@ from __future__ import annotations
 
 import torch
 
-from ._convert import StateDict, cfg_get
+from ._convert import StateDict, cfg_bool, cfg_int, cfg_str
 from .config import ModelConfig
 
 MODEL_TYPE = "opt"
 
 
 def config_from_hf(d: dict) -> ModelConfig:
-    hidden = cfg_get(d, "hidden_size")
-    norm_before = cfg_get(d, "do_layer_norm_before", default=True)
-    bias = cfg_get(d, "enable_bias", default=True)
+    hidden = cfg_int(d, "hidden_size")
+    norm_before = cfg_bool(d, "do_layer_norm_before", default=True)
+    bias = cfg_bool(d, "enable_bias", default=True)
     return ModelConfig(
-        family="opt", vocab_size=cfg_get(d, "vocab_size"), hidden_size=hidden,
-        num_layers=cfg_get(d, "num_hidden_layers"), num_heads=cfg_get(d, "num_attention_heads"),
-        intermediate_size=cfg_get(d, "ffn_dim"), max_positions=cfg_get(d, "max_position_embeddings"),
-        activation=cfg_get(d, "activation_function", default="relu"), norm_eps=1e-5,
-        norm_affine=cfg_get(d, "layer_norm_elementwise_affine", default=True),
+        family="opt", vocab_size=cfg_int(d, "vocab_size"), hidden_size=hidden,
+        num_layers=cfg_int(d, "num_hidden_layers"), num_heads=cfg_int(d, "num_attention_heads"),
+        intermediate_size=cfg_int(d, "ffn_dim"), max_positions=cfg_int(d, "max_position_embeddings"),
+        activation=cfg_str(d, "activation_function", default="relu"), norm_eps=1e-5,
+        norm_affine=cfg_bool(d, "layer_norm_elementwise_affine", default=True),
         qkv_bias=bias, out_bias=bias, mlp_bias=bias, position_offset=2, norm_before=norm_before,
-        final_norm=norm_before and not cfg_get(d, "_remove_final_layer_norm", default=False),
-        embed_dim=cfg_get(d, "word_embed_proj_dim", default=hidden),
-        tie_word_embeddings=cfg_get(d, "tie_word_embeddings", default=True),
+        final_norm=norm_before and not cfg_bool(d, "_remove_final_layer_norm", default=False),
+        embed_dim=cfg_int(d, "word_embed_proj_dim", default=hidden),
+        tie_word_embeddings=cfg_bool(d, "tie_word_embeddings", default=True),
         bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
         pad_token_id=d.get("pad_token_id"), extra={"model_type": MODEL_TYPE})
 

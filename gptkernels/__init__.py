@@ -7,6 +7,7 @@ from ._backend import BackendUnavailableError, backends
 from .attention import flash_attn, sdpa
 from .kv_cache import CacheFullError, PagedKVCache
 from .paged import paged_append, paged_decode
+from .quant import dequantize_int4, dequantize_int8, int4_linear, int8_linear, quantize_int4, quantize_int8
 from .rotary import apply_rotary, rotary_cos_sin
 
 __version__ = "0.1.0"
@@ -17,9 +18,15 @@ __all__ = [
     "PagedKVCache",
     "apply_rotary",
     "backends",
+    "dequantize_int4",
+    "dequantize_int8",
     "flash_attn",
+    "int4_linear",
+    "int8_linear",
     "paged_append",
     "paged_decode",
+    "quantize_int4",
+    "quantize_int8",
     "rotary_cos_sin",
     "sdpa",
     "generate",

@@ -235,3 +235,95 @@ def paged_decode(q, k_cache, v_cache, block_table, seq_lens, *, softmax_scale=No
                          upcast=upcast, return_lse=True)
     out, lse = out[:, 0], lse[:, :, 0]
     return (out, lse) if return_lse else out
+
+
+# --------------------------------------------------------------------------------------------------
+# Weight-only quantization (int8 per output channel, int4 per group; layout: gptkernels/quant.py)
+# --------------------------------------------------------------------------------------------------
+
+#: Largest int8 magnitude used: symmetric [-127, 127] (-128 is never produced, so negation is exact).
+INT8_MAX = 127
+#: int4 codes are unsigned 0..15, two per byte.
+INT4_MAX = 15
+
+
+def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype):
+    """Round-to-nearest symmetric int8, one scale per output channel (row of ``weight`` (N, K)).
+
+    scale = amax(|row|) / 127 (1 for an all-zero row), stored in ``scale_dtype``; q = round(w / scale)
+    with the *stored* scale, so dequantize_int8(q, scale) = q * scale is within scale / 2 of w.
+    Returns (q int8 (N, K), scales (N,)).
+    """
+    w = weight.detach().to(torch.float32 if weight.dtype != torch.float64 else torch.float64)
+    amax = w.abs().amax(dim=1)
+    scales = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax)).to(scale_dtype)
+    q = torch.round(w / scales.to(w.dtype)[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scales
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int, scale_dtype: torch.dtype):
+    """Round-to-nearest asymmetric int4 per group of ``group_size`` input channels.
+
+    Each group's range is widened to include 0 (so 0 is exact and an all-zero group is exact):
+    lo = min(w, 0), hi = max(w, 0); scale = (hi - lo) / 15 (1 if hi == lo); zero = round(-lo / scale)
+    in [0, 15] (an integer, stored in ``scale_dtype``); q = clamp(round(w / scale) + zero, 0, 15) with
+    the stored scale. Dequantized: (q - zero) * scale, within scale / 2 of w (up to the rounding of
+    the stored scale). Packed two codes per byte along K: byte j of row n holds q[n, 2j] in its low
+    nibble and q[n, 2j + 1] in its high nibble.
+    Returns (packed uint8 (N, K/2), scales (N, K/group_size), zeros (N, K/group_size)).
+    """
+    n, k = weight.shape
+    w = weight.detach().to(torch.float32 if weight.dtype != torch.float64 else torch.float64)
+    g = w.reshape(n, k // group_size, group_size)
+    lo = g.amin(dim=2).clamp(max=0)
+    hi = g.amax(dim=2).clamp(min=0)
+    scales = torch.where(hi > lo, (hi - lo) / INT4_MAX, torch.ones_like(hi)).to(scale_dtype)
+    s = scales.to(w.dtype)
+    zeros = torch.round(-lo / s).clamp_(0, INT4_MAX)
+    q = (torch.round(g / s[:, :, None]) + zeros[:, :, None]).clamp_(0, INT4_MAX).to(torch.uint8)
+    return pack_int4(q.reshape(n, k)), scales, zeros.to(scale_dtype)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes 0..15 (K even) -> (N, K/2) uint8: low nibble = even column, high = odd column."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """(N, K/2) uint8 -> (N, K) uint8 codes 0..15 (the inverse of :func:`pack_int4`)."""
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
+
+
+def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """q (N, K) int8, scales (N,) -> the float weight (N, K) q * scale, computed in ``dtype``."""
+    return qweight.to(dtype) * scales.to(dtype)[:, None]
+
+
+def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """packed (N, K/2) uint8, scales/zeros (N, K/group_size) -> (N, K) (q - zero) * scale in ``dtype``."""
+    q = unpack_int4(qweight).to(dtype)
+    s = scales.to(dtype).repeat_interleave(group_size, dim=1)
+    z = zeros.to(dtype).repeat_interleave(group_size, dim=1)
+    return (q - z) * s
+
+
+def _linear(x, w, bias, dtype):
+    y = x.to(dtype) @ w.t()
+    if bias is not None:
+        y = y + bias.to(dtype)
+    return y.to(x.dtype)
+
+
+def int8_linear(x, qweight, scales, bias=None, *, upcast=True):
+    """y = x @ dequantize_int8(W)^T (+ bias): x (..., K) -> (..., N) in x's dtype. Math in float32
+    (float64 for float64 x) with ``upcast``, else in x's dtype (the weight dequantized in it too)."""
+    dtype = _compute_dtype(x.dtype, upcast)
+    return _linear(x, dequantize_int8(qweight, scales, dtype), bias, dtype)
+
+
+def int4_linear(x, qweight, scales, zeros, bias=None, *, group_size=128, upcast=True):
+    """y = x @ dequantize_int4(W)^T (+ bias), like :func:`int8_linear`."""
+    dtype = _compute_dtype(x.dtype, upcast)
+    return _linear(x, dequantize_int4(qweight, scales, zeros, group_size, dtype), bias, dtype)

@@ -1,0 +1,325 @@
+"""Weight-only quantization: the quantizers (round trip, layout), the int8/int4 GEMMs against float64
+over the dequantized weights (odd M, N, K; groups; bias; 1..130 rows; split-K; strides), dispatch,
+torch.compile, CUDA graphs, bad input; quantized models against the float models of all four
+families, loading, memory, generation; the shipped tiny checkpoint.
+
+On CPU the Triton kernels run in the interpreter (float16, float32); on a GPU bfloat16 is added.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import weakref
+
+import pytest
+import torch
+
+import gptkernels
+from gptkernels import BackendUnavailableError, reference
+from gptkernels.quant import DEFAULT_GROUP_SIZE
+from tests.helpers import DEVICE, DTYPES, ON_GPU, assert_parity, grid, randn, requires_gpu
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CKPT = os.path.join(REPO, "checkpoints", "tiny-stdlib")
+
+
+def _weights(n, k, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return randn(n, k, dtype=dtype, generator=g, scale=0.5)
+
+
+def _check_int8(x, w, bias=None, **kw):
+    q, s = gptkernels.quantize_int8(w)
+    y = gptkernels.int8_linear(x, q, s, bias, **kw)
+    ref = reference.int8_linear(x.double(), q, s, None if bias is None else bias.double())
+    base = reference.int8_linear(x, q, s, bias, upcast=False)
+    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], w.shape[0])
+    assert_parity(y, ref, base)
+    return y
+
+
+def _check_int4(x, w, bias=None, group_size=DEFAULT_GROUP_SIZE, **kw):
+    q, s, z = gptkernels.quantize_int4(w, group_size=group_size)
+    y = gptkernels.int4_linear(x, q, s, z, bias, group_size=group_size, **kw)
+    ref = reference.int4_linear(x.double(), q, s, z, None if bias is None else bias.double(), group_size=group_size)
+    base = reference.int4_linear(x, q, s, z, bias, group_size=group_size, upcast=False)
+    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], w.shape[0])
+    assert_parity(y, ref, base)
+    return y
+
+
+# --------------------------------------------------------------------------------------------------
+# Quantizers: round trip and layout
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale_dtype", [None, torch.float32, torch.float16, torch.bfloat16])
+def test_int8_round_trip(scale_dtype):
+    w = _weights(37, 97, torch.float32, 1)
+    w[3] = 0.0  # an all-zero row is exact
+    q, s = gptkernels.quantize_int8(w, scale_dtype=scale_dtype)
+    assert q.dtype == torch.int8 and q.shape == w.shape and s.shape == (37,)
+    assert s.dtype == (scale_dtype or torch.float32)
+    assert int(q.min()) >= -127 and int(q.max()) <= 127
+    deq = gptkernels.dequantize_int8(q, s, dtype=torch.float64)
+    step = s.double()[:, None]
+    assert bool(((deq - w.double()).abs() <= step / 2 * (1 + 1e-6) + 1e-12).all())
+    assert torch.equal(deq[3], torch.zeros(97, dtype=torch.float64))
+    # the row maximum lands on +-127 (the scale is max|row| / 127)
+    assert bool((q.abs().amax(1)[torch.arange(37) != 3] == 127).all())
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("scale_dtype", [None, torch.float16, torch.bfloat16])
+def test_int4_round_trip(group_size, scale_dtype):
+    w = _weights(19, 256, torch.float32, 2)
+    w[5, :group_size] = 0.0           # an all-zero group: exact
+    w[6, :group_size] = 0.3           # a constant positive group: exact (range widened to 0)
+    w[7] = w[7].abs() + 0.1           # groups that do not straddle 0
+    q, s, z = gptkernels.quantize_int4(w, group_size=group_size, scale_dtype=scale_dtype)
+    g = 256 // group_size
+    assert q.dtype == torch.uint8 and q.shape == (19, 128)
+    assert s.shape == z.shape == (19, g) and s.dtype == z.dtype == (scale_dtype or torch.float32)
+    assert torch.equal(z, z.round()) and float(z.min()) >= 0 and float(z.max()) <= 15
+    deq = gptkernels.dequantize_int4(q, s, z, group_size=group_size, dtype=torch.float64)
+    step = s.double().repeat_interleave(group_size, 1)
+    # half a step; a bfloat16/float16 scale rounded down stretches 15 steps by up to 2**-9 each
+    slack = 1e-6 if scale_dtype in (None, torch.float32) else 15 * 2**-8
+    assert bool(((deq - w.double()).abs() <= step * (0.5 + slack) + 1e-12).all())
+    assert torch.equal(deq[5, :group_size], torch.zeros(group_size, dtype=torch.float64))
+    torch.testing.assert_close(deq[6, :group_size], torch.full((group_size,), 0.3, dtype=torch.float64),
+                               atol=1e-3 if scale_dtype else 1e-7, rtol=0)
+
+
+def test_int4_layout():
+    """Two codes per byte along K: low nibble = even column, high nibble = odd column."""
+    codes = torch.tensor([[1, 2, 3, 4, 15, 0], [7, 8, 9, 10, 11, 12]], dtype=torch.uint8)
+    packed = reference.pack_int4(codes)
+    assert packed.tolist() == [[1 | 2 << 4, 3 | 4 << 4, 15], [7 | 8 << 4, 9 | 10 << 4, 11 | 12 << 4]]
+    assert torch.equal(reference.unpack_int4(packed), codes)
+    # dequantize: (q - zero) * scale per group
+    k, gs = 64, 32
+    q = torch.randint(0, 16, (3, k), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    s = torch.tensor([[0.5, 2.0], [1.0, 0.25], [3.0, 1.5]])
+    z = torch.tensor([[8.0, 0.0], [3.0, 15.0], [7.0, 7.0]])
+    want = (q.double() - z.double().repeat_interleave(gs, 1)) * s.double().repeat_interleave(gs, 1)
+    got = gptkernels.dequantize_int4(reference.pack_int4(q), s, z, group_size=gs, dtype=torch.float64)
+    assert torch.equal(got, want)
+
+
+# --------------------------------------------------------------------------------------------------
+# GEMM parity
+# --------------------------------------------------------------------------------------------------
+
+_INT8_SHAPES = grid([(1, 17, 97), (16, 33, 64), (37, 70, 130), (130, 19, 33)],
+                    [(1, 17, 97), (16, 33, 64), (37, 70, 130), (130, 19, 33), (64, 1024, 4096), (1, 4097, 2049),
+                     (257, 513, 1031)])
+_INT4_SHAPES = grid([(1, 17, 128, 32), (5, 33, 256, 64), (37, 70, 256, 128), (130, 19, 64, 32)],
+                    [(1, 17, 128, 32), (5, 33, 256, 64), (37, 70, 256, 128), (130, 19, 64, 32),
+                     (16, 1024, 4096, 128), (1, 4097, 2048, 64), (257, 513, 1024, 256)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("m, n, k", _INT8_SHAPES)
+def test_int8_linear_parity(m, n, k, bias, dtype):
+    w = _weights(n, k, dtype, m + n + k)
+    x = randn(m, k, dtype=dtype)
+    _check_int8(x, w, randn(n, dtype=dtype) if bias else None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("m, n, k, group_size", _INT4_SHAPES)
+def test_int4_linear_parity(m, n, k, group_size, bias, dtype):
+    w = _weights(n, k, dtype, m + n + k + group_size)
+    x = randn(m, k, dtype=dtype)
+    _check_int4(x, w, randn(n, dtype=dtype) if bias else None, group_size=group_size)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("m", grid([1, 2, 15, 16, 17, 33, 64, 65, 130], list(range(1, 131))))
+def test_every_row_count(m, fmt):
+    """Decode (1-64 rows: one row tile of 16/32/64 on a GPU) to prefill, in float16."""
+    dtype = torch.float16
+    w = _weights(40, 128, dtype, m)
+    x = randn(m, 128, dtype=dtype)
+    if fmt == "int8":
+        _check_int8(x, w, randn(40, dtype=dtype))
+    else:
+        _check_int4(x, w, randn(40, dtype=dtype), group_size=32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_split_k(fmt, dtype, monkeypatch):
+    """K split across programs (float32 partials summed by a second kernel), forced and by policy."""
+    from gptkernels.triton import quant as tq
+
+    m, n, k = 3, 21, 1024
+    w = _weights(n, k, dtype, 7)
+    x = randn(m, k, dtype=dtype)
+    bias = randn(n, dtype=dtype)
+    # the policy splits a long K over few output tiles (also on CPU: 16 nominal SMs)
+    block = tq.tile_config(m)[:3]
+    assert tq.k_splits(m, n, k, block, gptkernels._policy.sm_count(x.device)) > 1
+    check = _check_int8 if fmt == "int8" else _check_int4
+    kw = {} if fmt == "int8" else {"group_size": 64}
+    whole = check(x, w, bias, **kw)
+    for splits in (3, 5):  # uneven splits: the last is shorter
+        monkeypatch.setattr(tq, "k_splits", lambda *a, s=splits: s)
+        y = check(x, w, bias, **kw)
+        assert (y.double() - whole.double()).abs().max() <= 4 * torch.finfo(dtype).eps * whole.abs().max()
+
+
+def test_batched_and_strided_inputs():
+    """x of any leading dims and strides (a transposed view, a slice); weights as strided views."""
+    dtype = torch.float32
+    w = _weights(24, 96, dtype, 3)
+    x = randn(2, 5, 96, dtype=dtype)
+    _check_int8(x, w)
+    _check_int4(x, w, group_size=32)
+    xt = randn(96, 7, dtype=dtype).t()  # (7, 96), stride (1, 7)
+    _check_int8(xt, w)
+    _check_int4(xt, w, group_size=32)
+    xs = randn(9, 200, dtype=dtype)[:, 13:109]  # row stride 200
+    _check_int4(xs, w, group_size=32)
+    # quantized tensors as views of bigger buffers
+    q, s = gptkernels.quantize_int8(w)
+    qbig = torch.zeros(24, 128, dtype=torch.int8, device=q.device)
+    qbig[:, 5:101] = q
+    sbig = torch.zeros(48, dtype=s.dtype, device=s.device)
+    sbig[::2] = s
+    y = gptkernels.int8_linear(xs, qbig[:, 5:101], sbig[::2])
+    assert_parity(y, reference.int8_linear(xs.double(), q, s), reference.int8_linear(xs, q, s, upcast=False))
+
+
+def test_empty_and_torch_backend():
+    w = _weights(10, 64, torch.float32, 4)
+    q, s = gptkernels.quantize_int8(w)
+    assert gptkernels.int8_linear(randn(0, 64), q, s).shape == (0, 10)
+    q4, s4, z4 = gptkernels.quantize_int4(w, group_size=32)
+    assert gptkernels.int4_linear(randn(2, 0, 64), q4, s4, z4, group_size=32).shape == (2, 0, 10)
+    x = randn(3, 64)
+    torch.testing.assert_close(gptkernels.int8_linear(x, q, s, backend="torch"), reference.int8_linear(x, q, s))
+    torch.testing.assert_close(gptkernels.int4_linear(x, q4, s4, z4, group_size=32, backend="torch"),
+                               reference.int4_linear(x, q4, s4, z4, group_size=32))
+
+
+def test_gradients_only_on_torch_backend():
+    w = _weights(12, 64, torch.float32, 5)
+    q, s = gptkernels.quantize_int8(w)
+    x = randn(4, 64).requires_grad_()
+    with pytest.raises(BackendUnavailableError, match="int8_linear: backend 'triton' is for inference"):
+        gptkernels.int8_linear(x, q, s, backend="triton")
+    gptkernels.int8_linear(x, q, s, backend="torch").sum().backward()
+    torch.testing.assert_close(x.grad, gptkernels.dequantize_int8(q, s).sum(0).expand(4, -1))
+    with torch.no_grad():
+        gptkernels.int8_linear(x, q, s, backend="triton")  # fine without grad
+
+
+def test_cuda_backend_refuses():
+    w = _weights(12, 64, torch.float16, 6)
+    q, s = gptkernels.quantize_int8(w)
+    q4, s4, z4 = gptkernels.quantize_int4(w, group_size=32)
+    x = randn(2, 64, dtype=torch.float16)
+    with pytest.raises(BackendUnavailableError, match="int8_linear"):
+        gptkernels.int8_linear(x, q, s, backend="cuda")
+    with pytest.raises(BackendUnavailableError, match="int4_linear"):
+        gptkernels.int4_linear(x, q4, s4, z4, group_size=32, backend="cuda")
+
+
+def test_torch_compile_fullgraph():
+    """The custom ops trace with their fake implementations: no graph break."""
+    w = _weights(20, 64, torch.float32, 8)
+    q, s = gptkernels.quantize_int8(w)
+    q4, s4, z4 = gptkernels.quantize_int4(w, group_size=32)
+    bias = randn(20)
+
+    def f(x):
+        return gptkernels.int8_linear(x, q, s, bias) + gptkernels.int4_linear(x, q4, s4, z4, bias, group_size=32)
+
+    torch._dynamo.reset()
+    x = randn(3, 64)
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(got, f(x))
+
+
+@requires_gpu
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_cuda_graph_capture(fmt):
+    """No host sync inside the op (split-K included): it captures and replays in a CUDA graph."""
+    dtype = torch.bfloat16
+    w = _weights(4096, 4096, dtype, 9)
+    x = randn(1, 4096, dtype=dtype)
+    if fmt == "int8":
+        q, s = gptkernels.quantize_int8(w)
+        fn = lambda: gptkernels.int8_linear(x, q, s)  # noqa: E731
+    else:
+        q, s, z = gptkernels.quantize_int4(w)
+        fn = lambda: gptkernels.int4_linear(x, q, s, z)  # noqa: E731
+    want = fn()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    x.copy_(randn(1, 4096, dtype=dtype))
+    g.replay()
+    torch.testing.assert_close(out, fn())
+    assert not torch.equal(out, want)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------------
+
+
+def test_bad_input():
+    w = _weights(12, 64, torch.float32, 10)
+    q, s = gptkernels.quantize_int8(w)
+    q4, s4, z4 = gptkernels.quantize_int4(w, group_size=32)
+    x = randn(3, 64)
+    cases = [
+        (lambda: gptkernels.quantize_int4(w, group_size=128), ValueError,
+         r"quantize_int4: in_features \(64\) must be divisible by group_size \(128\)"),
+        (lambda: gptkernels.quantize_int4(w, group_size=48), ValueError, "group_size must be a power of two"),
+        (lambda: gptkernels.quantize_int4(w, group_size=16), ValueError, "group_size must be a power of two >= 32"),
+        (lambda: gptkernels.quantize_int4(w, group_size=32.0), TypeError, "group_size must be an int"),
+        (lambda: gptkernels.quantize_int8(w.long()), TypeError, "quantize_int8: weight must have dtype"),
+        (lambda: gptkernels.quantize_int8(w[0]), ValueError, "quantize_int8: weight must have 2 dimensions"),
+        (lambda: gptkernels.quantize_int8(w, scale_dtype=torch.int32), TypeError, "scale_dtype"),
+        (lambda: gptkernels.quantize_int8(torch.full((2, 4), float("nan"))), ValueError, "weight must be finite"),
+        (lambda: gptkernels.int8_linear(x, q, s[:-1]), ValueError, r"int8_linear: scales.shape\[0\] must be 12"),
+        (lambda: gptkernels.int8_linear(x, q, s[:, None]), ValueError, "int8_linear: scales must have 1 dimensions"),
+        (lambda: gptkernels.int8_linear(x, q, s.to(torch.int32)), TypeError, "int8_linear: scales must have dtype"),
+        (lambda: gptkernels.int8_linear(x, q.to(torch.uint8), s), TypeError, "int8_linear: qweight must have dtype int8"),
+        (lambda: gptkernels.int8_linear(x[:, :63], q, s), ValueError, r"int8_linear: x.shape\[-1\] must be K = 64"),
+        (lambda: gptkernels.int8_linear(x.long(), q, s), TypeError, "int8_linear: x must have dtype"),
+        (lambda: gptkernels.int8_linear(x, q, s, randn(11)), ValueError, r"int8_linear: bias.shape\[0\] must be 12"),
+        (lambda: gptkernels.int8_linear(x, q, s, randn(12, dtype=torch.float16)), TypeError,
+         "int8_linear: bias must have the same dtype as x"),
+        (lambda: gptkernels.int4_linear(x, q4, s4, z4), ValueError,
+         r"int4_linear: in_features \(64\) must be divisible by group_size \(128\)"),
+        (lambda: gptkernels.int4_linear(x, q4, s4[:, :1], z4, group_size=32), ValueError,
+         r"int4_linear: scales must have shape \(N, K / group_size\) = \(12, 2\)"),
+        (lambda: gptkernels.int4_linear(x, q4, s4, z4[:, :1], group_size=32), ValueError,
+         "int4_linear: zeros must have the shape of scales"),
+        (lambda: gptkernels.int4_linear(x, q4, s4, z4.half(), group_size=32), TypeError,
+         "int4_linear: zeros must have the same dtype as scales"),
+        (lambda: gptkernels.int4_linear(x, q4, s4.to(torch.int8), z4, group_size=32), TypeError,
+         "int4_linear: scales must have dtype"),
+        (lambda: gptkernels.int4_linear(x, q4.view(torch.int8), s4, z4, group_size=32), TypeError,
+         "int4_linear: qweight must have dtype uint8"),
+        (lambda: gptkernels.int4_linear(x[:, :32], q4, s4, z4, group_size=32), ValueError,
+         r"int4_linear: x.shape\[-1\] must be K = 64"),
+        (lambda: gptkernels.int8_linear(x, q, s, backend="tpu"), ValueError, "int8_linear: backend must be"),
+    ]
+    for fn, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            fn()

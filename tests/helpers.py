@@ -37,21 +37,26 @@ def randn(*shape, dtype=torch.float32, device=DEVICE, generator=None, scale=1.0)
 
 #: A stride just over 2**30 elements: index 2 along it lies past 2**31, where an int32 offset wraps.
 HUGE_STRIDE = 2**30 + 2**20
+#: A row stride past 2**31 / 15 elements: row 15 of a tile (any tile of 16 rows or more: the GPU's
+#: 128-row tiles and the interpreter's 32/64-row ones) lies past 2**31, where ``offs * stride`` in
+#: int32 wraps.
+ROW_STRIDE = 2**31 // 15 + 2**12
 
 
-def huge_stride_views(dtype, *specs) -> list[torch.Tensor]:
+def huge_stride_views(dtype, *specs, stride: int = HUGE_STRIDE) -> list[torch.Tensor]:
     """Random-filled views, one per ``(shape, dim)`` spec, into one buffer of ~2**31 elements whose
-    stride along ``dim`` (size <= 3) is ``HUGE_STRIDE``; the other dims are packed. The buffer is
-    allocated lazily: only the elements the views cover are ever touched (a few KB of memory)."""
-    buf = torch.empty(2 * HUGE_STRIDE + 2**20, dtype=dtype, device=DEVICE)
+    stride along ``dim`` is ``stride`` (its last index just past 2**31); the other dims are packed.
+    The buffer is allocated lazily: only the elements the views cover are ever touched (a few KB)."""
+    size = max((shape[dim] - 1) * stride for shape, dim in specs) + 2**20
+    assert size <= 2**31 + 2**30, "keep the (lazily allocated) buffer near 2**31 elements"
+    buf = torch.empty(size, dtype=dtype, device=DEVICE)
     views, offset = [], 0
     for shape, dim in specs:
-        assert shape[dim] <= 3
         strides, inner = [0] * len(shape), 1
         for i in reversed(range(len(shape))):
             if i != dim:
                 strides[i], inner = inner, inner * shape[i]
-        strides[dim] = HUGE_STRIDE
+        strides[dim] = stride
         view = buf.as_strided(shape, strides, offset)
         view.copy_(randn(*shape, dtype=dtype))
         views.append(view)

@@ -14,8 +14,8 @@ import torch
 
 import gptkernels
 from gptkernels import reference
-from tests.helpers import (DEVICE, DTYPES, FULL_GRID, assert_parity, grid, huge_stride_views,
-                           index_views, randn, requires_gpu)
+from tests.helpers import (DEVICE, DTYPES, FULL_GRID, ROW_STRIDE, assert_parity, grid,
+                           huge_stride_views, index_views, randn, requires_gpu)
 
 BACKEND = "triton"
 
@@ -694,6 +694,42 @@ def test_head_offsets_past_2_31():
 
     for got, want in zip(paged(k_cache, v_cache), paged(k_cache.contiguous(), v_cache.contiguous())):
         torch.testing.assert_close(got, want)
+
+
+def test_row_offsets_past_2_31():
+    # Token (row) strides past 2**31 / 15 elements: row 15 of a tile lies past 2**31, so
+    # offs_m * stride_s (and offs_n * stride_s, in-block offsets of the paged keys) must be computed
+    # in int64 in every kernel and both backwards; an int32 product wraps.
+    from gptkernels.triton import flash_attn as fa
+
+    dtype = DTYPES[0]
+    q, k, v, dout = huge_stride_views(dtype, *[((1, 17, 2, 32), 1)] * 4, stride=ROW_STRIDE)
+    kw = dict(causal=False, window=None, softmax_scale=0.25, cu_seqlens_q=None, cu_seqlens_k=None,
+              max_seqlen_q=None, max_seqlen_k=None, bottom_right=True)
+
+    def run(q, k, v, dout):
+        out, lse = fa.flash_attn_forward(q, k, v, block_table=None, seqlens_k=None, **kw)
+        return (out, lse, *fa.flash_attn_backward(dout, None, q, k, v, out, lse, **kw),
+                *fa.flash_attn_backward(dout, None, q, k, v, out, lse, deterministic=False, **kw))
+
+    dense = [t.contiguous() for t in (q, k, v, dout)]
+    for got, want in zip(run(q, k, v, dout), run(*dense)):
+        torch.testing.assert_close(got, want)
+
+    # paged keys: pages shorter than the key tile (one table entry per row) and pages of 32 rows
+    # (a whole tile in one page in the interpreter), each with its last in-page row past 2**31
+    for block_size in (16, 32):
+        stride = 2**31 // (block_size - 1) + 2**12
+        k_cache, v_cache = huge_stride_views(dtype, *[((3, block_size, 1, 32), 1)] * 2, stride=stride)
+        table = torch.tensor([[2, 0, 1]], dtype=torch.int32, device=DEVICE)
+        seqlens = torch.tensor([3 * block_size - 3], dtype=torch.int32, device=DEVICE)
+
+        def paged(k_cache, v_cache):
+            return fa.flash_attn_forward(dense[0], k_cache, v_cache, block_table=table,
+                                         seqlens_k=seqlens, **kw)
+
+        for got, want in zip(paged(k_cache, v_cache), paged(k_cache.contiguous(), v_cache.contiguous())):
+            torch.testing.assert_close(got, want)
 
 
 def test_large_batch_is_launched_in_chunks(monkeypatch):

@@ -14,8 +14,8 @@ import gptkernels
 from gptkernels import PagedKVCache, paged_append, paged_decode, reference
 from gptkernels._backend import BackendUnavailableError, unavailable_reason
 from gptkernels._policy import MAX_SPLITS, MIN_SPLIT_TOKENS, decode_band, num_splits, sm_count
-from tests.helpers import (DEVICE, DTYPES, ON_GPU, assert_parity, grid, huge_stride_views, index_views, randn,
-                           requires_gpu)
+from tests.helpers import (DEVICE, DTYPES, ON_GPU, ROW_STRIDE, assert_parity, grid, huge_stride_views,
+                           index_views, randn, requires_gpu)
 
 
 def _paged_case(lens, hq, hkv, d, block_size, dtype, *, seed=0, extra_blocks=3, extra_cols=1):
@@ -522,6 +522,26 @@ def test_offsets_past_2_31():
             for g, w in zip(got, want):
                 torch.testing.assert_close(g, w)
     slots = torch.tensor([3, -1, 50, 17, 96], device=DEVICE)
+    paged_append(k, v, kc, vc, slots, backend="triton")
+    reference.paged_append(k.contiguous(), v.contiguous(), kc0, vc0, slots)
+    assert torch.equal(kc.contiguous(), kc0) and torch.equal(vc.contiguous(), vc0)
+
+
+def test_row_offsets_past_2_31():
+    # Caches and new tokens whose token (row) stride passes 2**31 / 15 elements: the in-page row
+    # times the row stride passes 2**31 from row 15 on and must be computed in int64.
+    dtype = DTYPES[0]
+    q, kc0, vc0, table, lens = _paged_case([9, 40, 23], 4, 2, 32, 16, dtype, seed=6)
+    kc, vc, k, v = huge_stride_views(dtype, (kc0.shape, 1), (vc0.shape, 1), ((17, 2, 32), 0),
+                                     ((17, 2, 32), 0), stride=ROW_STRIDE)
+    kc.copy_(kc0)
+    vc.copy_(vc0)
+    for splits in (1, 3):
+        got = paged_decode(q, kc, vc, table, lens, num_splits=splits, return_lse=True, backend="triton")
+        want = paged_decode(q, kc0, vc0, table, lens, num_splits=splits, return_lse=True, backend="triton")
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
+    slots = torch.arange(17, device=DEVICE) * 5
     paged_append(k, v, kc, vc, slots, backend="triton")
     reference.paged_append(k.contiguous(), v.contiguous(), kc0, vc0, slots)
     assert torch.equal(kc.contiguous(), kc0) and torch.equal(vc.contiguous(), vc0)

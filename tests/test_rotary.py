@@ -16,7 +16,8 @@ import gptkernels
 from gptkernels import reference
 from gptkernels._backend import BackendUnavailableError, unavailable_reason
 from gptkernels._dispatch import backend_module
-from tests.helpers import DEVICE, DTYPES, ON_GPU, assert_parity, grid, index_views, randn, requires_gpu
+from tests.helpers import (DEVICE, DTYPES, ON_GPU, ROW_STRIDE, assert_parity, grid, huge_stride_views, index_views,
+                           randn, requires_gpu)
 
 
 def _kernel_backends() -> list[str]:
@@ -175,6 +176,22 @@ def test_index_tensors_of_any_strides(tensor, view, backend):
     for g, w, r in zip(got, want, ref):
         assert torch.equal(g, w)
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_row_offsets_past_2_31(backend):
+    # q, k and positions whose token (row) stride passes 2**31 / 15 elements: the token index times
+    # its stride passes 2**31 and must be computed in int64, in place and out of place.
+    q, k = huge_stride_views(DTYPES[0], ((17, 2, 32), 0), ((17, 1, 32), 0), stride=ROW_STRIDE)
+    positions = torch.randint(0, MAX_POS, (17,), device=DEVICE)
+    cos, sin = _cache(32)
+    want = gptkernels.apply_rotary(q.contiguous(), k.contiguous(), cos, sin, positions=positions,
+                                   backend=backend)
+    got = gptkernels.apply_rotary(q, k, cos, sin, positions=positions, backend=backend)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    gptkernels.apply_rotary(q, k, cos, sin, positions=positions, inplace=True, backend=backend)
+    assert torch.equal(q.contiguous(), want[0]) and torch.equal(k.contiguous(), want[1])
 
 
 @pytest.mark.parametrize("backend", KERNELS)

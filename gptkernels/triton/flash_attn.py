@@ -15,9 +15,10 @@ Design (details, FLOP/byte predictions and what a GPU session must tune: ``notes
   3. ``_bwd_dq``: one program per (query tile, query head, sequence) walks the key tiles of the band.
   Both recompute P = exp2(S * log2(e) - lse * log2(e)) from the saved lse.
 * Any strides: q, k, v, dout come with their own strides and are never copied; the index tensors
-  (cu_seqlens, seqlens_k, block_table: a few bytes) are made contiguous by the launchers. Offsets that can
-  exceed 2**31 (batch, token, head, cache block) are computed in int64. The batch is grid axis 2,
-  which CUDA caps at 65535: larger batches are launched in chunks.
+  (cu_seqlens, seqlens_k, block_table: a few bytes) are made contiguous by the launchers. Offsets
+  that can exceed 2**31 (batch, token, head, cache block, a row of a tile times a row stride) are
+  computed in int64. The batch is grid axis 2, which CUDA caps at 65535: larger batches are
+  launched in chunks.
 * Head dims 1..256: the D tile is padded to a power of two (>= 16, the smallest tl.dot) and masked.
 * float32 uses ``input_precision="ieee"`` (TF32 would break fp32 parity on the GPU).
 * Safety: sequence bounds read from cu_seqlens / seqlens_k are clamped to the tensors' extents and a
@@ -179,14 +180,14 @@ def _kv_rows(start_n, offs_n, seqlen_k, b, block_table, stride_tb, num_blocks,
             in_blk = (start_n % PAGE).to(tl.int64)
             k_base = blk * stride_kb + in_blk * stride_ks
             v_base = blk * stride_vb + in_blk * stride_vs
-            k_rows = offs_n * stride_ks
-            v_rows = offs_n * stride_vs
+            k_rows = offs_n.to(tl.int64) * stride_ks
+            v_rows = offs_n.to(tl.int64) * stride_vs
         else:
             # A tile spans several blocks: one table entry per key row.
             blk = tl.load(row + cols // PAGE, mask=ok, other=-1)
             ok = ok & (blk >= 0) & (blk < num_blocks)
             blk = tl.where(ok, blk, 0).to(tl.int64)
-            in_blk = cols % PAGE
+            in_blk = (cols % PAGE).to(tl.int64)
             k_base = start_n.to(tl.int64) * 0  # the row offsets carry everything
             v_base = k_base
             k_rows = blk * stride_kb + in_blk * stride_ks
@@ -194,8 +195,8 @@ def _kv_rows(start_n, offs_n, seqlen_k, b, block_table, stride_tb, num_blocks,
     else:
         k_base = start_n.to(tl.int64) * stride_ks
         v_base = start_n.to(tl.int64) * stride_vs
-        k_rows = offs_n * stride_ks
-        v_rows = offs_n * stride_vs
+        k_rows = offs_n.to(tl.int64) * stride_ks
+        v_rows = offs_n.to(tl.int64) * stride_vs
     return k_base, k_rows, v_base, v_rows, ok
 
 
@@ -421,7 +422,7 @@ def _fwd_kernel(
 
     q_tok = (q_start + m0).to(tl.int64)
     Q_tile = Q + b.to(tl.int64) * stride_qb + q_tok * stride_qs + h * stride_qh
-    q = tl.load(Q_tile + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+    q = tl.load(Q_tile + offs_m.to(tl.int64)[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if PAGED:
         K_head = K + hk * stride_kh
@@ -473,12 +474,12 @@ def _fwd_kernel(
     tile_mask = row_ok[:, None] & d_ok[None, :]
     if SPLIT:  # float32 partials, laid out (B, Sq, Hq, splits, D) / (B, Sq, Hq, splits)
         P_tile = Opart + b.to(tl.int64) * stride_pb + q_tok * stride_ps + h * stride_ph + split * stride_pp
-        tl.store(P_tile + offs_m[:, None] * stride_ps + offs_d[None, :], out, mask=tile_mask)
+        tl.store(P_tile + offs_m.to(tl.int64)[:, None] * stride_ps + offs_d[None, :], out, mask=tile_mask)
         LP_tile = Lpart + b.to(tl.int64) * stride_lpb + q_tok * stride_lps + h * stride_lph + split
-        tl.store(LP_tile + offs_m * stride_lps, lse, mask=row_ok)
+        tl.store(LP_tile + offs_m.to(tl.int64) * stride_lps, lse, mask=row_ok)
     else:
         O_tile = Out + b.to(tl.int64) * stride_ob + q_tok * stride_os + h * stride_oh
-        tl.store(O_tile + offs_m[:, None] * stride_os + offs_d[None, :], out.to(Out.dtype.element_ty),
+        tl.store(O_tile + offs_m.to(tl.int64)[:, None] * stride_os + offs_d[None, :], out.to(Out.dtype.element_ty),
                  mask=tile_mask)
         L_tile = Lse + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start + m0
         tl.store(L_tile + offs_m, lse, mask=row_ok)
@@ -513,9 +514,10 @@ def _bwd_preprocess(
     mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     tok = (q_start + m0).to(tl.int64)
     o = tl.load(Out + b.to(tl.int64) * stride_ob + tok * stride_os + h * stride_oh
-                + offs_m[:, None] * stride_os + offs_d[None, :], mask=mask, other=0.0)
+                + offs_m.to(tl.int64)[:, None] * stride_os + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(DO + b.to(tl.int64) * stride_dob + tok * stride_dos + h * stride_doh
-                 + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
+                 + offs_m.to(tl.int64)[:, None] * stride_dos + offs_d[None, :] * stride_dod, mask=mask,
+                 other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     l_off = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start + m0 + offs_m
     if HAS_DLSE:
@@ -551,14 +553,15 @@ def _dkdv_tiles(dk, dv, k, v, Q_head, DO_head, DQ_head, L_rows, D_rows, start, e
     instead of 7, but the summation order (and so the last bits of dQ) varies from run to run.
     """
     d_ok = offs_d[None, :] < HEAD_DIM
+    rows64 = offs_m.to(tl.int64)  # int64: row * stride may pass 2**31 for strided inputs
     for start_m in range(start, end, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows = start_m + offs_m
         mask = (rows < seqlen_q)[:, None] & d_ok
         tok = start_m.to(tl.int64)
-        q = tl.load(Q_head + tok * stride_qs + offs_m[:, None] * stride_qs
+        q = tl.load(Q_head + tok * stride_qs + rows64[:, None] * stride_qs
                     + offs_d[None, :] * stride_qd, mask=mask, other=0.0)
-        do = tl.load(DO_head + tok * stride_dos + offs_m[:, None] * stride_dos
+        do = tl.load(DO_head + tok * stride_dos + rows64[:, None] * stride_dos
                      + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
         lse2, delta = _load_row_stats(L_rows, D_rows, rows, seqlen_q)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
@@ -574,7 +577,7 @@ def _dkdv_tiles(dk, dv, k, v, Q_head, DO_head, DQ_head, L_rows, D_rows, start, e
             # dQ^T = K^T dS^T: the head dim is the long (M) side of the dot, so it takes wgmma
             # (BLOCK_M = 16 rows would not)
             dq_t = tl.dot(tl.trans(k), ds_t.to(k.dtype), input_precision=PRECISION)
-            tl.atomic_add(DQ_head + tok * stride_dqs + offs_m[None, :] * stride_dqs + offs_d[:, None],
+            tl.atomic_add(DQ_head + tok * stride_dqs + rows64[None, :] * stride_dqs + offs_d[:, None],
                           dq_t, mask=tl.trans(mask), sem="relaxed")
     return dk, dv
 
@@ -620,9 +623,11 @@ def _bwd_dkdv(
     k_tok = (k_start + n0).to(tl.int64)
     b64 = b.to(tl.int64)
     k = tl.load(K + b64 * stride_kb + k_tok * stride_ks + hk * stride_kh
-                + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+                + offs_n.to(tl.int64)[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=kv_mask,
+                other=0.0)
     v = tl.load(V + b64 * stride_vb + k_tok * stride_vs + hk * stride_vh
-                + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+                + offs_n.to(tl.int64)[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=kv_mask,
+                other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
@@ -650,7 +655,7 @@ def _bwd_dkdv(
                              CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_M, PRECISION, ATOMIC_DQ)
 
     out_off = b64 * stride_dkb + k_tok * stride_dks + hk * stride_dkh
-    out_ptrs = offs_n[:, None] * stride_dks + offs_d[None, :]
+    out_ptrs = offs_n.to(tl.int64)[:, None] * stride_dks + offs_d[None, :]
     tl.store(DK + out_off + out_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + out_off + out_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -662,6 +667,7 @@ def _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, start, end, pos_q, seqlen_
               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate dQ of one query tile over the key tiles [start, end)."""
     d_ok = offs_d[None, :] < HEAD_DIM
+    cols64 = offs_n.to(tl.int64)  # int64: row * stride may pass 2**31 for strided inputs
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
@@ -670,9 +676,9 @@ def _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, start, end, pos_q, seqlen_
         else:
             kv_mask = d_ok
         tok = start_n.to(tl.int64)
-        k = tl.load(K_head + tok * stride_ks + offs_n[:, None] * stride_ks
+        k = tl.load(K_head + tok * stride_ks + cols64[:, None] * stride_ks
                     + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(V_head + tok * stride_vs + offs_n[:, None] * stride_vs
+        v = tl.load(V_head + tok * stride_vs + cols64[:, None] * stride_vs
                     + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
@@ -724,9 +730,11 @@ def _bwd_dq(
     b64 = b.to(tl.int64)
     q_tok = (q_start + m0).to(tl.int64)
     q = tl.load(Q + b64 * stride_qb + q_tok * stride_qs + h * stride_qh
-                + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=mask, other=0.0)
+                + offs_m.to(tl.int64)[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=mask,
+                other=0.0)
     do = tl.load(DO + b64 * stride_dob + q_tok * stride_dos + h * stride_doh
-                 + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
+                 + offs_m.to(tl.int64)[:, None] * stride_dos + offs_d[None, :] * stride_dod, mask=mask,
+                 other=0.0)
     l_off = b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start
     lse2, delta = _load_row_stats(Lse + l_off, Delta + l_off, rows, seqlen_q)
 
@@ -748,7 +756,7 @@ def _bwd_dq(
                    True, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_N, PRECISION)
 
     tl.store(DQ + b64 * stride_dqb + q_tok * stride_dqs + h * stride_dqh
-             + offs_m[:, None] * stride_dqs + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             + offs_m.to(tl.int64)[:, None] * stride_dqs + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=mask)
 
 

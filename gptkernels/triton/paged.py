@@ -159,7 +159,7 @@ def _paged_decode_kernel(
         blk = tl.load(bt_row + page * s_btn, mask=valid, other=0)
         valid = valid & (blk >= 0) & (blk < num_blocks)  # entries outside the cache are never read
         blk = blk.to(tl.int64)
-        off = pos % BLOCK_SIZE
+        off = (pos % BLOCK_SIZE).to(tl.int64)  # int64: off * s_kt may pass 2**31 (strided caches)
         kv_mask = valid[:, None] & d_ok[None, :]
         k = tl.load(k_head + blk[:, None] * s_kb + off[:, None] * s_kt + d[None, :] * s_kd, mask=kv_mask, other=0.0)
         v = tl.load(v_head + blk[:, None] * s_vb + off[:, None] * s_vt + d[None, :] * s_vd, mask=kv_mask, other=0.0)

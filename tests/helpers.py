@@ -17,14 +17,24 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 #: is tested on the GPU only.
 DTYPES = [torch.float16, torch.bfloat16, torch.float32] if ON_GPU else [torch.float16, torch.float32]
 
-#: The big sweeps run on the GPU (or with GPTKERNELS_FULL_GRID=1); the interpreter runs a small grid.
-FULL_GRID = ON_GPU or os.environ.get("GPTKERNELS_FULL_GRID", "0") not in ("", "0")
+#: Which grid the parametrized sweeps use: the full one on a GPU, the small one in the interpreter.
+#: GPTKERNELS_FULL_GRID=1 forces the full grid (even on CPU), =0 the small one (even on a GPU: the
+#: first GPU run, `make gpu-smoke`, runs the interpreter's grid plus bfloat16).
+ENV_FULL_GRID = "GPTKERNELS_FULL_GRID"
+
+
+def full_grid(env=None, on_gpu: bool = ON_GPU) -> bool:
+    value = (os.environ if env is None else env).get(ENV_FULL_GRID, "")
+    return on_gpu if value == "" else value != "0"
+
+
+FULL_GRID = full_grid()
 
 requires_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU: none is visible on this machine")
 
 
 def grid(small: list, full: list) -> list:
-    """Parameter values: ``full`` on a GPU, ``small`` in the interpreter."""
+    """Parameter values: ``full`` on a GPU, ``small`` in the interpreter (FULL_GRID decides)."""
     return full if FULL_GRID else small
 
 

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import configs, next_pow2
+from ._config import autotune, configs, next_pow2
 
 # --------------------------------------------------------------------------------------------------
 # Append: k, v (T, Hkv, D) -> cache slots
@@ -95,7 +95,7 @@ def _weighted_values(p, v, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     return o
 
 
-@triton.autotune(
+@autotune(  # gptkernels' autotuner: GPTKERNELS_AUTOTUNE=0 takes the first config untimed
     configs=configs(
         gpu=[
             triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)

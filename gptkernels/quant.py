@@ -19,8 +19,10 @@ reference (``"torch"``) or a kernel backend through the ``torch.library`` ops
 ``gptkernels::int8_linear`` / ``gptkernels::int4_linear`` (fake implementations included:
 ``torch.compile(fullgraph=True)`` traces them; no host sync: CUDA graphs capture them). The Triton
 kernels dequantize in registers (:mod:`gptkernels.triton.quant`); the ``"cuda"`` backend has no
-weight-only GEMM and raises :class:`gptkernels.BackendUnavailableError`. The kernel backends are for
-inference: with an input that requires grad they raise (``backend="torch"`` is differentiable in x).
+weight-only GEMM and raises :class:`gptkernels.BackendUnavailableError`. Every backend is
+differentiable in x and bias (the kernel backends' backward is eager code over the dequantized
+weight: for fine-tuning around frozen quantized layers, not fast); the quantized tensors get no
+gradient.
 
 Models: :func:`gptkernels.models.from_pretrained` (``quantize="int8" | "int4"``) swaps the blocks'
 Linear layers for :class:`gptkernels.models.quantize.QuantLinear`. The fp8 KV cache (issue 16's
@@ -36,7 +38,7 @@ import torch
 from . import _checks as C
 from . import _policy as P
 from . import reference
-from ._backend import BackendUnavailableError, resolve
+from ._backend import resolve
 from ._dispatch import backend_fn, needs_grad
 
 #: The weight-only formats, by the name ``from_pretrained(quantize=...)`` takes.
@@ -64,6 +66,34 @@ def _(x, qweight, scales, bias, backend):
     return x.new_empty((x.shape[0], qweight.shape[0]))
 
 
+def _weight_grads(ctx, dy, weight):
+    """Gradients of y = x W^T + b for x and b (the quantized tensors get none), in float32 eager
+    code over the dequantized weight ``weight``: the backward is for occasional use (fine-tuning
+    what sits around a frozen quantized layer), not a kernel."""
+    dx = (dy.float() @ weight).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+    dbias = dy.float().sum(0).to(ctx.x_dtype) if ctx.has_bias and ctx.needs_input_grad[3 + ctx.int4] else None
+    return dx, dbias
+
+
+def _setup_context(ctx, inputs, output):
+    x, qweight, scales = inputs[:3]
+    ctx.int4 = len(inputs) == 7
+    zeros = inputs[3] if ctx.int4 else None
+    ctx.group_size = inputs[5] if ctx.int4 else None
+    ctx.has_bias = inputs[3 + ctx.int4] is not None
+    ctx.x_dtype = x.dtype
+    ctx.save_for_backward(qweight, scales, zeros)
+
+
+def _int8_backward(ctx, dy):
+    qweight, scales, _ = ctx.saved_tensors
+    dx, dbias = _weight_grads(ctx, dy, reference.dequantize_int8(qweight, scales, torch.float32))
+    return dx, None, None, dbias, None
+
+
+_int8_linear_op.register_autograd(_int8_backward, setup_context=_setup_context)
+
+
 @torch.library.custom_op("gptkernels::int4_linear", mutates_args=())
 def _int4_linear_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                     bias: Optional[torch.Tensor], group_size: int, backend: str) -> torch.Tensor:
@@ -73,6 +103,16 @@ def _int4_linear_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
 @_int4_linear_op.register_fake
 def _(x, qweight, scales, zeros, bias, group_size, backend):
     return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
+def _int4_backward(ctx, dy):
+    qweight, scales, zeros = ctx.saved_tensors
+    w = reference.dequantize_int4(qweight, scales, zeros, ctx.group_size, torch.float32)
+    dx, dbias = _weight_grads(ctx, dy, w)
+    return dx, None, None, None, dbias, None, None
+
+
+_int4_linear_op.register_autograd(_int4_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -199,15 +239,14 @@ def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
 # --------------------------------------------------------------------------------------------------
 
 
-def _run(op: str, x, n: int, k: int, backend, eager, kernel, *grad_inputs):
+def _run(op: str, x, n: int, k: int, backend, eager, kernel, *quantized):
+    if needs_grad(*quantized):
+        raise ValueError(f"{op}: scales and zeros get no gradient (the weight is frozen), but one requires "
+                         "grad: detach it")
     backend = resolve(backend, x.device, op)
     if backend == "torch":
         return eager()
     backend_fn(backend, op, op)  # a backend without this GEMM fails here, before any work
-    if needs_grad(x, *grad_inputs):
-        raise BackendUnavailableError(
-            f"{op}: backend {backend!r} is for inference (not differentiable); call it under "
-            "torch.no_grad() (or use backend='torch')")
     lead = x.shape[:-1]
     return kernel(x.reshape(-1, k), backend).reshape(*lead, n)
 
@@ -219,7 +258,7 @@ def int8_linear(x, qweight, scales, bias=None, *, backend=None) -> torch.Tensor:
     n, k = _check_linear(OP8, x, qweight, scales, None, bias, None)
     return _run(OP8, x, n, k, backend,
                 lambda: reference.int8_linear(x, qweight, scales, bias),
-                lambda x2, be: _int8_linear_op(x2, qweight, scales, bias, be), bias)
+                lambda x2, be: _int8_linear_op(x2, qweight, scales, bias, be), scales)
 
 
 def int4_linear(x, qweight, scales, zeros, bias=None, *, group_size=DEFAULT_GROUP_SIZE,
@@ -229,4 +268,4 @@ def int4_linear(x, qweight, scales, zeros, bias=None, *, group_size=DEFAULT_GROU
     n, k = _check_linear(OP4, x, qweight, scales, zeros, bias, group_size)
     return _run(OP4, x, n, k, backend,
                 lambda: reference.int4_linear(x, qweight, scales, zeros, bias, group_size=group_size),
-                lambda x2, be: _int4_linear_op(x2, qweight, scales, zeros, bias, group_size, be), bias)
+                lambda x2, be: _int4_linear_op(x2, qweight, scales, zeros, bias, group_size, be), scales, zeros)

@@ -208,16 +208,29 @@ def test_empty_and_torch_backend():
                                reference.int4_linear(x, q4, s4, z4, group_size=32))
 
 
-def test_gradients_only_on_torch_backend():
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_gradients(fmt):
+    """Differentiable in x and bias on every backend (the same gradients); the weight is frozen."""
     w = _weights(12, 64, torch.float32, 5)
-    q, s = gptkernels.quantize_int8(w)
-    x = randn(4, 64).requires_grad_()
-    with pytest.raises(BackendUnavailableError, match="int8_linear: backend 'triton' is for inference"):
-        gptkernels.int8_linear(x, q, s, backend="triton")
-    gptkernels.int8_linear(x, q, s, backend="torch").sum().backward()
-    torch.testing.assert_close(x.grad, gptkernels.dequantize_int8(q, s).sum(0).expand(4, -1))
-    with torch.no_grad():
-        gptkernels.int8_linear(x, q, s, backend="triton")  # fine without grad
+    if fmt == "int8":
+        params = gptkernels.quantize_int8(w)
+        fn, kw = gptkernels.int8_linear, {}
+    else:
+        params = gptkernels.quantize_int4(w, group_size=32)
+        fn, kw = gptkernels.int4_linear, {"group_size": 32}
+    x0, b0, dy = randn(2, 3, 64), randn(12), randn(2, 3, 12)
+    grads = {}
+    for backend in ("torch", "triton"):
+        x, b = x0.clone().requires_grad_(), b0.clone().requires_grad_()
+        fn(x, *params, b, backend=backend, **kw).backward(dy)
+        grads[backend] = (x.grad, b.grad)
+    torch.testing.assert_close(grads["triton"], grads["torch"])
+    deq = (gptkernels.dequantize_int8(*params) if fmt == "int8"
+           else gptkernels.dequantize_int4(*params, group_size=32))
+    torch.testing.assert_close(grads["torch"][0], dy @ deq)
+    scales = params[1].clone().requires_grad_()
+    with pytest.raises(ValueError, match=f"{fmt}_linear: scales and zeros get no gradient"):
+        fn(x0, params[0], scales, *params[2:], **kw)
 
 
 def test_cuda_backend_refuses():
@@ -323,3 +336,95 @@ def test_bad_input():
     for fn, exc, match in cases:
         with pytest.raises(exc, match=match):
             fn()
+
+
+# --------------------------------------------------------------------------------------------------
+# Quantized models
+# --------------------------------------------------------------------------------------------------
+
+from torch import nn  # noqa: E402
+
+from gptkernels.models import TINY, from_config  # noqa: E402
+from gptkernels.models.quantize import QuantLinear, model_bytes, quantize_model  # noqa: E402
+
+#: Tiny presets have in_features 64 (hidden) and 128/256 (MLP): int4 groups of 32.
+TINY_GROUP = 32
+MODEL_BACKENDS = ["torch", "triton"] + (["cuda"] if ON_GPU and gptkernels.backends()["cuda"] is None else [])
+
+
+def _float_model(family, seed=0):
+    torch.manual_seed(seed)
+    return from_config(TINY[family], dtype=torch.float32, device=DEVICE)
+
+
+def _dequantized_twin(float_model, qmodel):
+    """The float model with every quantized layer's weight replaced by what the QuantLinear
+    multiplies by: the quantized model must compute exactly this."""
+    twin = copy.deepcopy(float_model)
+    with torch.no_grad():
+        for name, m in qmodel.named_modules():
+            if isinstance(m, QuantLinear):
+                twin.get_submodule(name).weight.copy_(m.dequantized_weight(torch.float32))
+    return twin
+
+
+def _batch(vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, vocab, (2, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    return ids.to(DEVICE), mask.to(DEVICE)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("family", list(TINY))
+def test_quantized_model_vs_float(family, fmt):
+    """Every block Linear is swapped (embeddings and head stay float); the logits equal the float
+    model's with the dequantized weights (GEMM on the triton and torch backends, attention on every
+    backend), and stay close to the unquantized float model's."""
+    f = _float_model(family)
+    q = quantize_model(copy.deepcopy(f), fmt, group_size=TINY_GROUP)
+    cfg = f.config
+    assert sum(isinstance(m, QuantLinear) for m in q.modules()) == 4 * cfg.num_layers
+    assert type(q.lm_head) is nn.Linear and q.tok_emb.weight.dtype == torch.float32
+    assert model_bytes(q) < model_bytes(f)
+    twin = _dequantized_twin(f, q)
+    ids, mask = _batch(cfg.vocab_size)
+    with torch.no_grad():
+        want = twin(ids, attention_mask=mask, backend="torch")
+        exact = f(ids, attention_mask=mask, backend="torch")
+        for gemm_backend in (None, "torch"):  # None: the device's default (triton here)
+            for m in q.modules():
+                if isinstance(m, QuantLinear):
+                    m.backend = gemm_backend
+            for backend in MODEL_BACKENDS:
+                got = q(ids, attention_mask=mask, backend=backend)
+                torch.testing.assert_close(got, want, atol=3e-5, rtol=1e-4)
+    keep = mask.bool()
+    rel = float((got - exact)[keep].norm() / exact[keep].norm())
+    assert rel < (0.03 if fmt == "int8" else 0.3), f"{fmt} logits are {rel:.3f} (relative) from the float model's"
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantized_generate(fmt):
+    """generate (paged cache; on a GPU a CUDA-graph decode step) gives the tokens of the float model
+    with the dequantized weights."""
+    f = _float_model("gpt-neox", seed=3)
+    q = quantize_model(copy.deepcopy(f), fmt, group_size=TINY_GROUP)
+    twin = _dequantized_twin(f, q)
+    ids, mask = _batch(f.config.vocab_size, seed=1)
+    out = gptkernels.generate(q, ids, 6, attention_mask=mask)
+    want = gptkernels.generate(twin, ids, 6, attention_mask=mask, backend="torch")
+    assert torch.equal(out, want)
+
+
+def test_quantize_model_checks():
+    f = _float_model("gpt2")
+    with pytest.raises(ValueError, match=r"quantize_model: quantize must be None or one of \('int8', 'int4'\), got 'int3'"):
+        quantize_model(f, "int3")
+    with pytest.raises(ValueError, match=r"quantize_model: in_features of the quantized layers \(hidden_size = 64\) "
+                                         r"must be divisible by group_size \(128\)"):
+        quantize_model(f, "int4")
+    q = quantize_model(f, "int8")
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_model(q, "int4", group_size=TINY_GROUP)

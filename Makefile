@@ -1,27 +1,51 @@
-# The README's two commands: `make test` and `make bench`. Both set up .venv on first use.
+# The README's two commands: `make test` and `make bench`. Both set up .venv on first use: the
+# requirements, then gptkernels itself (editable), so `.venv/bin/python` imports it from anywhere.
 # On a GPU machine without network, use its own python: `make gpu` (or PYTHON=python3 make bench).
+
+# bash with pipefail: a step piped through tools/progress_filter.py fails when the step itself fails.
+SHELL       := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 
 VENV     := .venv
 PYTHON   ?= $(VENV)/bin/python
-STAMP    := $(VENV)/.installed-$(shell sha1sum requirements.txt | cut -c1-12)
+REQS     := $(VENV)/.installed-$(shell sha1sum requirements.txt | cut -c1-12)
+EDITABLE := $(VENV)/.editable-$(shell sha1sum setup.py | cut -c1-12)
+PROGRESS := python3 tools/progress_filter.py
 
 .PHONY: test bench gpu build-cuda venv clean
 
-venv: $(if $(filter $(VENV)/bin/python,$(PYTHON)),$(STAMP))
+venv: $(if $(filter $(VENV)/bin/python,$(PYTHON)),$(EDITABLE))
 
-$(STAMP): requirements.txt
-	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -r requirements.txt
-	rm -f $(VENV)/.installed-*
-	touch $@
+$(REQS): requirements.txt
+	@test -x $(VENV)/bin/python || { echo "creating $(VENV) with $$(python3 --version)"; python3 -m venv $(VENV); }
+	@echo "installing requirements.txt into $(VENV): torch 2.14.1 with its CUDA libraries (about 3 GB of" \
+		"wheels, 6 GB on disk), triton, transformers, pytest, ...; packages over 20 MB are listed"
+	@$(VENV)/bin/python -m pip install -q --upgrade pip 2>&1 | $(PROGRESS) pip
+	@$(VENV)/bin/python -m pip install -r requirements.txt 2>&1 | $(PROGRESS) pip
+	@rm -f $(VENV)/.installed-* $(VENV)/.editable-*
+	@touch $@
+
+# gptkernels itself, editable, without the CUDA extension (GPTKERNELS_BUILD_CUDA=0): build-cuda
+# compiles that once, in place, where the editable install finds it. PYTHONWARNINGS: setuptools'
+# page-long notice about editable installs.
+$(EDITABLE): $(REQS) setup.py
+	@echo "installing gptkernels into $(VENV) (editable; the CUDA extension is make build-cuda's)"
+	@GPTKERNELS_BUILD_CUDA=0 PYTHONWARNINGS=ignore \
+		$(VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	@rm -f $(VENV)/.editable-*
+	@touch $@
 
 # Compile csrc (gptkernels._C) in place: proves the CUDA code compiles even on a machine with no GPU.
+# One line per unit (`[n/N] csrc/...`) instead of nvcc's command lines; warnings and errors in full.
 build-cuda: venv
-	GPTKERNELS_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-9.0}" $(PYTHON) setup.py -q build_ext --inplace
+	@echo "building the CUDA extension gptkernels._C in place for TORCH_CUDA_ARCH_LIST=$${TORCH_CUDA_ARCH_LIST:-9.0}"
+	@GPTKERNELS_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-9.0}" \
+		$(PYTHON) setup.py -q build_ext --inplace 2>&1 | $(PROGRESS) build
 
+# One line of dots per test file; -rfEs lists why each test was skipped (GPU-only tests say so)
+# beside failures and errors.
 test: venv build-cuda
-	$(PYTHON) -m pytest tests -q
+	$(PYTHON) -m pytest tests -rfEs
 
 # On a GPU: every benchmark beside its peers (--quick: under 10 minutes), JSON + plots in bench_out/.
 # Without one: the parity sweep of every kernel in the Triton interpreter (timings need a GPU).

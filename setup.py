@@ -23,6 +23,18 @@ from setuptools import find_packages, setup
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "8.0;9.0"
 
+# The lowest versions that are tested: torch 2.11 / triton 3.6 on the GPU machines. numpy: Triton's
+# CPU interpreter (TRITON_INTERPRET=1) needs it; safetensors: from_pretrained reads checkpoints.
+INSTALL_REQUIRES = ["torch>=2.11", "triton>=3.6; platform_system=='Linux'", "numpy", "safetensors"]
+#: Optional extras, each named for what it adds. requirements.txt (what `make test` installs) holds all of
+#: them and the build tools (setuptools, wheel, ninja: needed before a --no-build-isolation install).
+EXTRAS = {
+    "hf": ["transformers"],  # gptkernels.hf, tokenizers in the CLI, HF models in the tests
+    "bench": ["matplotlib", "tqdm"],  # benchmarks/: plots and progress bars
+    "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers"],
+}
+EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
+
 
 def _note(msg: str) -> None:
     print(f"gptkernels setup: {msg}", file=sys.stderr)
@@ -120,7 +132,32 @@ def _cuda_extensions():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+def _check_wheel_builder() -> None:
+    """Fail with a clear message where pip cannot build a wheel in this environment.
+
+    pip builds (editable installs too) through ``bdist_wheel``: part of setuptools since 70.1, the
+    ``wheel`` package before that. With ``--no-build-isolation`` pip uses this environment's own
+    setuptools, and a fresh venv's (65.5 on Python 3.11) has no bdist_wheel: setuptools would only
+    say ``invalid command 'bdist_wheel'``.
+    """
+    if not {"bdist_wheel", "dist_info", "editable_wheel"} & set(sys.argv[1:]):
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("setuptools.command.bdist_wheel") or importlib.util.find_spec("wheel"):
+        return
+    import setuptools
+
+    raise SystemExit(
+        f"gptkernels setup: this environment's setuptools {setuptools.__version__} cannot build a wheel "
+        "(it needs setuptools >= 70.1 or the `wheel` package), and `pip install --no-build-isolation` "
+        "builds with this environment's own tools: run `pip install -U setuptools wheel ninja` (and torch, "
+        "for the CUDA extension) first, or `pip install -e .` without --no-build-isolation (no CUDA extension)"
+    )
+
+
 def main() -> None:
+    _check_wheel_builder()
     ext_modules, cmdclass = _cuda_extensions()
     setup(
         name="gptkernels",
@@ -128,12 +165,8 @@ def main() -> None:
         description="Fused attention, rotary embedding and paged KV-cache kernels for GPT-family models",
         packages=find_packages(include=["gptkernels", "gptkernels.*"]),
         python_requires=">=3.10",
-        # The lowest versions that are tested: torch 2.11 / triton 3.6 on the GPU machines.
-        install_requires=["torch>=2.11", "triton>=3.6; platform_system=='Linux'"],
-        extras_require={
-            "test": ["pytest", "pytest-benchmark", "transformers", "safetensors", "numpy"],
-            "bench": ["matplotlib", "tqdm", "numpy"],
-        },
+        install_requires=INSTALL_REQUIRES,
+        extras_require=EXTRAS,
         ext_modules=ext_modules,
         cmdclass=cmdclass,
     )

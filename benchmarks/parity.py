@@ -233,9 +233,13 @@ def run(ops=OPS, *, device: str | None = None, dtype_list=None, case_filter=None
             for op in dict.fromkeys(c.op for c in chosen):
                 rows.append(Row(table="parity", case=f"{op} (every case)", impl=f"gptkernels {backend}",
                                 status="unavailable", message=why, params={"device": device}))
+            if progress is not None:  # its planned rows are settled: the bar ends full
+                progress.update(len(chosen) * len(dtype_list))
             continue
         for i, case in enumerate(chosen):
             for dtype in dtype_list:
+                if progress is not None:  # what is running now: a slow case shows its name, not a frozen bar
+                    progress.set_postfix_str(f"{backend} {case.op} {case.shape} {str(dtype)[6:]}", refresh=True)
                 gen = torch.Generator().manual_seed(seed + 1000 * i + dtype.itemsize)
                 params = {"op": case.op, "shape": case.shape, "dtype": str(dtype).replace("torch.", ""),
                           "device": device, "seed": seed}
@@ -253,6 +257,8 @@ def run(ops=OPS, *, device: str | None = None, dtype_list=None, case_filter=None
                 rows.append(row)
                 if progress is not None:
                     progress.update(1)
+    if progress is not None:
+        progress.set_postfix_str("", refresh=True)
     return rows
 
 

@@ -15,6 +15,7 @@ Where a resolved backend's launchers live is :mod:`gptkernels._dispatch`.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -27,8 +28,11 @@ class BackendUnavailableError(RuntimeError):
 
 
 def triton_interpret() -> bool:
-    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``).
+
+    Read as Triton reads it (1, true, on, yes; any case): ``TRITON_INTERPRET=0`` or ``=false`` is off.
+    """
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
 
 
 def debug_checks() -> bool:
@@ -51,6 +55,47 @@ def _triton_import_error() -> str | None:
         except Exception as e:  # pragma: no cover - triton ships with Linux torch
             _IMPORT_ERRORS["triton"] = f"triton cannot be imported ({type(e).__name__}: {e})"
     return _IMPORT_ERRORS["triton"]
+
+
+# For each set of Triton jit functions defined so far: whether it was defined for the interpreter.
+_DEFINED_FOR_INTERPRETER: dict[str, bool] = {}
+
+
+def _defined_for_interpreter() -> dict[str, bool]:
+    """Whether Triton's own jit functions and ours were defined for the interpreter, for those defined.
+
+    ``@triton.jit`` reads ``TRITON_INTERPRET`` when a function is defined: Triton's library functions
+    when ``triton.language`` is first imported (``import gptkernels`` does, through torch.library), ours
+    when :mod:`gptkernels.triton` is imported (its ``_config.INTERPRET``). Neither changes afterwards.
+    """
+    if "triton" not in _DEFINED_FOR_INTERPRETER:
+        cdiv = getattr(getattr(sys.modules.get("triton.language"), "standard", None), "cdiv", None)
+        if cdiv is not None:
+            from triton.runtime.interpreter import InterpretedFunction
+
+            _DEFINED_FOR_INTERPRETER["triton"] = isinstance(cdiv, InterpretedFunction)
+    if "gptkernels" not in _DEFINED_FOR_INTERPRETER:
+        ours = getattr(sys.modules.get("gptkernels.triton._config"), "INTERPRET", None)
+        if ours is not None:
+            _DEFINED_FOR_INTERPRETER["gptkernels"] = bool(ours)
+    return _DEFINED_FOR_INTERPRETER
+
+
+def interpret_changed() -> str | None:
+    """Why the Triton kernels cannot run because ``TRITON_INTERPRET`` changed after they were defined.
+
+    None when it did not change (or nothing is defined yet). Without this check a kernel defined for
+    the GPU fails in the interpreter deep inside Triton ("Cannot call @triton.jit'd outside of the
+    scope of a kernel"), and one defined for the interpreter would run on the CPU.
+    """
+    now = triton_interpret()
+    if all(defined == now for defined in _defined_for_interpreter().values()):
+        return None
+    if now:
+        return ("TRITON_INTERPRET=1 was set after triton was imported (its kernels were defined for the "
+                "GPU): set it before importing gptkernels or triton, e.g. `TRITON_INTERPRET=1 python ...`")
+    return ("TRITON_INTERPRET was unset after triton was imported (its kernels were defined for the CPU "
+            "interpreter): set or unset it before importing gptkernels or triton")
 
 
 def _cuda_ext_import_error() -> str | None:
@@ -76,7 +121,7 @@ def unavailable_reason(backend: str, device: torch.device | str | None = None) -
     if backend == "torch":
         return None
     if backend == "triton":
-        err = _triton_import_error()
+        err = _triton_import_error() or interpret_changed()
         if err:
             return err
         if dev_type is None:

@@ -55,7 +55,7 @@ class PagedDecoder:
         # The last generated token is never fed back: a row holds len + max_new - 1 tokens at most.
         capacity = [n + max(max_new_tokens - 1, 0) for n in self.lengths]
         num_blocks = sum(-(-c // block_size) for c in capacity)
-        self.cache = PagedKVCache(cfg.num_layers, num_blocks, block_size, cfg.num_heads, cfg.head_dim,
+        self.cache = PagedKVCache(cfg.num_layers, num_blocks, block_size, model.kv_heads, cfg.head_dim,
                                   dtype=model.dtype, device=device)
         ids = list(range(b))
         self.prefill_slots = self.cache.reserve(ids, self.lengths)
@@ -207,6 +207,8 @@ def generate(model, input_ids, max_new_tokens, attention_mask=None, do_sample=Fa
              stats=None):
     """Generate up to ``max_new_tokens`` tokens per row; returns (B, S + n) token ids, n <= max_new_tokens.
 
+    ``max_new_tokens`` >= 1, as in transformers' generate (the CLI has the same rule).
+
     ``input_ids`` (B, S) with ``attention_mask`` (B, S) for a batch of prompts of different lengths,
     left-padded (as HF expects for generation). Positions count each row's real tokens. Greedy by
     default; ``do_sample=True`` samples from softmax of the processed logits with ``generator``.
@@ -218,6 +220,10 @@ def generate(model, input_ids, max_new_tokens, attention_mask=None, do_sample=Fa
     ``pad_token_id`` (default: the first eos id); when every row has stopped, generation ends and the
     output is as long as the longest row (like HF). ``backend`` goes to every kernel call.
 
+    A tensor-parallel model (``from_pretrained(..., tp_group=...)``): every rank calls ``generate``
+    with the same arguments; each step's tokens are rank 0's choice, broadcast, so every rank returns
+    the same tokens (even with differently seeded generators).
+
     Keyword-only extras: ``block_size`` of the paged cache; ``cuda_graph`` (None: on for CUDA models
     with a kernel backend); ``compile_step``: torch.compile the decode step (fuses the small
     per-layer ops; compiling takes a while, once per shape); ``stats``: a dict that receives timings (seconds, with device syncs at
@@ -227,7 +233,7 @@ def generate(model, input_ids, max_new_tokens, attention_mask=None, do_sample=Fa
     if not isinstance(model, CausalLM):
         raise TypeError(f"{OP}: model must be a gptkernels.models.CausalLM, got {type(model).__name__}")
     cfg = model.config
-    _check_number("max_new_tokens", max_new_tokens, kind=int, lo=0)
+    _check_number("max_new_tokens", max_new_tokens, kind=int, lo=1)  # as transformers: at least one
     if not isinstance(do_sample, bool):
         raise TypeError(f"{OP}: do_sample must be a bool, got {do_sample!r}")
     _check_number("temperature", temperature, kind=(int, float), lo=0, lo_open=True)
@@ -269,8 +275,6 @@ def generate(model, input_ids, max_new_tokens, attention_mask=None, do_sample=Fa
                          f"tokens exceeds the model's {cfg.max_positions} positions")
     out = input_ids.new_full((b, s + max_new_tokens), pad if pad is not None else 0, dtype=torch.long)
     out[:, :s] = input_ids
-    if max_new_tokens == 0:
-        return out
 
     dec = PagedDecoder(model, batch.lengths, max_new_tokens, block_size=block_size, backend=backend,
                        cuda_graph=cuda_graph, compile_step=compile_step)
@@ -293,6 +297,8 @@ def generate(model, input_ids, max_new_tokens, attention_mask=None, do_sample=Fa
             nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
         else:
             nxt = scores.argmax(-1)
+        if model.tp is not None:  # tensor parallel: every rank takes rank 0's tokens (one broadcast)
+            nxt = model.tp.broadcast_(nxt)
         if eos_t is not None:
             nxt = torch.where(unfinished, nxt, pad)
             hit = unfinished & torch.isin(nxt, eos_t)

@@ -26,12 +26,10 @@ $(REQS): requirements.txt
 	@touch $@
 
 # gptkernels itself, editable, without the CUDA extension (GPTKERNELS_BUILD_CUDA=0): build-cuda
-# compiles that once, in place, where the editable install finds it. PYTHONWARNINGS: setuptools'
-# page-long notice about editable installs.
+# compiles that once, in place, where the editable install finds it.
 $(EDITABLE): $(REQS) setup.py
 	@echo "installing gptkernels into $(VENV) (editable; the CUDA extension is make build-cuda's)"
-	@GPTKERNELS_BUILD_CUDA=0 PYTHONWARNINGS=ignore \
-		$(VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	@GPTKERNELS_BUILD_CUDA=0 $(VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
 	@rm -f $(VENV)/.editable-*
 	@touch $@
 

@@ -18,18 +18,28 @@ import shutil
 import subprocess
 import sys
 
+import warnings
+
 from setuptools import find_packages, setup
+
+# setuptools' page-long notice on every editable install (folders named like the package may shadow
+# it): here the package folder is the source itself.
+warnings.filterwarnings("ignore", message=r"\s*Editable installation")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "8.0;9.0"
 
 # The lowest versions that are tested: torch 2.11 / triton 3.6 on the GPU machines. numpy: Triton's
 # CPU interpreter (TRITON_INTERPRET=1) needs it; safetensors: from_pretrained reads checkpoints.
-INSTALL_REQUIRES = ["torch>=2.11", "triton>=3.6; platform_system=='Linux'", "numpy", "safetensors"]
+# Triton is not listed: torch's Linux CUDA wheels pin the triton they were built with, and a second
+# requirement here made pip fetch the newest triton first (~300 MB) and then backtrack. A CPU-only
+# torch brings none: the `triton` extra adds it (for the interpreter).
+INSTALL_REQUIRES = ["torch>=2.11", "numpy", "safetensors"]
 #: Optional extras, each named for what it adds. requirements.txt (what `make test` installs) holds all of
 #: them and the build tools (setuptools, wheel, ninja: needed before a --no-build-isolation install).
 EXTRAS = {
     "hf": ["transformers"],  # gptkernels.hf, tokenizers in the CLI, HF models in the tests
+    "triton": ["triton>=3.6; platform_system=='Linux'"],  # with a torch that does not bring it
     "bench": ["matplotlib", "tqdm"],  # benchmarks/: plots and progress bars
     "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers"],
 }

@@ -107,8 +107,8 @@ def _cuda_ext_import_error() -> str | None:
         except Exception as e:
             _IMPORT_ERRORS["cuda"] = (
                 "the CUDA extension gptkernels._C is not built "
-                f"({type(e).__name__}: {e}); build it with `pip install --no-build-isolation -e .` "
-                "or `python setup.py build_ext --inplace` on a machine with nvcc and a CUDA build of torch"
+                f"({type(e).__name__}: {e}); build it with `make build-cuda` or `pip install --no-build-isolation -e .` "
+                "(after `pip install setuptools wheel ninja`) where nvcc and a CUDA build of torch are"
             )
     return _IMPORT_ERRORS["cuda"]
 

@@ -25,9 +25,11 @@ _PIP_QUIET = (
     re.compile(r"^\s*[━╸╺\-─ ]+\s*[\d.]+/[\d.]+ \w?B\b"),  # a finished download bar (its size is shown)
     re.compile(r"^\s*(Attempting uninstall|Found existing installation|Uninstalling|Successfully uninstalled)"),
     re.compile(r"^\s*Obtaining file:"),
+    # (but not "Building editable for ...": a CUDA build takes minutes and this says what is going on)
     re.compile(r"^\s*(Installing build dependencies|Checking if build backend|Getting requirements|Preparing "
-               r"(editable )?metadata|Building (editable|wheels?) for|Created wheel|Stored in directory)"),
+               r"(editable )?metadata|Building wheels? for collected|Created (editable )?wheel|Stored in directory)"),
     re.compile(r"^\s*Using cached .*\.metadata"),
+    re.compile(r"^Successfully built "),
 )
 _COLLECTING = re.compile(r"^Collecting (\S+)")
 _DOWNLOADING = re.compile(r"^\s*(Downloading|Using cached) (\S+) \(([^)]+)\)")

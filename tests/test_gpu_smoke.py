@@ -132,3 +132,44 @@ def test_full_grid_switch():
     assert full_grid({}, on_gpu=True) and not full_grid({}, on_gpu=False)
     assert not full_grid({"GPTKERNELS_FULL_GRID": "0"}, on_gpu=True)  # make gpu-smoke: the small grid on a GPU
     assert full_grid({"GPTKERNELS_FULL_GRID": "1"}, on_gpu=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# The full (GPU) grid, collected and constructed on CPU
+# --------------------------------------------------------------------------------------------------
+
+
+def _grid_test_files() -> list[str]:
+    """The test files whose parameters depend on the grid (they call tests.helpers.grid)."""
+    here = os.path.join(REPO, "tests")
+    return sorted(f"tests/{name}" for name in os.listdir(here) if name.startswith("test_") and name.endswith(".py")
+                  and "grid(" in open(os.path.join(here, name)).read() and name != "test_gpu_smoke.py")
+
+
+def test_full_grid_cases_construct_on_cpu(tmp_path):
+    """Every case only the full grid has is built on CPU, inputs included, up to its first kernel
+    launch (tests/full_grid_dry.py): a malformed case fails here instead of on a GPU."""
+    files = _grid_test_files()
+    assert "tests/test_flash_attn.py" in files
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "", "GPTKERNELS_AUTOTUNE": "0"}
+    base = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-o", "console_output_style=classic"]
+    small = subprocess.run(base + ["--collect-only", "-q", *files], cwd=REPO, capture_output=True, text=True,
+                           env={**env, "GPTKERNELS_FULL_GRID": "0"}, timeout=600)
+    assert small.returncode == 0, small.stdout[-3000:] + small.stderr[-3000:]
+    small_ids = [line.strip() for line in small.stdout.splitlines() if "::" in line]
+    (tmp_path / "small.txt").write_text("\n".join(small_ids))
+    report = tmp_path / "report.tsv"
+    full = subprocess.run(base + ["-p", "tests.full_grid_dry", "-q", *files], cwd=REPO, capture_output=True,
+                          text=True, env={**env, "GPTKERNELS_FULL_GRID": "1", "GPTKERNELS_DRY_LAUNCH_REPORT": str(report),
+                                          "GPTKERNELS_DRY_LAUNCH_SKIP_IDS": str(tmp_path / "small.txt")},
+                          timeout=900)
+    outcomes = [line.split("\t") for line in report.read_text().splitlines()] if report.exists() else []
+    bad = [f"{node}: {detail}" for outcome, node, detail in outcomes if outcome == "failed"]
+    assert full.returncode == 0 and not bad, "\n".join(bad[:40]) + full.stdout[-3000:] + full.stderr[-2000:]
+    reached = [node for outcome, node, detail in outcomes if outcome == "skipped" and "reached a kernel launch" in detail]
+    assert len(reached) > 500, full.stdout[-3000:]
+    # the 36 malformed paged-prefill cases of the GPU grid (dense q with unequal chunk lengths)
+    # construct now: 12 cases, one dtype each here
+    paged = [node for node in reached if node.startswith("tests/test_flash_attn.py::test_paged_prefill[")
+             and ", False)" in node]
+    assert len(paged) >= 12, "\n".join(node for _, node, _ in outcomes if "test_paged_prefill" in node)

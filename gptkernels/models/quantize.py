@@ -14,8 +14,9 @@ layout: :mod:`gptkernels.quant`.
 Loading quantizes one layer at a time: the model is built on the meta device with QuantLinear
 modules already in place, materialised on its device (the quantized model's memory: no float
 linear ever exists there as a whole model), and each checkpoint weight is moved to the device, cast
-and quantized in slices of :data:`ROWS_PER_SLICE` output rows, then dropped. The device's peak is
-the quantized model plus one slice of one layer in float32 (the quantizer's working copy).
+and quantized in slices of about :data:`SLICE_ELEMENTS` elements (whole output rows), then dropped.
+The device's peak is the quantized model plus the quantizer's float32 working copies of one slice
+(a few MiB; less than one float layer of any real model).
 
 A QuantLinear's GEMM runs on ``QuantLinear.backend`` (default None: the default backend for its
 device, see :mod:`gptkernels._backend`), not on the ``backend=`` given to the model, which picks the
@@ -38,8 +39,9 @@ from .families import convert_hf_state_dict
 
 #: The Linear layers of each block that are quantized (module paths under ``layers.<i>``).
 QUANTIZED_LINEARS = ("attn.qkv", "attn.out", "mlp.fc_in", "mlp.fc_out")
-#: Output rows quantized per step while loading (bounds the float32 working copy of the quantizer).
-ROWS_PER_SLICE = 1024
+#: Weight elements quantized per step (a slice of whole output rows): bounds the float32 working
+#: copies of the quantizer to a few MiB, well under one layer of a real model.
+SLICE_ELEMENTS = 1 << 20
 
 
 def check_quantize(op: str, quantize, group_size, cfg: Optional[ModelConfig] = None) -> Optional[str]:
@@ -105,21 +107,22 @@ class QuantLinear(nn.Module):
     @torch.no_grad()
     def quantize_weight_(self, weight: torch.Tensor) -> None:
         """Quantize the float ``weight`` (out_features, in_features) into this layer's buffers, in
-        slices of ROWS_PER_SLICE rows, each moved to this layer's device first (the full float weight
-        never has to be on the device, and the quantizer's float32 copy is one slice)."""
+        slices of whole rows (about SLICE_ELEMENTS elements), each moved to this layer's device first:
+        the full float weight never has to be there, and the quantizer's float32 copies are one slice."""
         want = (self.out_features, self.in_features)
         if tuple(weight.shape) != want:
             raise ValueError(f"QuantLinear: weight must have shape {want}, got {tuple(weight.shape)}")
         dev, sdtype = self.qweight.device, self.scales.dtype
-        for r in range(0, self.out_features, ROWS_PER_SLICE):
-            rows = weight[r:r + ROWS_PER_SLICE].to(dev)
+        step = max(1, SLICE_ELEMENTS // max(1, self.in_features))
+        for r in range(0, self.out_features, step):
+            rows = weight[r:r + step].to(dev, sdtype)  # as the float model would hold it
             if self.fmt == "int8":
                 q, s = quantize_int8(rows, scale_dtype=sdtype)
             else:
                 q, s, z = quantize_int4(rows, group_size=self.group_size, scale_dtype=sdtype)
-                self.zeros[r:r + ROWS_PER_SLICE].copy_(z)
-            self.qweight[r:r + ROWS_PER_SLICE].copy_(q)
-            self.scales[r:r + ROWS_PER_SLICE].copy_(s)
+                self.zeros[r:r + step].copy_(z)
+            self.qweight[r:r + step].copy_(q)
+            self.scales[r:r + step].copy_(s)
             del rows, q, s
 
     def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:

@@ -16,10 +16,11 @@ before the tensor-core dot, so the float weight never exists in memory:
 
 * int8: ``acc += x_tile @ q_tile^T`` with q converted to x's dtype (|q| <= 127 is exact in float16
   and bfloat16); the per-channel scale multiplies the float32 accumulator once at the end.
-* int4: BLOCK_K divides group_size, so one tile lies in one group: the low and high nibbles become
-  ``q - zero`` (small integers, exact in x's dtype for the integer zeros the quantizer writes) and
-  meet the even and odd columns of x in two dots of BLOCK_K/2; the group's scale multiplies the tile's
-  float32 partial sum. No interleaving shuffle is needed.
+* int4: BLOCK_K divides group_size, so one tile lies in one group: the low and high nibbles (codes
+  0..15, exact in x's dtype) meet the even and odd columns of x in two dots of BLOCK_K/2 (no
+  interleaving shuffle); the zero point is folded out of the inner product
+  (``x . (q - z) = x . q - z * sum(x)``) and the group's scale multiplies the tile's float32 partial
+  sum, so a weight costs one conversion and no arithmetic of its own.
 
 Decode (M <= 64 rows) is bandwidth-bound: the row tile is the smallest the tensor cores take that
 covers M (16, 32 or 64: never padded to 128 rows), each weight byte is read once, and when too few
@@ -48,8 +49,12 @@ from ._config import INTERPRET
 #: Predictions, not measurements: notes/quant.md.
 GPU_TILES = ((16, (16, 64, 256, 4, 4)), (32, (32, 64, 256, 4, 4)), (64, (64, 64, 128, 4, 4)),
              (None, (128, 128, 64, 8, 3)))
-#: The interpreter costs per operation, not per element: one modest tile for every M.
-INTERP_TILE = (16, 32, 64, 4, 1)
+#: The interpreter costs per operation, not per element: modest tiles, a 16-row one up to 16 rows and
+#: a 64-row one above (so both int4 paths, FOLD_ZERO and not, run in the CPU tests).
+INTERP_TILES = ((16, (16, 32, 64, 4, 1)), (None, (64, 32, 64, 4, 1)))
+#: int4 row tiles up to this many rows fold the zero point out of the inner product (fewest
+#: operations per weight: decode is bandwidth-bound); larger ones dequantize the tile (compute-bound).
+FOLD_ZERO_MAX_ROWS = 32
 #: Row tiles of the M > 64 path are ordered in groups of this many along M (Triton's matmul tutorial:
 #: consecutive programs share weight tiles in L2).
 GROUP_M = 8
@@ -57,9 +62,7 @@ GROUP_M = 8
 
 def tile_config(m: int, interpret: bool = INTERPRET) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for M rows."""
-    if interpret:
-        return INTERP_TILE
-    for bound, cfg in GPU_TILES:
+    for bound, cfg in INTERP_TILES if interpret else GPU_TILES:
         if bound is None or m <= bound:
             return cfg
     raise AssertionError("unreachable")
@@ -88,7 +91,8 @@ def _wo_gemm_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
     M, N, K, k_per_split,
     s_xm, s_xk, s_wn, s_wk, s_sn, s_sg, s_zn, s_zg, s_ys, s_ym, s_yn,
-    INT4: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
+    INT4: tl.constexpr, GROUP_SIZE: tl.constexpr, FOLD_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PARTIAL: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -115,21 +119,32 @@ def _wo_gemm_kernel(
     if INT4:
         HALF: tl.constexpr = BLOCK_K // 2
         j = tl.arange(0, HALF)
+        kk = tl.arange(0, BLOCK_K)
         for k0 in range(k_start, k_end, BLOCK_K):
             # packed bytes k0/2 .. k0/2 + HALF: byte j holds columns k0 + 2j (low) and k0 + 2j + 1 (high)
             wp = tl.load(w_ptr + rn[:, None] * s_wn + (k0 // 2 + j)[None, :] * s_wk,
                          mask=n_ok[:, None], other=0)
+            x = tl.load(x_ptr + rm[:, None] * s_xm + (k0 + kk)[None, :] * s_xk, mask=m_ok[:, None], other=0)
+            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, HALF, 2)))
             g = k0 // GROUP_SIZE
             zero = tl.load(z_ptr + rn * s_zn + g * s_zg, mask=n_ok, other=0).to(tl.float32)
             scale = tl.load(s_ptr + rn * s_sn + g * s_sg, mask=n_ok, other=0).to(tl.float32)
-            w_lo = ((wp & 0xF).to(tl.float32) - zero[:, None]).to(dtype)
-            w_hi = ((wp >> 4).to(tl.float32) - zero[:, None]).to(dtype)
-            col = k0 + 2 * j
-            x_even = tl.load(x_ptr + rm[:, None] * s_xm + col[None, :] * s_xk, mask=m_ok[:, None], other=0)
-            x_odd = tl.load(x_ptr + rm[:, None] * s_xm + (col + 1)[None, :] * s_xk, mask=m_ok[:, None], other=0)
-            part = tl.dot(x_even, tl.trans(w_lo), input_precision=PRECISION)
-            part = tl.dot(x_odd, tl.trans(w_hi), part, input_precision=PRECISION)
-            acc += part * scale[None, :]
+            if FOLD_ZERO:
+                # Few rows (decode): sum_k x (q - zero) = x . q - zero * sum_k x. The codes (0..15,
+                # exact in every dtype) go to the tensor cores as they are: one conversion per
+                # weight and no arithmetic of its own; the zero point and the group's scale cost a
+                # few operations per output of the tile.
+                part = tl.dot(x_even, tl.trans((wp & 0xF).to(dtype)), input_precision=PRECISION)
+                part = tl.dot(x_odd, tl.trans((wp >> 4).to(dtype)), part, input_precision=PRECISION)
+                x_sum = tl.sum(x.to(tl.float32), axis=1)
+                acc += (part - x_sum[:, None] * zero[None, :]) * scale[None, :]
+            else:
+                # Many rows (prefill, compute-bound): dequantize the tile in x's dtype, shared by
+                # BLOCK_M rows, and accumulate in place (no second accumulator tile in registers).
+                w_lo = (((wp & 0xF).to(tl.float32) - zero[:, None]) * scale[:, None]).to(dtype)
+                w_hi = (((wp >> 4).to(tl.float32) - zero[:, None]) * scale[:, None]).to(dtype)
+                acc = tl.dot(x_even, tl.trans(w_lo), acc, input_precision=PRECISION)
+                acc = tl.dot(x_odd, tl.trans(w_hi), acc, input_precision=PRECISION)
     else:
         kk = tl.arange(0, BLOCK_K)
         for k0 in range(k_start, k_end, BLOCK_K):
@@ -195,7 +210,8 @@ def _gemm(x, qweight, scales, zeros, bias, *, n, k, int4, group_size):
         x, qweight, scales, z, bias if bias is not None else scales, out,
         m, n, k, k_per_split,
         x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), *s_s, *s_z, *s_out,
-        INT4=int4, GROUP_SIZE=group_size if int4 else 1, HAS_BIAS=bias is not None, PARTIAL=partial,
+        INT4=int4, GROUP_SIZE=group_size if int4 else 1, FOLD_ZERO=block_m <= FOLD_ZERO_MAX_ROWS,
+        HAS_BIAS=bias is not None, PARTIAL=partial,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M,
         num_warps=warps, num_stages=stages,

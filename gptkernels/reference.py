@@ -5,7 +5,13 @@ float64 inputs) and, called on float64 inputs, the reference of the parity tests
 ``upcast=False`` they compute in the input dtype, like a user's eager model would; the tests use that
 as the yardstick a low-precision kernel may not be worse than (SPEC.md, "Numerics").
 
-They do no input checking: the public ops in :mod:`gptkernels` check before calling them.
+They do no input checking: the public ops in :mod:`gptkernels` check before calling them. Index
+values the ops do not check (outside GPTKERNELS_DEBUG=1) are treated exactly as the kernels treat
+them, so the backends agree on every input the kernels accept: a block-table entry outside
+[0, num_blocks) or a key past the table's capacity contributes nothing, a slot outside the cache is
+not written, a rotary position outside [0, max_positions) is left unrotated (cos 1, sin 0), and
+sequence bounds from cu_seqlens / seqlens_k are clamped to the tensors' extents (never wrapped
+around like a negative Python index). Outputs are contiguous, like the kernels'.
 """
 
 from __future__ import annotations
@@ -75,12 +81,37 @@ def _attend(q, k, v, scale, mask, dtype):
     return out.transpose(1, 2), lse
 
 
+def paged_keys(cache: torch.Tensor, block_table_row: torch.Tensor, length: int):
+    """Positions [0, length) of one sequence in a paged cache (num_blocks, block_size, H, D):
+    (rows (length, H, D), valid (length,) bool).
+
+    A position is valid when its page lies inside the table row and the row's entry for it inside
+    [0, num_blocks); invalid positions give zero rows and must not be attended (the kernels never
+    load them: their keys contribute nothing).
+    """
+    num_blocks, block_size = cache.shape[0], cache.shape[1]
+    width = block_table_row.shape[0]
+    pos = torch.arange(length, device=cache.device)
+    page = pos // block_size
+    if width == 0 or num_blocks == 0:
+        valid = torch.zeros(length, dtype=torch.bool, device=cache.device)
+        return cache.new_zeros((length, *cache.shape[2:])), valid
+    blk = block_table_row.to(cache.device).long()[page.clamp(max=width - 1)]
+    valid = (page < width) & (blk >= 0) & (blk < num_blocks)
+    rows = cache[torch.where(valid, blk, 0), pos % block_size]
+    return rows.masked_fill(~valid[:, None, None], 0), valid
+
+
 def gather_paged(cache: torch.Tensor, block_table_row: torch.Tensor, length: int) -> torch.Tensor:
-    """The first ``length`` tokens of one sequence from a paged cache (num_blocks, block_size, H, D)."""
-    block_size = cache.shape[1]
-    idx = torch.arange(length, device=cache.device)
-    blocks = block_table_row.long()[idx // block_size]
-    return cache[blocks, idx % block_size]
+    """The first ``length`` tokens of one sequence from a paged cache (num_blocks, block_size, H, D)
+    (zeros where :func:`paged_keys` finds no valid block)."""
+    return paged_keys(cache, block_table_row, length)[0]
+
+
+def _bounds(cu: list[int], b: int, total: int) -> tuple[int, int]:
+    """Sequence b's [start, end) from cu_seqlens, clamped to [0, total] as the kernels clamp them."""
+    start = min(max(cu[b], 0), total)
+    return start, min(max(cu[b + 1], start), total)
 
 
 def attention(
@@ -106,45 +137,72 @@ def attention(
     * paged keys: k/v are caches (num_blocks, block_size, Hkv, D) with ``block_table`` (B, max_blocks)
       and ``seqlens_k`` (B,); q is dense (B, Sq, Hq, D) or varlen with ``cu_seqlens_q``.
     """
+    lens_k = None
+    if block_table is not None:
+        # The kernels clamp each length to the table's capacity (max_blocks * block_size).
+        capacity = block_table.shape[1] * k.shape[1]
+        lens_k = [min(max(n, 0), capacity) for n in seqlens_k.tolist()]
+    return _attention(q, k, v, causal=causal, window=window, softmax_scale=softmax_scale,
+                      cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, block_table=block_table,
+                      lens_k=lens_k, bottom_right=bottom_right, upcast=upcast, return_lse=return_lse)
+
+
+def _attention(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, cu_seqlens_k, block_table,
+               lens_k, bottom_right, upcast, return_lse):
+    """:func:`attention` with the paged key lengths given (``lens_k``: one int per sequence)."""
     dtype = _compute_dtype(q.dtype, upcast)
     scale = softmax_scale_default(q.shape[-1], softmax_scale)
     varlen_q = cu_seqlens_q is not None
     paged = block_table is not None
+    lse_dtype = torch.float64 if dtype == torch.float64 else torch.float32
 
     if not varlen_q and not paged:
         mask = attention_mask(q.shape[1], k.shape[1], causal=causal, window=window,
                               bottom_right=bottom_right, device=q.device)
         out, lse = _attend(q, k, v, scale, mask, dtype)
-        out = out.to(q.dtype)
-        return (out, lse.float() if dtype != torch.float64 else lse) if return_lse else out
+        out = out.to(q.dtype).contiguous()  # (B, Sq, Hq, D) row-major, as the kernels write it
+        return (out, lse.to(lse_dtype).contiguous()) if return_lse else out
 
     # One sequence at a time: the plainest way to get every per-sequence offset right.
     batch = block_table.shape[0] if paged else cu_seqlens_q.numel() - 1
     cq = cu_seqlens_q.tolist() if varlen_q else None
     ck = cu_seqlens_k.tolist() if cu_seqlens_k is not None else None
-    lens_k = seqlens_k.tolist() if paged else None
-    outs, lses = [], []
+    hq, d = q.shape[-2], q.shape[-1]
+    if varlen_q:
+        # Rows no sequence covers (only with cu_seqlens the debug checks would refuse) stay 0 / -inf.
+        out = q.new_zeros((q.shape[0], hq, d), dtype=dtype)
+        lse = torch.full((hq, q.shape[0]), float("-inf"), dtype=dtype, device=q.device)
+    else:
+        out = q.new_zeros((batch, q.shape[1], hq, d), dtype=dtype)
+        lse = torch.full((batch, hq, q.shape[1]), float("-inf"), dtype=dtype, device=q.device)
     for b in range(batch):
-        qb = q[cq[b]:cq[b + 1]] if varlen_q else q[b]
-        if paged:
-            kb = gather_paged(k, block_table[b], lens_k[b])
-            vb = gather_paged(v, block_table[b], lens_k[b])
+        if varlen_q:
+            q0, q1 = _bounds(cq, b, q.shape[0])
+            qb = q[q0:q1]
         else:
-            kb, vb = k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]]
+            qb = q[b]
+        key_ok = None
+        if paged:
+            kb, key_ok = paged_keys(k, block_table[b], lens_k[b])
+            vb, _ = paged_keys(v, block_table[b], lens_k[b])
+        else:
+            k0, k1 = _bounds(ck, b, k.shape[0])
+            kb, vb = k[k0:k1], v[k0:k1]
         mask = attention_mask(qb.shape[0], kb.shape[0], causal=causal, window=window,
                               bottom_right=bottom_right, device=q.device)
+        if key_ok is not None and not bool(key_ok.all()):
+            mask = key_ok[None, :].expand(qb.shape[0], -1) if mask is None else mask & key_ok[None, :]
         ob, lb = _attend(qb[None], kb[None], vb[None], scale, mask, dtype)
-        outs.append(ob[0])
-        lses.append(lb[0])
-    if varlen_q:
-        out = torch.cat(outs, dim=0) if outs else q.new_zeros(q.shape, dtype=dtype)
-        lse = torch.cat(lses, dim=-1) if lses else q.new_zeros((q.shape[1], 0), dtype=dtype)
-    else:
-        out, lse = torch.stack(outs), torch.stack(lses)
+        if varlen_q:
+            out[q0:q1] = ob[0]
+            lse[:, q0:q1] = lb[0]
+        else:
+            out[b] = ob[0]
+            lse[b] = lb[0]
     out = out.to(q.dtype)
     if not return_lse:
         return out
-    return out, (lse.float() if dtype != torch.float64 else lse)
+    return out, lse.to(lse_dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,8 +241,12 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Ten
     dtype = _compute_dtype(x.dtype, upcast)
     half = cos.shape[-1]
     rot = 2 * half
-    c = cos[pos].to(dtype).unsqueeze(-2)  # (..., 1, R/2): broadcast over heads
-    s = sin[pos].to(dtype).unsqueeze(-2)
+    # A position outside [0, max_positions) is left unrotated (cos 1, sin 0), as the kernels do,
+    # instead of wrapping around (negative) or raising (too large).
+    ok = (pos >= 0) & (pos < cos.shape[0])
+    safe = torch.where(ok, pos, 0)
+    c = torch.where(ok[..., None], cos[safe].to(dtype), 1.0).unsqueeze(-2)  # (..., 1, R/2): all heads
+    s = torch.where(ok[..., None], sin[safe].to(dtype), 0.0).unsqueeze(-2)
     xr = x[..., :rot].to(dtype)
     if interleaved:
         a, b = xr[..., 0::2], xr[..., 1::2]
@@ -192,7 +254,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Ten
     else:
         a, b = xr[..., :half], xr[..., half:]
         out = torch.cat((a * c - b * s, b * c + a * s), dim=-1)
-    return torch.cat((out.to(x.dtype), x[..., rot:]), dim=-1)
+    return torch.cat((out.to(x.dtype), x[..., rot:]), dim=-1).contiguous()
 
 
 def apply_rotary(q, k, cos, sin, *, positions=None, offset=0, interleaved=False, inplace=False,
@@ -215,8 +277,9 @@ def apply_rotary(q, k, cos, sin, *, positions=None, offset=0, interleaved=False,
 
 
 def paged_append(k, v, k_cache, v_cache, slot_mapping) -> None:
-    """Write k, v (T, Hkv, D) to the cache slots ``slot_mapping`` (T,); a slot of -1 is skipped."""
-    keep = slot_mapping >= 0
+    """Write k, v (T, Hkv, D) to the cache slots ``slot_mapping`` (T,); a slot of -1 (or any slot
+    outside the cache, as the kernels drop it) is skipped."""
+    keep = (slot_mapping >= 0) & (slot_mapping < k_cache.shape[0] * k_cache.shape[1])
     slots = slot_mapping[keep].long()
     block_size = k_cache.shape[1]
     blocks, offsets = slots // block_size, slots % block_size
@@ -228,11 +291,16 @@ def paged_decode(q, k_cache, v_cache, block_table, seq_lens, *, softmax_scale=No
                  upcast=True, return_lse=False):
     """One query token per sequence against its paged cache: q (B, Hq, D) -> (B, Hq, D) [, lse (B, Hq)].
 
-    This is causal paged attention with one query row at position seq_lens - 1.
+    This is causal paged attention with one query row at position seq_lens - 1. Unlike
+    :func:`attention`'s paged keys, the length is not clamped to the table's capacity (the decode
+    kernel's rule): the query stays at seq_lens - 1 and the keys past the capacity contribute
+    nothing; a negative length is 0.
     """
-    out, lse = attention(q[:, None], k_cache, v_cache, causal=True, window=window,
-                         softmax_scale=softmax_scale, block_table=block_table, seqlens_k=seq_lens,
-                         upcast=upcast, return_lse=True)
+    lens = [max(n, 0) for n in seq_lens.tolist()]
+    out, lse = _attention(q[:, None], k_cache, v_cache, causal=True, window=window,
+                          softmax_scale=softmax_scale, cu_seqlens_q=None, cu_seqlens_k=None,
+                          block_table=block_table, lens_k=lens, bottom_right=True, upcast=upcast,
+                          return_lse=True)
     out, lse = out[:, 0], lse[:, :, 0]
     return (out, lse) if return_lse else out
 

@@ -119,15 +119,27 @@ _flash_attn_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_contex
 # --------------------------------------------------------------------------------------------------
 
 
-def _max_seqlen(name: str, given, cu: torch.Tensor | None) -> int:
+def _max_seqlen(name: str, given, lens: torch.Tensor | None, lens_name: str, op: str = OP) -> int:
+    """``max_seqlen_q``/``max_seqlen_k``: ``given``, else the longest of ``lens`` (sequence lengths,
+    a host sync). A given value sizes the kernels' grids only (any value gives the right answer;
+    an understated one is slower); under GPTKERNELS_DEBUG=1 it must be at least the longest."""
     if given is not None:
         if isinstance(given, bool) or not isinstance(given, int) or given < 0:
-            raise TypeError(f"{OP}: {name} must be None or an int >= 0, got {given!r}")
+            raise TypeError(f"{op}: {name} must be None or an int >= 0, got {given!r}")
+        if C.debug_enabled() and lens is not None and lens.numel():
+            longest = int(lens.max())
+            if given < longest:
+                raise ValueError(f"{op}: {name} = {given} is less than the longest sequence in "
+                                 f"{lens_name} ({longest})")
         return given
-    if cu is None:
+    if lens is None or lens.numel() == 0:
         return 0
     # Needs a host sync; pass max_seqlen_* to avoid it (CUDA graphs, torch.compile).
-    return int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+    return int(lens.max())
+
+
+def _lengths(cu: torch.Tensor | None) -> torch.Tensor | None:
+    return None if cu is None else cu[1:] - cu[:-1]
 
 
 def _check_flash_attn(q, k, v, causal, window, softmax_scale, cu_seqlens_q, cu_seqlens_k,
@@ -173,7 +185,7 @@ def _check_flash_attn(q, k, v, causal, window, softmax_scale, cu_seqlens_q, cu_s
         if C.debug_enabled():
             C.debug_check_block_table(op, k, block_table, seqlens_k, "seqlens_k")
         max_k = block_table.shape[1] * block_size if max_seqlen_k is None else _max_seqlen(
-            "max_seqlen_k", max_seqlen_k, None)
+            "max_seqlen_k", max_seqlen_k, seqlens_k, "seqlens_k", op)
     elif varlen_q or cu_seqlens_k is not None:
         if not varlen_q or cu_seqlens_k is None:
             raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must be given together (varlen)")
@@ -183,13 +195,14 @@ def _check_flash_attn(q, k, v, causal, window, softmax_scale, cu_seqlens_q, cu_s
         C.check_index_tensor(op, "cu_seqlens_k", cu_seqlens_k, ndim=1, **idx)
         C.check_cu_seqlens(op, "cu_seqlens_q", cu_seqlens_q, None, q.shape[0])
         C.check_cu_seqlens(op, "cu_seqlens_k", cu_seqlens_k, cu_seqlens_q.numel() - 1, k.shape[0])
-        max_k = _max_seqlen("max_seqlen_k", max_seqlen_k, cu_seqlens_k)
+        max_k = _max_seqlen("max_seqlen_k", max_seqlen_k, _lengths(cu_seqlens_k), "cu_seqlens_k", op)
     else:
         for name, t in ((n["q"], q), (n["k"], k), (n["v"], v)):
             C.check_tensor(t, name, ndim=4, op=op)
         C.check_dim(op, n["k"], k, 0, q.shape[0], f"the batch size of {n['q']}")
         max_k = k.shape[1]
-    max_q = _max_seqlen("max_seqlen_q", max_seqlen_q, cu_seqlens_q) if varlen_q else q.shape[1]
+    max_q = (_max_seqlen("max_seqlen_q", max_seqlen_q, _lengths(cu_seqlens_q), "cu_seqlens_q", op)
+             if varlen_q else q.shape[1])
 
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"{op}: {n['q']} and {n['k']} must have the same head dim, got {q.shape[-1]} and {k.shape[-1]}")

@@ -176,6 +176,27 @@ def test_index_values_checked_under_debug(monkeypatch):
     assert bool(torch.isfinite(out).all())
 
 
+def test_max_seqlen_checked_under_debug(monkeypatch):
+    """An understated max_seqlen_q/max_seqlen_k is a ValueError under GPTKERNELS_DEBUG=1 (without it,
+    the right answer, more slowly: tests/test_flash_attn.py::test_understated_max_seqlen); an
+    overstated one (a static bound for CUDA graphs) is fine."""
+    q, k, v = (t.flatten(0, 1) for t in _qkv(b=2, s=9, hq=4, hkv=2))
+    cu_q, cu_k = torch.tensor([0, 5, 18], **I32), torch.tensor([0, 11, 18], **I32)
+    cache = randn(4, 8, 2, 16)
+    table, lens = torch.tensor([[0, 1], [2, 3]], **I32), torch.tensor([9, 16], **I32)
+    monkeypatch.setenv("GPTKERNELS_DEBUG", "1")
+    for kw, match in ((dict(max_seqlen_q=12, max_seqlen_k=11), r"max_seqlen_q = 12 is less than the "
+                       r"longest sequence in cu_seqlens_q \(13\)"),
+                      (dict(max_seqlen_q=13, max_seqlen_k=0), r"max_seqlen_k = 0 .* cu_seqlens_k \(11\)")):
+        with pytest.raises(ValueError, match=match):
+            gptkernels.flash_attn(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **kw)
+    with pytest.raises(ValueError, match=r"max_seqlen_k = 15 .* seqlens_k \(16\)"):
+        gptkernels.flash_attn(randn(2, 3, 4, 16), cache, cache, block_table=table, seqlens_k=lens,
+                              max_seqlen_k=15)
+    gptkernels.flash_attn(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=64,
+                          max_seqlen_k=11)
+
+
 # --------------------------------------------------------------------------------------------------
 # Autograd and torch.compile
 # --------------------------------------------------------------------------------------------------

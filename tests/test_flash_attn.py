@@ -421,6 +421,20 @@ def test_varlen(case, dtype):
     assert lse.shape == (hq, sum(lq))
 
 
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("max_q, max_k", [(100, 0), (100, 10), (10, 100), (0, 0)])
+def test_understated_max_seqlen(max_q, max_k, deterministic, monkeypatch):
+    # max_seqlen_q/k size the grids only: understated (unchecked without GPTKERNELS_DEBUG=1), the
+    # programs loop over the longer sequences, so every output row and every gradient is computed
+    # (it used to leave rows unwritten, zero every gradient at max_seqlen_k=0, garbage dK/dV).
+    monkeypatch.delenv("GPTKERNELS_DEBUG", raising=False)
+    lq, lk = (100, 37, 0, 5), (100, 3, 17, 100)
+    q = randn(sum(lq), 2, 32, dtype=torch.float16)
+    k, v = randn(sum(lk), 1, 32, dtype=torch.float16), randn(sum(lk), 1, 32, dtype=torch.float16)
+    check_attention(q, k, v, causal=True, cu_seqlens_q=_cu(lq), cu_seqlens_k=_cu(lk), grad=True,
+                    max_seqlen_q=max_q, max_seqlen_k=max_k, deterministic=deterministic)
+
+
 def test_varlen_matches_dense():
     # Packed sequences of equal length give exactly the dense answer.
     q, k, v = randn(3, 37, 4, 64), randn(3, 37, 2, 64), randn(3, 37, 2, 64)

@@ -396,93 +396,96 @@ def _fwd_kernel(
     # equal share of the tile's key band, write a partial (out, lse) that merge_splits combines.
     if SPLIT:
         split = tl.program_id(0) % num_splits
-        pid_m = tl.num_programs(0) // num_splits - 1 - tl.program_id(0) // num_splits
+        grid_m = tl.num_programs(0) // num_splits
+        pid_m = grid_m - 1 - tl.program_id(0) // num_splits
     else:
         split = 0
-        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+        grid_m = tl.num_programs(0)
+        pid_m = grid_m - 1 - tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)  # int64: h * stride_h passes 2**31 for large strided inputs
     b = tl.program_id(2)
     q_start, seqlen_q, k_start, seqlen_k = _seq_bounds(b, cu_q, cu_k, seqlens_k, q_len, kv_len,
                                                        VARLEN_Q, VARLEN_K, PAGED)
-    m0 = pid_m * BLOCK_M
-    if m0 >= seqlen_q:
-        return
     if BOTTOM_RIGHT:
         shift = seqlen_k - seqlen_q
     else:
         shift = seqlen_k * 0
     hk = h // group
-
+    b64 = b.to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    rows = m0 + offs_m
-    row_ok = rows < seqlen_q
     d_ok = offs_d < HEAD_DIM
-
-    q_tok = (q_start + m0).to(tl.int64)
-    Q_tile = Q + b.to(tl.int64) * stride_qb + q_tok * stride_qs + h * stride_qh
-    q = tl.load(Q_tile + offs_m.to(tl.int64)[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    rows64 = offs_m.to(tl.int64)  # int64: row * stride may pass 2**31
     if PAGED:
         K_head = K + hk * stride_kh
         V_head = V + hk * stride_vh
     else:
         k_tok = k_start.to(tl.int64)
-        K_head = K + b.to(tl.int64) * stride_kb + k_tok * stride_ks + hk * stride_kh
-        V_head = V + b.to(tl.int64) * stride_vb + k_tok * stride_vs + hk * stride_vh
+        K_head = K + b64 * stride_kb + k_tok * stride_ks + hk * stride_kh
+        V_head = V + b64 * stride_vb + k_tok * stride_vs + hk * stride_vh
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    pos_q = rows + shift
-    lo, int_lo, int_hi, hi = _q_tile_band(m0, seqlen_q, seqlen_k, shift, window, CAUSAL,
-                                          HAS_WINDOW, BLOCK_M, BLOCK_N)
-    if SPLIT:
-        # This split's whole tiles of the band [lo, hi), intersected with the three loops' ranges
-        # (lo and every share are BLOCK_N-aligned, so the loops' tile alignment holds).
-        share = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N), num_splits) * BLOCK_N
-        s_lo = lo + split * share
-        s_hi = tl.minimum(s_lo + share, hi)
-        lo1, hi1 = tl.maximum(lo, s_lo), tl.minimum(int_lo, s_hi)
-        lo2, hi2 = tl.maximum(int_lo, s_lo), tl.minimum(int_hi, s_hi)
-        lo3, hi3 = tl.maximum(int_hi, s_lo), tl.minimum(hi, s_hi)
-    else:
-        lo1, hi1, lo2, hi2, lo3, hi3 = lo, int_lo, int_lo, int_hi, int_hi, hi
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, lo1, hi1, pos_q, seqlen_k, window,
-                               qk_scale, b, block_table, stride_tb, num_blocks,
-                               stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
-                               offs_n, offs_d, True, CAUSAL, HAS_WINDOW, PAGED, PAGE, HEAD_DIM,
-                               BLOCK_N, PRECISION)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, lo2, hi2, pos_q, seqlen_k,
-                               window, qk_scale, b, block_table, stride_tb, num_blocks,
-                               stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
-                               offs_n, offs_d, False, CAUSAL, HAS_WINDOW, PAGED, PAGE, HEAD_DIM,
-                               BLOCK_N, PRECISION)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, lo3, hi3, pos_q, seqlen_k, window,
-                               qk_scale, b, block_table, stride_tb, num_blocks,
-                               stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
-                               offs_n, offs_d, True, CAUSAL, HAS_WINDOW, PAGED, PAGE, HEAD_DIM,
-                               BLOCK_N, PRECISION)
+    # max_seqlen_q only sizes the grid: each program strides over the query tiles of its sequence,
+    # so an understated max_seqlen_q still computes every row (fewer programs, each looping).
+    for m0 in range(pid_m * BLOCK_M, seqlen_q, grid_m * BLOCK_M):
+        rows = m0 + offs_m
+        row_ok = rows < seqlen_q
+        q_tok = (q_start + m0).to(tl.int64)
+        Q_tile = Q + b64 * stride_qb + q_tok * stride_qs + h * stride_qh
+        q = tl.load(Q_tile + rows64[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
-    # Rows that saw no key: l = 0, acc = 0 -> out 0 and lse -inf.
-    seen = l_i > 0.0
-    l_safe = tl.where(seen, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) / _LOG2E_C, float("-inf"))
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        pos_q = rows + shift
+        lo, int_lo, int_hi, hi = _q_tile_band(m0, seqlen_q, seqlen_k, shift, window, CAUSAL,
+                                              HAS_WINDOW, BLOCK_M, BLOCK_N)
+        if SPLIT:
+            # This split's whole tiles of the band [lo, hi), intersected with the three loops'
+            # ranges (lo and every share are BLOCK_N-aligned, so the loops' tile alignment holds).
+            share = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N), num_splits) * BLOCK_N
+            s_lo = lo + split * share
+            s_hi = tl.minimum(s_lo + share, hi)
+            lo1, hi1 = tl.maximum(lo, s_lo), tl.minimum(int_lo, s_hi)
+            lo2, hi2 = tl.maximum(int_lo, s_lo), tl.minimum(int_hi, s_hi)
+            lo3, hi3 = tl.maximum(int_hi, s_lo), tl.minimum(hi, s_hi)
+        else:
+            lo1, hi1, lo2, hi2, lo3, hi3 = lo, int_lo, int_lo, int_hi, int_hi, hi
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, lo1, hi1, pos_q, seqlen_k,
+                                   window, qk_scale, b, block_table, stride_tb, num_blocks,
+                                   stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
+                                   offs_n, offs_d, True, CAUSAL, HAS_WINDOW, PAGED, PAGE, HEAD_DIM,
+                                   BLOCK_N, PRECISION)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, lo2, hi2, pos_q, seqlen_k,
+                                   window, qk_scale, b, block_table, stride_tb, num_blocks,
+                                   stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
+                                   offs_n, offs_d, False, CAUSAL, HAS_WINDOW, PAGED, PAGE, HEAD_DIM,
+                                   BLOCK_N, PRECISION)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, lo3, hi3, pos_q, seqlen_k,
+                                   window, qk_scale, b, block_table, stride_tb, num_blocks,
+                                   stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
+                                   offs_n, offs_d, True, CAUSAL, HAS_WINDOW, PAGED, PAGE, HEAD_DIM,
+                                   BLOCK_N, PRECISION)
 
-    tile_mask = row_ok[:, None] & d_ok[None, :]
-    if SPLIT:  # float32 partials, laid out (B, Sq, Hq, splits, D) / (B, Sq, Hq, splits)
-        P_tile = Opart + b.to(tl.int64) * stride_pb + q_tok * stride_ps + h * stride_ph + split * stride_pp
-        tl.store(P_tile + offs_m.to(tl.int64)[:, None] * stride_ps + offs_d[None, :], out, mask=tile_mask)
-        LP_tile = Lpart + b.to(tl.int64) * stride_lpb + q_tok * stride_lps + h * stride_lph + split
-        tl.store(LP_tile + offs_m.to(tl.int64) * stride_lps, lse, mask=row_ok)
-    else:
-        O_tile = Out + b.to(tl.int64) * stride_ob + q_tok * stride_os + h * stride_oh
-        tl.store(O_tile + offs_m.to(tl.int64)[:, None] * stride_os + offs_d[None, :], out.to(Out.dtype.element_ty),
-                 mask=tile_mask)
-        L_tile = Lse + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start + m0
-        tl.store(L_tile + offs_m, lse, mask=row_ok)
+        # Rows that saw no key: l = 0, acc = 0 -> out 0 and lse -inf.
+        seen = l_i > 0.0
+        l_safe = tl.where(seen, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) / _LOG2E_C, float("-inf"))
+
+        tile_mask = row_ok[:, None] & d_ok[None, :]
+        if SPLIT:  # float32 partials, laid out (B, Sq, Hq, splits, D) / (B, Sq, Hq, splits)
+            P_tile = Opart + b64 * stride_pb + q_tok * stride_ps + h * stride_ph + split * stride_pp
+            tl.store(P_tile + rows64[:, None] * stride_ps + offs_d[None, :], out, mask=tile_mask)
+            LP_tile = Lpart + b64 * stride_lpb + q_tok * stride_lps + h * stride_lph + split
+            tl.store(LP_tile + rows64 * stride_lps, lse, mask=row_ok)
+        else:
+            O_tile = Out + b64 * stride_ob + q_tok * stride_os + h * stride_oh
+            tl.store(O_tile + rows64[:, None] * stride_os + offs_d[None, :],
+                     out.to(Out.dtype.element_ty), mask=tile_mask)
+            L_tile = Lse + b64 * stride_lb + h * stride_lh + q_start + m0
+            tl.store(L_tile + offs_m, lse, mask=row_ok)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -505,25 +508,26 @@ def _bwd_preprocess(
     h = tl.program_id(1).to(tl.int64)  # int64: h * stride_h passes 2**31 for large strided inputs
     b = tl.program_id(2)
     q_start, seqlen_q, _k0, _k1 = _seq_bounds(b, cu_q, cu_q, cu_q, q_len, 0, VARLEN_Q, False, False)
-    m0 = pid_m * BLOCK_M
-    if m0 >= seqlen_q:
-        return
+    b64 = b.to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
+    rows64 = offs_m.to(tl.int64)  # int64: row * stride may pass 2**31
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = (m0 + offs_m) < seqlen_q
-    mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    tok = (q_start + m0).to(tl.int64)
-    o = tl.load(Out + b.to(tl.int64) * stride_ob + tok * stride_os + h * stride_oh
-                + offs_m.to(tl.int64)[:, None] * stride_os + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * stride_dob + tok * stride_dos + h * stride_doh
-                 + offs_m.to(tl.int64)[:, None] * stride_dos + offs_d[None, :] * stride_dod, mask=mask,
-                 other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    l_off = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start + m0 + offs_m
-    if HAS_DLSE:
-        delta -= tl.load(DLse + l_off, mask=row_ok, other=0.0)
-    tl.store(Delta + l_off, delta, mask=row_ok)
-
+    # max_seqlen_q only sizes the grid: each program strides over the query tiles of its sequence,
+    # so an understated max_seqlen_q still computes every row (fewer programs, each looping).
+    for m0 in range(pid_m * BLOCK_M, seqlen_q, tl.num_programs(0) * BLOCK_M):
+        row_ok = (m0 + offs_m) < seqlen_q
+        mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+        tok = (q_start + m0).to(tl.int64)
+        o = tl.load(Out + b64 * stride_ob + tok * stride_os + h * stride_oh
+                    + rows64[:, None] * stride_os + offs_d[None, :], mask=mask, other=0.0)
+        do = tl.load(DO + b64 * stride_dob + tok * stride_dos + h * stride_doh
+                     + rows64[:, None] * stride_dos + offs_d[None, :] * stride_dod, mask=mask,
+                     other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+        l_off = b64 * stride_lb + h * stride_lh + q_start + m0 + offs_m
+        if HAS_DLSE:
+            delta -= tl.load(DLse + l_off, mask=row_ok, other=0.0)
+        tl.store(Delta + l_off, delta, mask=row_ok)
 
 
 @triton.jit
@@ -607,57 +611,60 @@ def _bwd_dkdv(
     b = tl.program_id(2)
     q_start, seqlen_q, k_start, seqlen_k = _seq_bounds(b, cu_q, cu_k, cu_k, q_len, kv_len,
                                                        VARLEN_Q, VARLEN_Q, False)
-    n0 = pid_n * BLOCK_N
-    if n0 >= seqlen_k:
-        return
     if BOTTOM_RIGHT:
         shift = seqlen_k - seqlen_q
     else:
         shift = seqlen_k * 0
-
+    b64 = b.to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    cols = n0 + offs_n
-    kv_mask = (cols < seqlen_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    k_tok = (k_start + n0).to(tl.int64)
-    b64 = b.to(tl.int64)
-    k = tl.load(K + b64 * stride_kb + k_tok * stride_ks + hk * stride_kh
-                + offs_n.to(tl.int64)[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=kv_mask,
-                other=0.0)
-    v = tl.load(V + b64 * stride_vb + k_tok * stride_vs + hk * stride_vh
-                + offs_n.to(tl.int64)[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=kv_mask,
-                other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-
-    lo, int_lo, int_hi, hi = _k_tile_band(n0, seqlen_q, seqlen_k, shift, window, CAUSAL,
-                                          HAS_WINDOW, BLOCK_M, BLOCK_N)
+    cols64 = offs_n.to(tl.int64)  # int64: row * stride may pass 2**31
     q_tok = q_start.to(tl.int64)
-    # GQA: the query heads of this KV head's group, summed in registers (no atomics, no repeat).
-    for g in range(0, group):
-        h = hk * group + g
-        Q_head = Q + b64 * stride_qb + q_tok * stride_qs + h * stride_qh
-        DO_head = DO + b64 * stride_dob + q_tok * stride_dos + h * stride_doh
-        DQ_head = DQacc + b64 * stride_dqab + q_tok * stride_dqas + h * stride_dqah
-        l_off = b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Q_head, DO_head, DQ_head, Lse + l_off, Delta + l_off, lo,
-                             int_lo, seqlen_q, seqlen_k, cols, shift, window, qk_scale, stride_qs,
-                             stride_qd, stride_dos, stride_dod, stride_dqas, offs_m, offs_d, True,
-                             CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_M, PRECISION, ATOMIC_DQ)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Q_head, DO_head, DQ_head, Lse + l_off, Delta + l_off,
-                             int_lo, int_hi, seqlen_q, seqlen_k, cols, shift, window, qk_scale,
-                             stride_qs, stride_qd, stride_dos, stride_dod, stride_dqas, offs_m, offs_d,
-                             False, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_M, PRECISION, ATOMIC_DQ)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Q_head, DO_head, DQ_head, Lse + l_off, Delta + l_off,
-                             int_hi, hi, seqlen_q, seqlen_k, cols, shift, window, qk_scale, stride_qs,
-                             stride_qd, stride_dos, stride_dod, stride_dqas, offs_m, offs_d, True,
-                             CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_M, PRECISION, ATOMIC_DQ)
 
-    out_off = b64 * stride_dkb + k_tok * stride_dks + hk * stride_dkh
-    out_ptrs = offs_n.to(tl.int64)[:, None] * stride_dks + offs_d[None, :]
-    tl.store(DK + out_off + out_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + out_off + out_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    # max_seqlen_k only sizes the grid: each program strides over the key tiles of its sequence,
+    # so an understated max_seqlen_k still computes every key's gradient (fewer programs, looping).
+    for n0 in range(pid_n * BLOCK_N, seqlen_k, tl.num_programs(0) * BLOCK_N):
+        cols = n0 + offs_n
+        kv_mask = (cols < seqlen_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        k_tok = (k_start + n0).to(tl.int64)
+        k = tl.load(K + b64 * stride_kb + k_tok * stride_ks + hk * stride_kh
+                    + cols64[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=kv_mask,
+                    other=0.0)
+        v = tl.load(V + b64 * stride_vb + k_tok * stride_vs + hk * stride_vh
+                    + cols64[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=kv_mask,
+                    other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+        lo, int_lo, int_hi, hi = _k_tile_band(n0, seqlen_q, seqlen_k, shift, window, CAUSAL,
+                                              HAS_WINDOW, BLOCK_M, BLOCK_N)
+        # GQA: the query heads of this KV head's group, summed in registers (no atomics, no repeat).
+        for g in range(0, group):
+            h = hk * group + g
+            Q_head = Q + b64 * stride_qb + q_tok * stride_qs + h * stride_qh
+            DO_head = DO + b64 * stride_dob + q_tok * stride_dos + h * stride_doh
+            DQ_head = DQacc + b64 * stride_dqab + q_tok * stride_dqas + h * stride_dqah
+            L_rows = Lse + b64 * stride_lb + h * stride_lh + q_start
+            D_rows = Delta + b64 * stride_lb + h * stride_lh + q_start
+            dk, dv = _dkdv_tiles(dk, dv, k, v, Q_head, DO_head, DQ_head, L_rows, D_rows, lo, int_lo,
+                                 seqlen_q, seqlen_k, cols, shift, window, qk_scale, stride_qs,
+                                 stride_qd, stride_dos, stride_dod, stride_dqas, offs_m, offs_d,
+                                 True, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_M, PRECISION, ATOMIC_DQ)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, Q_head, DO_head, DQ_head, L_rows, D_rows, int_lo,
+                                 int_hi, seqlen_q, seqlen_k, cols, shift, window, qk_scale,
+                                 stride_qs, stride_qd, stride_dos, stride_dod, stride_dqas, offs_m,
+                                 offs_d, False, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_M, PRECISION,
+                                 ATOMIC_DQ)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, Q_head, DO_head, DQ_head, L_rows, D_rows, int_hi, hi,
+                                 seqlen_q, seqlen_k, cols, shift, window, qk_scale, stride_qs,
+                                 stride_qd, stride_dos, stride_dod, stride_dqas, offs_m, offs_d,
+                                 True, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_M, PRECISION, ATOMIC_DQ)
+
+        out_ptrs = (b64 * stride_dkb + k_tok * stride_dks + hk * stride_dkh
+                    + cols64[:, None] * stride_dks + offs_d[None, :])
+        tl.store(DK + out_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + out_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -713,51 +720,52 @@ def _bwd_dq(
     b = tl.program_id(2)
     q_start, seqlen_q, k_start, seqlen_k = _seq_bounds(b, cu_q, cu_k, cu_k, q_len, kv_len,
                                                        VARLEN_Q, VARLEN_Q, False)
-    m0 = pid_m * BLOCK_M
-    if m0 >= seqlen_q:
-        return
     if BOTTOM_RIGHT:
         shift = seqlen_k - seqlen_q
     else:
         shift = seqlen_k * 0
     hk = h // group
-
+    b64 = b.to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    rows = m0 + offs_m
-    mask = (rows < seqlen_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    b64 = b.to(tl.int64)
-    q_tok = (q_start + m0).to(tl.int64)
-    q = tl.load(Q + b64 * stride_qb + q_tok * stride_qs + h * stride_qh
-                + offs_m.to(tl.int64)[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=mask,
-                other=0.0)
-    do = tl.load(DO + b64 * stride_dob + q_tok * stride_dos + h * stride_doh
-                 + offs_m.to(tl.int64)[:, None] * stride_dos + offs_d[None, :] * stride_dod, mask=mask,
-                 other=0.0)
-    l_off = b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start
-    lse2, delta = _load_row_stats(Lse + l_off, Delta + l_off, rows, seqlen_q)
-
+    rows64 = offs_m.to(tl.int64)  # int64: row * stride may pass 2**31
     k_tok = k_start.to(tl.int64)
     K_head = K + b64 * stride_kb + k_tok * stride_ks + hk * stride_kh
     V_head = V + b64 * stride_vb + k_tok * stride_vs + hk * stride_vh
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    pos_q = rows + shift
-    lo, int_lo, int_hi, hi = _q_tile_band(m0, seqlen_q, seqlen_k, shift, window, CAUSAL,
-                                          HAS_WINDOW, BLOCK_M, BLOCK_N)
-    dq = _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, lo, int_lo, pos_q, seqlen_k, window,
-                   qk_scale, stride_ks, stride_kd, stride_vs, stride_vd, offs_n, offs_d,
-                   True, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_N, PRECISION)
-    dq = _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, int_lo, int_hi, pos_q, seqlen_k, window,
-                   qk_scale, stride_ks, stride_kd, stride_vs, stride_vd, offs_n, offs_d,
-                   False, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_N, PRECISION)
-    dq = _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, int_hi, hi, pos_q, seqlen_k, window,
-                   qk_scale, stride_ks, stride_kd, stride_vs, stride_vd, offs_n, offs_d,
-                   True, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_N, PRECISION)
+    L_rows = Lse + b64 * stride_lb + h * stride_lh + q_start
+    D_rows = Delta + b64 * stride_lb + h * stride_lh + q_start
 
-    tl.store(DQ + b64 * stride_dqb + q_tok * stride_dqs + h * stride_dqh
-             + offs_m.to(tl.int64)[:, None] * stride_dqs + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
-             mask=mask)
+    # max_seqlen_q only sizes the grid: each program strides over the query tiles of its sequence,
+    # so an understated max_seqlen_q still computes every row (fewer programs, each looping).
+    for m0 in range(pid_m * BLOCK_M, seqlen_q, tl.num_programs(0) * BLOCK_M):
+        rows = m0 + offs_m
+        mask = (rows < seqlen_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        q_tok = (q_start + m0).to(tl.int64)
+        q = tl.load(Q + b64 * stride_qb + q_tok * stride_qs + h * stride_qh
+                    + rows64[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=mask, other=0.0)
+        do = tl.load(DO + b64 * stride_dob + q_tok * stride_dos + h * stride_doh
+                     + rows64[:, None] * stride_dos + offs_d[None, :] * stride_dod, mask=mask,
+                     other=0.0)
+        lse2, delta = _load_row_stats(L_rows, D_rows, rows, seqlen_q)
+
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        pos_q = rows + shift
+        lo, int_lo, int_hi, hi = _q_tile_band(m0, seqlen_q, seqlen_k, shift, window, CAUSAL,
+                                              HAS_WINDOW, BLOCK_M, BLOCK_N)
+        dq = _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, lo, int_lo, pos_q, seqlen_k, window,
+                       qk_scale, stride_ks, stride_kd, stride_vs, stride_vd, offs_n, offs_d,
+                       True, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_N, PRECISION)
+        dq = _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, int_lo, int_hi, pos_q, seqlen_k,
+                       window, qk_scale, stride_ks, stride_kd, stride_vs, stride_vd, offs_n, offs_d,
+                       False, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_N, PRECISION)
+        dq = _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, int_hi, hi, pos_q, seqlen_k, window,
+                       qk_scale, stride_ks, stride_kd, stride_vs, stride_vd, offs_n, offs_d,
+                       True, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_N, PRECISION)
+
+        tl.store(DQ + b64 * stride_dqb + q_tok * stride_dqs + h * stride_dqh
+                 + rows64[:, None] * stride_dqs + offs_d[None, :],
+                 (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -832,7 +840,8 @@ def flash_attn_forward(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, 
     group = hq // k.shape[-2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if varlen_q:
-        batch, q_len, max_q = cu_seqlens_q.numel() - 1, q.shape[0], max_seqlen_q
+        # max_seqlen_q sizes the grid only (the kernel loops over longer sequences): >= 1 program
+        batch, q_len, max_q = cu_seqlens_q.numel() - 1, q.shape[0], max(max_seqlen_q, 1)
         lse = torch.empty((hq, q.shape[0]), dtype=torch.float32, device=q.device)
     else:
         batch, q_len, max_q = q.shape[0], q.shape[1], q.shape[1]
@@ -846,7 +855,7 @@ def flash_attn_forward(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, 
         page, num_blocks = 1, 0
         kv_len = k.shape[0] if varlen_k else k.shape[1]
         sk, sv = _tok_strides(k, varlen_k), _tok_strides(v, varlen_k)
-    if out.numel() == 0 or max_q == 0 or k.numel() == 0 or kv_len == 0:
+    if out.numel() == 0 or k.numel() == 0 or kv_len == 0:
         # Nothing to launch; with no keys at all every row sees nothing: zeros and lse = -inf.
         out.zero_()
         lse.fill_(float("-inf"))
@@ -921,11 +930,12 @@ def flash_attn_backward(dout, dlse, q, k, v, out, lse, *, causal, window, softma
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if varlen:
         batch, q_len, kv_len = cu_seqlens_q.numel() - 1, q.shape[0], k.shape[0]
-        max_q, max_k = max_seqlen_q, max_seqlen_k
+        # the max_seqlen_* size the grids only (the kernels loop over longer sequences): >= 1 program
+        max_q, max_k = max(max_seqlen_q, 1), max(max_seqlen_k, 1)
     else:
         batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
         max_q, max_k = q_len, kv_len
-    if q.numel() == 0 or k.numel() == 0 or max_q == 0 or max_k == 0:
+    if q.numel() == 0 or k.numel() == 0:
         # No query or no key: nothing is attended, every gradient is zero.
         return dq.zero_(), dk.zero_(), dv.zero_()
 

@@ -11,6 +11,10 @@ into ours with ``load_hf_state_dict``), and the same HF model with ``attn_implem
   decode tokens/s = B / step. Greedy, no EOS, so every row makes N tokens.
 * check first: our logits on the batch-1 prompt against HF's model in float64 (SPEC's parity rule,
   HF's bf16 logits as the yardstick); a failing check is reported and that backend is not timed.
+* model-hf-padded (issue 17): HF ``generate`` on a batch of left-padded prompts of different lengths,
+  transformers' sdpa vs our attention (``gptkernels.hf``: unpadded to varlen ``flash_attn``) vs
+  ``flash_attention_2`` where the flash-attn package is installed (the GPU image has none: that row
+  says so). Checked first on two padded rows (real positions) against float64.
 """
 
 from __future__ import annotations
@@ -31,6 +35,10 @@ DTYPE = torch.bfloat16
 OURS = ("triton", "cuda")
 HF = "hf transformers (sdpa)"
 HF_OURS = "hf transformers (gptkernels attention)"
+HF_FA2 = "hf transformers (flash_attention_2)"
+#: model-hf-padded: batch, and prompt lengths drawn from [PADDED_MIN, PROMPT], left-padded to PROMPT
+PADDED_BATCH, PADDED_MIN = 32, 128
+PADDED_IMPLS = (HF, HF_OURS, HF_FA2)
 
 
 def config(quick: bool) -> dict:
@@ -43,7 +51,7 @@ def impls() -> list[str]:
 
 def planned_rows(quick: bool) -> int:
     # per model and impl: prefill and decode per batch, and the batch-1 step row
-    return len(MODELS) * len(impls()) * (2 * len(BATCHES) + 1)
+    return len(MODELS) * len(impls()) * (2 * len(BATCHES) + 1) + len(MODELS) * len(PADDED_IMPLS)
 
 
 def tables(quick: bool) -> list[Table]:
@@ -61,6 +69,14 @@ def tables(quick: bool) -> list[Table]:
               x="model", unit="GB/s", ceiling="copy", plot=None,
               formula=formulas.decode_step_bytes(1, 1, 1, 1, 1, 1).formula + " per step / step time",
               note="floor = these bytes / copy GB/s; x floor = step time / floor (target <= 1.5)."),
+        Table(id="model-hf-padded", suite="model", x="model, batch", unit="tok/s", plot="bar",
+              title=f"HF generate, left-padded prompts of {PADDED_MIN}-{PROMPT} tokens, {new} new, bf16",
+              formula="B / decode step time",
+              note="transformers' generate, attn_implementation sdpa / gptkernels (gptkernels.hf) / "
+                   "flash_attention_2 (only where flash-attn is installed: not on the GPU image). decode "
+                   "step = (t(N new) - t(1 new)) / (N - 1); extra: prefill_ms = t(1 new), fallbacks = "
+                   "gptkernels.hf's calls handed to transformers (0 expected), same_tokens = rows whose "
+                   "first 16 new tokens equal sdpa's."),
     ]
 
 
@@ -140,6 +156,10 @@ class ModelBench:
         """HF's model as is (HF), or a copy whose attention is ours (HF_OURS, made on first use)."""
         if impl == HF:
             return self.hf
+        if impl == HF_FA2:
+            model = copy.deepcopy(self.hf)
+            model.set_attn_implementation("flash_attention_2")
+            return model
         if self.hf_ours is None:
             import gptkernels.hf
 
@@ -297,6 +317,81 @@ class ModelBench:
             self.sess.add(Row(table="model-step", case=self.name, impl=impl, status="ok", ours=ours, ms=step_ms,
                               bytes=step.value, params=self.params(1), extra=extra, **check))
 
+    # ---- HF generate with left-padded prompts (model-hf-padded) -----------------------------------
+
+    def padded_batch(self):
+        """(ids, mask) of PADDED_BATCH prompts, lengths uniform in [PADDED_MIN, PROMPT] (the first
+        PROMPT long), left-padded to PROMPT with token 0; made once."""
+        if getattr(self, "_padded", None) is None:
+            gen = torch.Generator().manual_seed(1)
+            lens = torch.randint(PADDED_MIN, PROMPT + 1, (PADDED_BATCH,), generator=gen)
+            lens[0] = PROMPT
+            mask = (torch.arange(PROMPT) >= PROMPT - lens[:, None]).long()
+            ids = torch.randint(1, self.cfg.vocab_size, (PADDED_BATCH, PROMPT), generator=gen) * mask
+            self._padded = ids.to(timing.DEVICE), mask.to(timing.DEVICE)
+        return self._padded
+
+    def padded_check(self, model):
+        """Logits of the first two padded rows at their real positions against HF's model in
+        float64 (sdpa's bf16 logits as the yardstick); the float64 reference is made once."""
+        ids, mask = (t[1:3] for t in self.padded_batch())  # two rows with padding
+        real = mask.bool()
+        if getattr(self, "_padded_ref", None) is None:
+            hf64 = copy.deepcopy(self.hf).double()
+            self._padded_ref = hf64(input_ids=ids, attention_mask=mask, use_cache=False).logits[real]
+            del hf64
+            free_memory()
+            self._padded_base = self.hf(input_ids=ids, attention_mask=mask, use_cache=False).logits[real]
+        out = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[real]
+        return compare([("logits (padded rows)", out, self._padded_ref, self._padded_base)])
+
+    def run_padded(self, impl: str) -> None:
+        from transformers.utils import is_flash_attn_2_available
+
+        import gptkernels.hf
+
+        table, label, ours = "model-hf-padded", f"{self.name} B={PADDED_BATCH}", impl == HF_OURS
+        params = dict(self.params(PADDED_BATCH), prompt=f"{PADDED_MIN}-{PROMPT}, left-padded")
+        if impl == HF_FA2 and not is_flash_attn_2_available():
+            self.sess.add(Row(table=table, case=label, impl=impl, status="unavailable", params=params,
+                              message="the flash-attn package (transformers' flash_attention_2) is not "
+                                      "installed here; the GPU image has none"))
+            return
+        if self.sess.budget.exhausted():
+            self.sess.skip(table, label, impl, "time budget of the suite spent", ours=ours)
+            return
+        n, (ids, mask) = self.new, self.padded_batch()
+        try:
+            model = self.hf_model(impl)
+            with torch.no_grad():
+                chk = self.padded_check(model)
+            if not chk.ok:
+                self.sess.add(Row(table=table, case=label, impl=impl, status="mismatch", ours=ours,
+                                  message=chk.problem, err=chk.err, bound=chk.bound, params=params))
+                return
+
+            def gen(k):
+                return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=k, min_new_tokens=k,
+                                      do_sample=False)
+
+            mine = gen(16)[:, PROMPT:]  # warm-up, and the tokens to compare with sdpa's
+            theirs = mine if impl == HF else self.hf_model(HF).generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=16, min_new_tokens=16, do_sample=False)[:, PROMPT:]
+            gptkernels.hf.calls.clear()
+            t1 = timing.wall_median_ms(lambda: gen(1), self.reps)
+            tn = timing.wall_median_ms(lambda: gen(n), self.reps)
+        except Exception as e:
+            self.sess.fail(table, label, impl, e, ours=ours, params=params)
+            return
+        step_ms = (tn - t1) / (n - 1)
+        extra = dict(prefill_ms=t1, generate_ms=tn, step_ms=step_ms, method="(t(N) - t(1)) / (N - 1)",
+                     same_tokens=int((mine == theirs).all(1).sum()))
+        if ours:
+            extra.update(fallbacks=sum(gptkernels.hf.fallbacks().values()), calls=dict(gptkernels.hf.calls))
+        self.sess.add(Row(table=table, case=label, impl=impl, status="ok", ours=ours, ms=step_ms,
+                          value=PADDED_BATCH / (step_ms * 1e-3), params=params, extra=extra,
+                          err=chk.err, bound=chk.bound))
+
 
 def run(sess: Session, quick: bool) -> None:
     for t in tables(quick):
@@ -321,5 +416,7 @@ def run(sess: Session, quick: bool) -> None:
             continue
         for impl in impls():
             mb.run_impl(impl)
+        for impl in PADDED_IMPLS:
+            mb.run_padded(impl)
         del mb
         free_memory()

@@ -573,6 +573,11 @@ def _dkdv_tiles(dk, dv, k, v, Q_head, DO_head, DQ_head, L_rows, D_rows, start, e
         if MASKED:
             vis = _visible(rows[None, :] + shift, cols[:, None], seqlen_k, window, CAUSAL, HAS_WINDOW)
             p_t = tl.where(vis, p_t, 0.0)
+        elif ATOMIC_DQ:
+            # Key rows past the sequence (the last key tile's padding) must add nothing to dQ: their
+            # zero keys score 0, p = exp2(0 - lse) overflows when lse is very negative, and
+            # inf x 0 in dS^T K would be NaN. (dK/dV rows past the sequence are never stored.)
+            p_t = tl.where((cols < seqlen_k)[:, None], p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])

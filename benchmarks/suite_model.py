@@ -393,6 +393,11 @@ class ModelBench:
                           err=chk.err, bound=chk.bound))
 
 
+def _padded_rows(name: str) -> list[tuple[str, str, str]]:
+    """(table, case, impl) of a model's model-hf-padded rows."""
+    return [("model-hf-padded", f"{name} B={PADDED_BATCH}", impl) for impl in PADDED_IMPLS]
+
+
 def run(sess: Session, quick: bool) -> None:
     for t in tables(quick):
         sess.table(t)
@@ -403,6 +408,8 @@ def run(sess: Session, quick: bool) -> None:
                                  ("model-decode", 32), ("model-step", 1)]:
                     sess.skip(table, name if table == "model-step" else f"{name} B={b}", impl,
                               "time budget of the suite spent", ours=impl != HF)
+            for table, label, impl in _padded_rows(name):
+                sess.skip(table, label, impl, "time budget of the suite spent", ours=impl == HF_OURS)
             continue
         try:
             mb = ModelBench(sess, name, quick)
@@ -412,6 +419,8 @@ def run(sess: Session, quick: bool) -> None:
                                  ("model-decode", 32), ("model-step", 1)]:
                     sess.fail(table, name if table == "model-step" else f"{name} B={b}", impl, e,
                               ours=impl != HF)
+            for table, label, impl in _padded_rows(name):
+                sess.fail(table, label, impl, e, ours=impl == HF_OURS)
             free_memory()
             continue
         for impl in impls():

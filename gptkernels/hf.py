@@ -6,25 +6,28 @@
 
     gptkernels.hf.patch(gpt_neo_model)             # GPT-Neo, whose HF code has its own attention classes
 
-**Semantics.** A model with ``attn_implementation="gptkernels"`` computes exactly what transformers'
-``"sdpa"`` implementation computes (GPT-Neo after :func:`patch`: what its ``"eager"`` one computes) at
-every real (non-padding) position; rows of padding queries, which no later layer reads, are zeros
-(as transformers' ``flash_attention_2`` leaves them). Nothing is approximated: a call our kernels
-cannot serve goes to transformers' own ``sdpa_attention_forward`` (GPT-Neo: its eager attention),
-and is counted in :data:`calls`.
+**Semantics.** A model with ``attn_implementation="gptkernels"`` computes what transformers'
+``"sdpa"`` implementation computes, at every row, padding rows included (a padding query that sees
+no real key gives zeros in both; one after the real keys of a right-padded row sees them, in both).
+A GPT-Neo model after :func:`patch` computes what its ``"eager"`` attention computes at every real
+row (eager turns rows that see no key into an average of values through its finfo.min mask; ours
+are zeros there). Nothing is approximated: a call the kernels cannot serve goes to transformers'
+own ``sdpa_attention_forward`` (GPT-Neo: its eager attention), counted in :data:`calls` with why.
 
 **How.** :func:`register` adds our attention function and our mask preparation. The mask
 preparation recognises transformers' plain causal mask function and its sliding-window variant (by
-structure, see :func:`_causal_window`); for those it returns, instead of a 4-D mask, ``None`` (no
-padding: the kernels' causal path) or the 2-D padding mask of the keys, tagged with the window.
-The attention function serves a tagged mask by unpadding queries and keys to varlen
-:func:`gptkernels.flash_attn` (``cu_seqlens`` from the mask, bottom-right causal, ``window``) and
-padding the output back; prefill and decode with a cache alike, left or right padding. Everything
-else keeps transformers' sdpa mask and runs transformers' sdpa (see :data:`calls` for the reasons):
-custom mask overlays (``or_mask_function``/``and_mask_function``, block or chunked attention),
-packed sequences found from position ids, bidirectional masks, static caches (offset queries),
-4-D masks given by the caller, a sliding window over keys with padding holes (right-padded
-generation: the window counts padding positions there), dropout, float64, position bias, softcap.
+code object, see :func:`_causal_window`); for those it returns ``None`` (no padding, no window in
+effect: the kernels' causal path) or the 2-D key padding mask of the layer's keys, tagged with the
+window and the padding layout (one host sync per forward and mask type). The attention function
+compacts the real keys to varlen :func:`gptkernels.flash_attn` (``cu_seqlens`` from the mask) and
+pads the output back: bottom-right aligned for left padding (and for a decode row without window,
+wherever the holes are), top-left aligned for a right-padded prefill; see
+:meth:`_Padding.alignment`. Everything else keeps transformers' sdpa mask and runs transformers'
+sdpa: custom mask overlays (``or_mask_function``/``and_mask_function``, block or chunked attention),
+bidirectional masks, packed sequences found from position ids, static caches (queries not at the
+end of the keys), 4-D masks given by the caller, rows padded on different sides in one batch or
+padding between real tokens (a prefill, or a windowed decode: right-padded generation past the
+window), dropout, float64, position bias, softcap, a batch-1 query broadcast over a batch of keys.
 """
 
 from __future__ import annotations

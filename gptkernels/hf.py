@@ -113,8 +113,9 @@ class _Padding:
             m = mask
             runs = m[:, :1].sum(1) + (m[:, 1:] & ~m[:, :-1]).sum(1)  # runs of real keys per row
             empty = ~m.any(1)
-            flags = torch.stack([m.all(), ((runs == 1) & m[:, -1] | empty).all(), ((runs == 1) & m[:, 0] | empty).all()])
             # left: each row's real keys are one run ending at the last key; right: one starting at the first
+            left, right = ((runs == 1) & m[:, -1]) | empty, ((runs == 1) & m[:, 0]) | empty
+            flags = torch.stack([m.all(), left.all(), right.all()])
             self.full, self.left, self.right = flags.tolist()
         self._unpad = {}
 
@@ -292,10 +293,12 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     padding = getattr(attention_mask, "_gptkernels", None)
     if padding is not None and padding.mask is attention_mask:
         q_len = query.shape[2]
+        if refuse is not None:
+            return fallback(refuse, attention_mask=_dense_mask(padding, q_len, padding.window))
         _check_padding_shape(attention_mask, query, key)
         alignment = padding.alignment(q_len, padding.window)
-        if refuse is not None or alignment is None:
-            return fallback(refuse or "padding layout", attention_mask=_dense_mask(padding, q_len, padding.window))
+        if alignment is None:  # our mask preparation only tags layouts that have one
+            return fallback("padding layout", attention_mask=_dense_mask(padding, q_len, padding.window))
         calls["kernels" if padding.full else "kernels:padded"] += 1
         out = _padded_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), padding,
                                 alignment, padding.window, scaling, gptkernels_backend)

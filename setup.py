@@ -23,8 +23,10 @@ import warnings
 from setuptools import find_packages, setup
 
 # setuptools' page-long notice on every editable install (folders named like the package may shadow
-# it): here the package folder is the source itself.
+# it): here the package folder is the source itself. torch's import warns where numpy is not
+# installed yet (it comes as a dependency after the build); the build does not use it.
 warnings.filterwarnings("ignore", message=r"\s*Editable installation")
+warnings.filterwarnings("ignore", message=r"Failed to initialize NumPy")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "8.0;9.0"

@@ -136,10 +136,12 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.parallel = cfg.parallel_residual
         self.norm_before = cfg.norm_before
+        # Tensor parallelism (models/tp.py) puts the one all-reduce of a parallel block here.
+        self.reduce = nn.Identity()
 
     def forward(self, x, ctx: AttnContext, rope):
         if self.parallel:
-            return x + self.attn(self.norm1(x), ctx, rope) + self.mlp(self.norm2(x))
+            return x + self.reduce(self.attn(self.norm1(x), ctx, rope) + self.mlp(self.norm2(x)))
         if self.norm_before:
             x = x + self.attn(self.norm1(x), ctx, rope)
             return x + self.mlp(self.norm2(x))
@@ -173,6 +175,7 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.embed_dim, cfg.vocab_size, bias=False)
         self.tie_weights()
         self._rope: dict = {}  # device -> (cos, sin), float32, built on first use
+        self.tp = None  # a models.tp.TensorParallel when this is one rank's shard (tp.shard_model_)
 
     # ---- bookkeeping ---------------------------------------------------------------------------
 
@@ -190,6 +193,12 @@ class CausalLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.tok_emb.weight.dtype
 
+    @property
+    def kv_heads(self) -> int:
+        """K/V heads per layer in this process (the paged cache's head count): all of them, or this
+        rank's share under tensor parallelism."""
+        return self.layers[0].attn.num_heads
+
     def rope(self, device: torch.device):
         """The (cos, sin) float32 tables of this model on ``device`` (None without rotary). Kept out
         of the module's buffers so ``model.to(dtype)`` leaves them in float32."""
@@ -202,11 +211,23 @@ class CausalLM(nn.Module):
                                              scaling=cfg.rope_scaling, device=device)
         return self._rope[key]
 
-    def load_hf_state_dict(self, state_dict: dict, *, strict: bool = True) -> None:
+    def load_hf_state_dict(self, state_dict: dict, *, strict: bool = True, sharded: bool = False) -> None:
         """Load weights from a Hugging Face state dict (HF's own key names; with or without the
         ``transformer.`` / ``gpt_neox.`` / ``model.`` prefixes). Conversion is the family's
-        (:mod:`gptkernels.models.gpt2` etc.); missing or unexpected weights raise a ValueError."""
-        converted = convert_hf_state_dict(self.config, state_dict)
+        (:mod:`gptkernels.models.gpt2` etc.); missing or unexpected weights raise a ValueError.
+
+        A tensor-parallel rank (``model.tp``) takes its slices of the full state dict;
+        ``sharded=True`` says ``state_dict`` already holds only those slices (what
+        ``from_pretrained`` reads)."""
+        cfg = self.config
+        if self.tp is not None:
+            if not sharded:
+                state_dict = self.tp.shard_hf_state_dict(state_dict)
+            cfg = self.tp.plan.local_config
+        elif sharded:
+            raise ValueError("load_hf_state_dict: sharded=True needs a tensor-parallel model (from_config or "
+                             "from_pretrained with tp_group)")
+        converted = convert_hf_state_dict(cfg, state_dict)
         if self.config.tie_word_embeddings:
             converted["lm_head.weight"] = converted["tok_emb.weight"]
         mine = self.state_dict()

@@ -14,6 +14,7 @@ import torch
 from .common import CausalLM
 from .config import ModelConfig
 from .families import from_hf_config
+from .tp import ShardShapeError
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -30,26 +31,75 @@ def resolve_dtype(dtype, default: torch.dtype = torch.float32) -> torch.dtype:
 
 
 def init_weights_(model: CausalLM, std: float = 0.02, generator=None) -> CausalLM:
-    """GPT-style random init, in place: weights and embeddings N(0, std), biases 0, LayerNorms 1/0."""
+    """GPT-style random init, in place: weights and embeddings N(0, std), biases 0, LayerNorms 1/0.
+
+    Numbers are drawn in float32 for the whole tensor, then cast (and, on a tensor-parallel rank,
+    cut to the rank's part): a model has the same weights in any dtype and at any TP size."""
     with torch.no_grad():
         for name, p in model.named_parameters():
+            shard = model.tp.model_shard(name) if model.tp is not None else None
+            shape = list(p.shape)
+            if shard is not None:
+                shape[shard.dim] = shard.full
+            full = p if shard is None and p.dtype == torch.float32 else p.new_empty(shape, dtype=torch.float32)
             if name.endswith("bias"):
-                p.zero_()
+                full.zero_()
             elif ".norm" in name or name.startswith("norm_f"):
-                p.fill_(1.0)
+                full.fill_(1.0)
             else:
-                p.normal_(0.0, std, generator=generator)
+                full.normal_(0.0, std, generator=generator)
+            if full is not p:
+                p.copy_(full if shard is None else shard.take(full, name))
     return model
 
 
-def from_config(config, *, dtype=None, device=None, std: float = 0.02) -> CausalLM:
+def _device_free_bytes(device: torch.device) -> Optional[int]:
+    """Free memory on ``device`` (CUDA), or None where it is not checked (CPU: the OS may swap)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return None
+
+
+def _empty_model(cfg: ModelConfig, dtype: torch.dtype, device, tp_group, op: str) -> CausalLM:
+    """The model (this rank's shard of it with ``tp_group``) on ``device`` in ``dtype``, its
+    parameters allocated but not set: built on the meta device, sharded there, then materialised,
+    so no process ever holds more than its own part. A part larger than the device's free memory
+    is a ValueError saying so, before anything is allocated."""
+    device = torch.device(device if device is not None else "cpu")
+    with torch.device("meta"):
+        model = CausalLM(cfg).to(dtype)
+    if tp_group is not None:
+        from .tp import setup, shard_model_
+
+        shard_model_(model, setup(tp_group, cfg, device, dtype, op=op))
+    need = sum(p.numel() * p.element_size() for p in model.parameters())
+    free = _device_free_bytes(device)
+    if free is not None and need > free:
+        who = f"rank {model.tp.rank}'s shard of the model" if model.tp is not None else "the model"
+        raise ValueError(f"{op}: {who} needs {need / 2**30:.2f} GiB of parameters in "
+                         f"{str(dtype).replace('torch.', '')} but {device} has {free / 2**30:.2f} GiB free: "
+                         "split it over more GPUs (tp_group, torchrun ... --tp N) or use a smaller dtype")
+    model = model.to_empty(device=device)
+    model.tie_weights()
+    return model
+
+
+def from_config(config, *, dtype=None, device=None, std: float = 0.02, tp_group=None) -> CausalLM:
     """A random model (:func:`init_weights_`) from a ModelConfig, an HF config or a config.json
-    dict, built directly on ``device`` (default CPU) in ``dtype`` (default float32)."""
+    dict, built directly on ``device`` (default CPU) in ``dtype`` (default float32).
+
+    With ``tp_group`` (a ``torch.distributed`` process group, every rank calling with the same
+    arguments) each rank builds only its shard (:mod:`gptkernels.models.tp`). The weights come from
+    group rank 0's random state (shared with every rank first), so the shards together are the
+    model a single process builds after the same ``torch.manual_seed``."""
     cfg = from_hf_config(config)
     dtype = resolve_dtype(dtype)
-    with torch.device(device if device is not None else "cpu"):
-        model = init_weights_(CausalLM(cfg), std)
-    return model.to(dtype=dtype).eval()
+    model = _empty_model(cfg, dtype, device, tp_group, "from_config")
+    if model.tp is not None:
+        from .tp import share_random_state_
+
+        share_random_state_(model.tp, model.device)
+    return init_weights_(model, std).eval()
 
 
 #: The weight files of a checkpoint, in the order transformers looks for them: one file, else its
@@ -91,16 +141,31 @@ def weight_files(path: str) -> list[str]:
                             f"{', '.join(name for pair in _WEIGHT_FILES for name in pair)})")
 
 
-def _load_file(file: str) -> dict:
-    """The tensors of one weight file; an unreadable file is an error that names it."""
+def _load_file(file: str, select=None) -> dict:
+    """The tensors of one weight file; an unreadable file is an error that names it. ``select(key)``
+    -> a :class:`~gptkernels.models.tp.Shard` or None: read only that part of each tensor (a
+    tensor-parallel rank's slices: ``get_slice`` for safetensors, a memory map for .bin files)."""
     try:
         if file.endswith(".safetensors"):
-            from safetensors.torch import load_file
+            if select is None:
+                from safetensors.torch import load_file
 
-            tensors = load_file(file)
+                tensors = load_file(file)
+            else:
+                from safetensors import safe_open
+
+                tensors = {}
+                with safe_open(file, framework="pt") as f:
+                    for key in f.keys():
+                        shard = select(key)
+                        tensors[key] = f.get_tensor(key) if shard is None else shard.take(f.get_slice(key), key)
         else:
-            tensors = torch.load(file, map_location="cpu", weights_only=True)
-    except ImportError:
+            # mmap: a rank's slices are read from the page cache, the rest of the file never is
+            tensors = torch.load(file, map_location="cpu", weights_only=True, mmap=select is not None)
+            if select is not None and isinstance(tensors, dict):
+                tensors = {k: (t if shard is None else shard.take(t, k).clone())
+                           for k, t in tensors.items() for shard in [select(k)]}
+    except (ImportError, ShardShapeError):  # a weight that does not fit the config: its own message
         raise
     except Exception as e:  # safetensors' SafetensorError, pickle's UnpicklingError, EOFError...
         raise ValueError(f"from_pretrained: cannot read weight file {file!r}: "
@@ -111,11 +176,12 @@ def _load_file(file: str) -> dict:
     return tensors
 
 
-def _read_weights(path: str) -> dict:
-    """Every tensor of the checkpoint in ``path`` (the files :func:`weight_files` names)."""
+def _read_weights(path: str, select=None) -> dict:
+    """Every tensor of the checkpoint in ``path`` (the files :func:`weight_files` names), or with
+    ``select`` only the parts it names (see :func:`_load_file`)."""
     out = {}
     for file in weight_files(path):
-        out.update(_load_file(file))
+        out.update(_load_file(file, select))
     return out
 
 
@@ -137,11 +203,12 @@ def read_config(cfg_file: str) -> tuple[dict, ModelConfig]:
     return d, cfg
 
 
-def from_pretrained(path, *, dtype=None, device=None) -> CausalLM:
+def from_pretrained(path, *, dtype=None, device=None, tp_group=None) -> CausalLM:
     """Load a local HF checkpoint directory (config.json + weights). Never downloads.
 
     ``dtype`` defaults to the ``dtype``/``torch_dtype`` recorded in config.json, else float32;
-    ``device`` to CPU.
+    ``device`` to CPU. With ``tp_group`` (a ``torch.distributed`` process group; every rank calls
+    with the same path) each rank reads and holds only its shard (:mod:`gptkernels.models.tp`).
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"from_pretrained: path must be a local directory, got {type(path).__name__}")
@@ -153,12 +220,12 @@ def from_pretrained(path, *, dtype=None, device=None) -> CausalLM:
     d, cfg = read_config(cfg_file)
     saved = d.get("dtype") or d.get("torch_dtype")
     dtype = resolve_dtype(dtype, _DTYPES.get(str(saved).replace("torch.", ""), torch.float32))
-    weights = _read_weights(path)
-    with torch.device("meta"):  # no random init: every weight comes from the checkpoint
-        model = CausalLM(cfg)
-    model = model.to_empty(device=device if device is not None else "cpu").to(dtype)
-    model.tie_weights()
-    model.load_hf_state_dict(weights)
+    # no random init: every weight comes from the checkpoint
+    model = _empty_model(cfg, dtype, device, tp_group, "from_pretrained")
+    if model.tp is None:
+        model.load_hf_state_dict(_read_weights(path))
+    else:
+        model.load_hf_state_dict(_read_weights(path, model.tp.hf_shard), sharded=True)
     return model.eval()
 
 

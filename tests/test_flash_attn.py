@@ -505,7 +505,9 @@ _PAGED_SMALL = [
     (256, (1, 300), (97, 5), 4, 1, 64, 64, True),
 ]
 _PAGED_FULL = _PAGED_SMALL + [
-    (bs, pre, new, _RATIOS[i % 4][0] * _RATIOS[i % 4][1], _RATIOS[i % 4][1], d, w, vl)
+    # dense q (varlen False) needs one chunk length for every sequence: the longest chunk stands in
+    (bs, pre, new if vl else (max(new),) * len(new), _RATIOS[i % 4][0] * _RATIOS[i % 4][1], _RATIOS[i % 4][1],
+     d, w, vl)
     for i, (bs, (pre, new), d, (w, vl)) in enumerate(itertools.product(
         (8, 16, 64, 256),
         (((0, 30, 1000), (1, 17, 30)), ((2000, 5), (128, 128))),

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .._policy import LOG2E, decode_band, num_splits, sm_count
-from ._config import configs, next_pow2
+from ._config import autotune, configs, next_pow2
 from .paged import merge_splits
 
 _LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)  # the same constant, usable inside kernels
@@ -311,9 +311,9 @@ _TUNE_KEY = ["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "PAGED", "VARLEN_Q", "seq_bucke
 
 def _autotune(table, interp, extra_key=(), reset_to_zero=None, atomic_table=None, decode_table=None):
     tables = [t for t in (table, atomic_table, decode_table) if t is not None]
-    return triton.autotune(configs=_autotune_configs(tables, interp), key=_TUNE_KEY + list(extra_key),
-                           prune_configs_by={"early_config_prune": _pick(table, atomic_table, decode_table)},
-                           reset_to_zero=reset_to_zero)
+    return autotune(configs=_autotune_configs(tables, interp), key=_TUNE_KEY + list(extra_key),
+                    prune_configs_by={"early_config_prune": _pick(table, atomic_table, decode_table)},
+                    reset_to_zero=reset_to_zero)
 
 
 #: Integer arguments whose values vary from call to call: not specialised (Triton would otherwise

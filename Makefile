@@ -50,6 +50,14 @@ test: venv build-cuda
 bench: venv
 	$(PYTHON) -m benchmarks.run --suite all --quick $(BENCH_ARGS)
 
+# THE first thing to run whenever a GPU is at hand (15 minutes of device time in all, 10 a call):
+# device facts and ceilings, every kernel path's tests on the small grid plus bf16, the CUDA build
+# and its GPU tests, the headline benchmarks, BENCHMARKS.md and a short table last, all by the
+# deadline (default 420 s) and under $OUT. `make gpu-smoke DEADLINE=300 STEPS=facts,bench,report`.
+.PHONY: gpu-smoke
+gpu-smoke:
+	python3 -m benchmarks.gpu_check --part smoke $(if $(DEADLINE),--deadline $(DEADLINE)) $(if $(STEPS),--steps $(STEPS))
+
 # The whole GPU check with the GPU machine's own python3 (no venv, no network): build the extension,
 # every test on CUDA, the benchmarks, BENCHMARKS.md, a short table last; files under $OUT when set.
 # In parts for 10-minute calls: `make gpu PART=tests [TESTS="tests/test_a.py ..."]`,

@@ -57,6 +57,13 @@ class Session:
         self.verbose = verbose
         #: called after every row (run.py saves the JSON: a run stopped mid-suite keeps its rows)
         self.on_row = None
+        #: which rows this run plans, ``select(table, case, impl) -> bool`` (None: every row a suite
+        #: lists); ``benchmarks.run --smoke`` narrows it to the headline rows first
+        self.select = None
+
+    def wanted(self, table: str, case: str, impl: str) -> bool:
+        """Whether the row is in the run's plan: a suite builds a case only if one of its rows is."""
+        return self.select is None or bool(self.select(table, case, impl))
 
     # ---- tables and rows -------------------------------------------------------------------------
 

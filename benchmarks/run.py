@@ -1,6 +1,7 @@
 """The benchmark suite's command line (the main job behind ``make bench``).
 
     python -m benchmarks.run --suite {attention,rotary,paged,model,all} [--quick] [--out DIR]
+    python -m benchmarks.run --smoke --budget SEC [--ceilings FACTS.json]  # make gpu-smoke's rows
 
 On a GPU: measure the device's ceilings (bf16 matmul TFLOP/s, device copy GB/s), then every benchmark
 of the chosen suites beside its peers, each checked against the reference before it is timed; write
@@ -23,6 +24,28 @@ SUITES = ("attention", "rotary", "paged", "model")
 #: --quick's wall-clock budget per suite (seconds): `make bench` must end within 10 minutes.
 QUICK_BUDGET_S = {"attention": 230, "rotary": 30, "paged": 90, "model": 150}
 
+#: ``--smoke`` (``make gpu-smoke``, the first GPU run, issue 13): these rows first, suite by suite in
+#: this order, each suite within its share of the budget (an overrun comes out of the next share);
+#: then every other ``--quick`` row while the budget lasts (FlexAttention and torch.compile rows are
+#: not started when their compile cannot finish: timing.COMPILE_S).
+SMOKE_ORDER = ("attention", "paged", "rotary", "model")
+SMOKE_SHARE = {"attention": 110, "paged": 35, "rotary": 15, "model": 75}
+_OURS, _SDPA = ("gptkernels triton", "gptkernels cuda"), ("torch sdpa flash", "torch sdpa cudnn")
+_ATOMIC = "gptkernels triton (deterministic=False)"
+SMOKE_HEADLINE = {
+    "attention": {("attn-fwd-d128", "16384"): (*_OURS, *_SDPA),
+                  ("attn-bwd-d128", "16384"): ("gptkernels triton", _ATOMIC, *_SDPA),
+                  ("attn-window-fwd", "16384"): _OURS,
+                  ("attn-window-bwd", "16384"): ("gptkernels triton", _ATOMIC),
+                  ("attn-decode", "32768"): (*_OURS, *_SDPA)},
+    "paged": {("paged-b64", "4096"): (*_OURS, "torch sdpa flash (dense cache)"),
+              ("paged-b1", "131072"): (*_OURS, "torch sdpa flash (dense cache)")},
+    "rotary": {("rotary", "8192"): (*_OURS, "gptkernels triton (in place)", "gptkernels cuda (in place)",
+                                    "hf rotate_half (eager)")},
+    "model": {("model-step", "pythia-1.4b"): (*_OURS, "hf transformers (sdpa)"),
+              ("model-decode", "pythia-1.4b B=1"): (*_OURS, "hf transformers (sdpa)")},
+}
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
@@ -37,6 +60,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="total wall-clock budget in seconds, shared by the suites (default: none, or "
                          f"{sum(QUICK_BUDGET_S.values())} with --quick)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--smoke", action="store_true",
+                    help="make gpu-smoke's plan: the headline rows of every suite first (SMOKE_HEADLINE), then "
+                         "the rest of --quick while --budget lasts (implies --quick and every suite)")
+    ap.add_argument("--ceilings", default=None, metavar="JSON",
+                    help="take the ceilings from this file (a 'ceilings' entry, as gpu_check's facts write "
+                         "it) instead of measuring them again")
+    ap.add_argument("--no-plots", action="store_true", help="no PNG plots (benchmarks.report makes them later)")
     ap.add_argument("--verbose", "-v", action="store_true", help="print every row as it is measured")
     args = ap.parse_args(argv)
     if args.budget is not None and args.budget <= 0:
@@ -47,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--suite must be one of {', '.join((*SUITES, 'all'))} or a comma-separated list of them, "
                  f"got {args.suite!r}")
     args.suites = list(SUITES) if "all" in names else [s for s in SUITES if s in names]
+    if args.smoke:  # make gpu-smoke: every suite, --quick timings
+        args.quick, args.suites = True, list(SUITES)
     return args
 
 
@@ -131,7 +163,8 @@ def run_gpu(args) -> int:
     env = environment()
     print(f"device: {env['device']} (driver {env.get('driver')}), torch {env['torch']}, triton {env['triton']}, "
           f"commit {env['commit']}", flush=True)
-    ceilings = timing.measure_ceilings(quick=args.quick).as_dict()
+    ceilings = (load_ceilings(args.ceilings) if args.ceilings else None) or \
+        timing.measure_ceilings(quick=args.quick).as_dict()
     print(f"ceilings: bf16 matmul {ceilings['matmul_tflops']:.0f} TFLOP/s, device copy {ceilings['copy_gbps']:.0f} GB/s",
           flush=True)
     out = Path(args.out)
@@ -142,10 +175,13 @@ def run_gpu(args) -> int:
     def save(plot: bool):
         """The run so far as JSON (after every row and suite: a run stopped from outside keeps what it
         measured)."""
+        rows = latest_rows(sess.rows)
         doc = results.new_document("gpu", env, suites=args.suites, quick=args.quick, ceilings=ceilings,
-                                   tables=list(sess.tables.values()), rows=list(sess.rows),
-                                   duration_s=time.monotonic() - start, targets=targets.evaluate(sess.rows))
-        if plot:
+                                   tables=list(sess.tables.values()), rows=rows,
+                                   duration_s=time.monotonic() - start, targets=targets.evaluate(rows),
+                                   notes=["make gpu-smoke: headline rows first, then the rest while the budget "
+                                          "lasted"] if args.smoke else None)
+        if plot and not args.no_plots:
             try:
                 doc["plots"] = [str(p) for p in plots.plot(doc, out / name)]
             except Exception as e:  # a plotting problem must not lose the figures
@@ -157,14 +193,11 @@ def run_gpu(args) -> int:
     bar = _progress(planned, args.no_progress, "bench")
     sess = Session(quick=args.quick, ceilings=ceilings, progress=bar, verbose=args.verbose)
     sess.on_row = lambda: save(plot=False)  # a run killed at a time limit keeps every finished row
-    shares = budgets(args)
-    suites_start, allowed = time.monotonic(), 0.0
-    for s in args.suites:
-        if shares[s] is not None:  # an earlier suite's overrun comes out of this one's share: ends on time
-            allowed += shares[s]
-            sess.budget = timing.Budget(max(0.0, allowed - (time.monotonic() - suites_start)))
-        else:
-            sess.budget = timing.Budget(None)
+    suites_start = time.monotonic()
+
+    def run_suite(s: str, seconds: float | None, select=None, tag: str = "") -> None:
+        """One suite within ``seconds`` (None: no limit), its rows narrowed by ``select``."""
+        sess.budget, sess.select = timing.Budget(seconds), select
         t0 = time.monotonic()
         try:
             modules[s].run(sess, args.quick)
@@ -173,16 +206,64 @@ def run_gpu(args) -> int:
 
             traceback.print_exc()
             print(f"suite {s} stopped: {type(e).__name__}: {e}", file=sys.stderr)
-        print(f"[{s}: {time.monotonic() - t0:.0f} s]", file=sys.stderr, flush=True)
+        print(f"[{s}{tag}: {time.monotonic() - t0:.0f} s]", file=sys.stderr, flush=True)
         save(plot=False)
+
+    def left(allowed: float) -> float:
+        return max(0.0, allowed - (time.monotonic() - suites_start))
+
+    if args.smoke:
+        total = args.budget if args.budget is not None else float(sum(QUICK_BUDGET_S.values()))
+        allowed = 0.0
+        for s in SMOKE_ORDER:  # pass 1: the headline rows, each suite within its share (carried over)
+            allowed += total * SMOKE_SHARE[s] / sum(SMOKE_SHARE.values())
+            run_suite(s, left(allowed), headline_select(s), " headline")
+        measured = {(r.table, r.case, r.impl) for r in sess.rows if r.status != "skipped"}
+        for s in SMOKE_ORDER:  # pass 2: every other --quick row, while the whole budget lasts
+            run_suite(s, left(total), lambda t, c, i: (t, c, i) not in measured, " rest")
+    else:
+        shares, allowed = budgets(args), 0.0
+        for s in args.suites:
+            if shares[s] is not None:  # an earlier suite's overrun comes out of this one's share: ends on time
+                allowed += shares[s]
+            run_suite(s, left(allowed) if shares[s] is not None else None)
     if bar is not None:
         bar.close()
     doc = save(plot=True)
-    rows = sess.rows
+    rows = latest_rows(sess.rows)
     print(f"\nwrote {path}" + (f" and {len(doc['plots'])} plots under {out / name}" if doc["plots"] else ""))
     print(summary(doc))
     bad = [r for r in rows if r.ours and r.status in ("mismatch", "error")]
     return 1 if bad else 0
+
+
+def headline_select(suite: str):
+    """``--smoke``'s first pass over ``suite``: its rows in SMOKE_HEADLINE."""
+    rows = SMOKE_HEADLINE.get(suite, {})
+    return lambda table, case, impl: impl in rows.get((table, case), ())
+
+
+def latest_rows(rows: list) -> list:
+    """One row per (table, case, impl), the last one (``--smoke`` measures in its second pass a row
+    its first pass skipped for time)."""
+    last = {(r.table, r.case, r.impl): r for r in rows}
+    return [r for r in rows if last[(r.table, r.case, r.impl)] is r]
+
+
+def load_ceilings(path: str) -> dict | None:
+    """The ceilings another process measured (its JSON's 'ceilings' entry, or the dict itself)."""
+    import json
+
+    try:
+        doc = json.loads(Path(path).read_text())
+        c = doc.get("ceilings", doc) if isinstance(doc, dict) else None
+        if isinstance(c, dict) and all(isinstance(c.get(k), (int, float)) and c[k] > 0
+                                       for k in ("matmul_tflops", "copy_gbps")):
+            return c
+        print(f"benchmarks.run: no usable ceilings in {path}: measuring them", file=sys.stderr)
+    except (OSError, ValueError) as e:
+        print(f"benchmarks.run: cannot read ceilings from {path} ({e}): measuring them", file=sys.stderr)
+    return None
 
 
 def summary(doc: dict) -> str:

@@ -198,6 +198,10 @@ def _forward_fn(impl: str, window: int | None):
 def _measure(sess: Session, table: str, case: Case, impl: str):
     common = dict(ours=impl.startswith("gptkernels"), x=case.s, params=case.params, flops=case.flops)
     label = str(case.s)
+    if impl.startswith("flexattention"):  # a Flex compile that cannot finish is not started
+        need = timing.COMPILE_S[f"flex {case.direction}"]
+        if not sess.budget.allows(need):
+            return sess.skip(table, label, impl, sess.budget.why_not(need, "a FlexAttention compile"), **common)
     try:
         fwd = _forward_fn(impl, case.window)
     except Exception as e:
@@ -278,6 +282,9 @@ def _decode_fn(impl: str):
 
 def _measure_decode(sess: Session, case: DecodeCase, impl: str):
     common = dict(ours=impl.startswith("gptkernels"), x=case.sk, params=case.params, bytes=case.bytes)
+    if impl.startswith("flexattention") and not sess.budget.allows(timing.COMPILE_S["flex decode"]):
+        return sess.skip("attn-decode", str(case.sk), impl,
+                         sess.budget.why_not(timing.COMPILE_S["flex decode"], "a FlexAttention compile"), **common)
     try:
         fn = _decode_fn(impl)
     except Exception as e:
@@ -291,18 +298,20 @@ def run(sess: Session, quick: bool) -> None:
     for t in tables(quick):
         sess.table(t)
     cfg = config(quick)
-    # what the targets read first (window and full causal at the longest S, then the rest, longest
-    # first), so a run that reaches its time budget skips the least important rows
-    jobs = []
-    for s in sorted(cfg["window_s"], reverse=True):
-        for direction in ("fwd", "bwd"):
-            jobs.append((f"attn-window-{direction}", s, 128, WINDOW, direction))
-    for d, seqs in cfg["dims"].items():
-        for s in sorted(seqs, reverse=True):
-            for direction in ("fwd", "bwd"):
-                jobs.append((f"attn-{direction}-d{d}", s, d, None, direction))
+    # what the targets read first (full causal at D=128 and the window at the longest S, then the
+    # rest, longest first), so a run that reaches its time budget skips the least important rows
+    both = ("fwd", "bwd")
+    head_d = next(iter(cfg["dims"]))  # 128, the headline head dim
+    longest = max(cfg["dims"][head_d])
+    jobs = [(f"attn-{direction}-d{head_d}", longest, head_d, None, direction) for direction in both]
+    jobs += [(f"attn-window-{direction}", s, 128, WINDOW, direction)
+             for s in sorted(cfg["window_s"], reverse=True) for direction in both]
+    jobs += [(f"attn-{direction}-d{d}", s, d, None, direction) for d, seqs in cfg["dims"].items()
+             for s in sorted(seqs, reverse=True) if (d, s) != (head_d, longest) for direction in both]
     for table, s, d, window, direction in jobs:
-        names = impls(direction, s, window, quick)
+        names = [n for n in impls(direction, s, window, quick) if sess.wanted(table, str(s), n)]
+        if not names:  # none of its rows is in this run's plan: the inputs are not even built
+            continue
         try:
             case = Case(s, d, window, direction)
         except Exception as e:  # e.g. out of memory building the inputs: every row says so
@@ -313,13 +322,16 @@ def run(sess: Session, quick: bool) -> None:
             _measure(sess, table, case, impl)
         del case
     for sk in cfg["decode_sk"]:
+        names = [n for n in decode_impls() if sess.wanted("attn-decode", str(sk), n)]
+        if not names:
+            continue
         try:
             dcase = DecodeCase(sk)
         except Exception as e:
-            for impl in decode_impls():
+            for impl in names:
                 sess.fail("attn-decode", str(sk), impl, e, x=sk, ours=impl.startswith("gptkernels"))
             continue
-        for impl in decode_impls():
+        for impl in names:
             _measure_decode(sess, dcase, impl)
         del dcase
         free_memory()

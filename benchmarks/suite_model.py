@@ -25,6 +25,7 @@ import torch
 
 from . import formulas, timing
 from .checks import compare
+from . import model_tp  # the tensor-parallel rows (TP 1 vs TP 2)
 from .harness import Session, free_memory
 from .results import Row, Table
 
@@ -51,7 +52,8 @@ def impls() -> list[str]:
 
 def planned_rows(quick: bool) -> int:
     # per model and impl: prefill and decode per batch, and the batch-1 step row
-    return len(MODELS) * len(impls()) * (2 * len(BATCHES) + 1) + len(MODELS) * len(PADDED_IMPLS)
+    return len(MODELS) * len(impls()) * (2 * len(BATCHES) + 1) + len(MODELS) * len(PADDED_IMPLS) + \
+        model_tp.planned_rows()
 
 
 def tables(quick: bool) -> list[Table]:
@@ -77,6 +79,7 @@ def tables(quick: bool) -> list[Table]:
                    "step = (t(N new) - t(1 new)) / (N - 1); extra: prefill_ms = t(1 new), fallbacks = "
                    "gptkernels.hf's calls handed to transformers (0 expected), same_tokens = rows whose "
                    "first 16 new tokens equal sdpa's."),
+        model_tp.table(new),
     ]
 
 
@@ -205,8 +208,10 @@ class ModelBench:
 
     def run_impl(self, impl: str) -> None:
         ours = impl != HF
-        tags = [("model-prefill", b) for b in BATCHES] + [("model-decode", b) for b in BATCHES] + [("model-step", 1)]
         label = {b: f"{self.name} B={b}" for b in BATCHES}
+        tags = [(t, b) for t, b in _tags() if self.sess.wanted(t, self.name if t == "model-step" else label[b], impl)]
+        if not tags:  # none of this implementation's rows is in the run's plan
+            return
 
         def fail_all(e):
             for table, b in tags:
@@ -235,9 +240,12 @@ class ModelBench:
             check = dict(err=chk.err, bound=chk.bound)
             agree = self._agreement(impl)
             for b in BATCHES:
-                self._prefill(impl, fwd, b, label[b], self.matmul_params, check, ours)
+                if ("model-prefill", b) in tags:
+                    self._prefill(impl, fwd, b, label[b], self.matmul_params, check, ours)
             for b in BATCHES:
-                self._decode(impl, b, label[b], self.weight_bytes, check, ours, agree)
+                wanted = [t for t in ("model-decode", "model-step") if (t, b) in tags]
+                if wanted:
+                    self._decode(impl, b, label[b], self.weight_bytes, check, ours, agree, wanted)
 
     def _agreement(self, impl: str) -> int | None:
         """How many of the first 16 greedy tokens match HF's (information: bf16 ties can flip)."""
@@ -269,8 +277,8 @@ class ModelBench:
                           value=b * PROMPT / (ms * 1e-3), flops=flops, pct=pct, params=self.params(b),
                           extra={"tflops": tflops}, **check))
 
-    def _decode(self, impl, b, label, weight_bytes, check, ours, agree):
-        tables = ["model-decode"] + (["model-step"] if b == 1 else [])
+    def _decode(self, impl, b, label, weight_bytes, check, ours, agree, tables):
+        """Decode rows of batch ``b`` for ``tables`` (model-decode, and model-step at batch 1)."""
         if self.sess.budget.exhausted():
             for t in tables:
                 self.sess.skip(t, self.name if t == "model-step" else label, impl, "time budget of the suite spent",
@@ -305,9 +313,10 @@ class ModelBench:
                                params=self.params(b))
             return
         extra["step_ms"] = step_ms
-        self.sess.add(Row(table="model-decode", case=label, impl=impl, status="ok", ours=ours, ms=step_ms,
-                          value=b / (step_ms * 1e-3), params=self.params(b), extra=extra, **check))
-        if b == 1:
+        if "model-decode" in tables:
+            self.sess.add(Row(table="model-decode", case=label, impl=impl, status="ok", ours=ours, ms=step_ms,
+                              value=b / (step_ms * 1e-3), params=self.params(b), extra=extra, **check))
+        if "model-step" in tables:
             c = self.cfg
             ctx = PROMPT + n / 2  # the average context over the decode steps
             heads_kv = getattr(c, "num_kv_heads", c.num_heads)  # these families are multi-head
@@ -393,6 +402,11 @@ class ModelBench:
                           err=chk.err, bound=chk.bound))
 
 
+def _tags() -> list[tuple[str, int]]:
+    """(table, batch) of every row a model has per implementation."""
+    return [("model-prefill", b) for b in BATCHES] + [("model-decode", b) for b in BATCHES] + [("model-step", 1)]
+
+
 def _padded_rows(name: str) -> list[tuple[str, str, str]]:
     """(table, case, impl) of a model's model-hf-padded rows."""
     return [("model-hf-padded", f"{name} B={PADDED_BATCH}", impl) for impl in PADDED_IMPLS]
@@ -402,30 +416,31 @@ def run(sess: Session, quick: bool) -> None:
     for t in tables(quick):
         sess.table(t)
     for name in MODELS:
+        rows = [(table, name if table == "model-step" else f"{name} B={b}", impl)
+                for impl in impls() for table, b in _tags()] + _padded_rows(name)
+        rows = [r for r in rows if sess.wanted(*r)]
+        if not rows:  # none of its rows is in the run's plan: the model is not even built
+            continue
+
+        def ours(table, impl):
+            return impl == HF_OURS if table == "model-hf-padded" else impl != HF
+
         if sess.budget.exhausted():  # building the models and their float64 reference takes a while
-            for impl in impls():
-                for table, b in [("model-prefill", 1), ("model-prefill", 32), ("model-decode", 1),
-                                 ("model-decode", 32), ("model-step", 1)]:
-                    sess.skip(table, name if table == "model-step" else f"{name} B={b}", impl,
-                              "time budget of the suite spent", ours=impl != HF)
-            for table, label, impl in _padded_rows(name):
-                sess.skip(table, label, impl, "time budget of the suite spent", ours=impl == HF_OURS)
+            for table, label, impl in rows:
+                sess.skip(table, label, impl, "time budget of the suite spent", ours=ours(table, impl))
             continue
         try:
             mb = ModelBench(sess, name, quick)
         except Exception as e:
-            for impl in impls():
-                for table, b in [("model-prefill", 1), ("model-prefill", 32), ("model-decode", 1),
-                                 ("model-decode", 32), ("model-step", 1)]:
-                    sess.fail(table, name if table == "model-step" else f"{name} B={b}", impl, e,
-                              ours=impl != HF)
-            for table, label, impl in _padded_rows(name):
-                sess.fail(table, label, impl, e, ours=impl == HF_OURS)
+            for table, label, impl in rows:
+                sess.fail(table, label, impl, e, ours=ours(table, impl))
             free_memory()
             continue
         for impl in impls():
             mb.run_impl(impl)
-        for impl in PADDED_IMPLS:
-            mb.run_padded(impl)
+        for table, label, impl in rows:
+            if table == "model-hf-padded":
+                mb.run_padded(impl)
         del mb
         free_memory()
+    model_tp.run(sess, quick, config(quick)["new"])  # in its own processes, one GPU per rank

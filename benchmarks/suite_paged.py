@@ -217,6 +217,9 @@ def _append(sess: Session) -> None:
     import gptkernels
 
     t, table_id = APPEND_TOKENS, "paged-append"
+    impls = [i for i in APPEND_IMPLS if sess.wanted(table_id, str(t), i)]
+    if not impls:
+        return
     count = formulas.paged_append_bytes(t, HKV, D, 2)
     params = {"T": t, "Hkv": HKV, "D": D, "block_size": BLOCK, "dtype": "bfloat16"}
     try:
@@ -230,7 +233,7 @@ def _append(sess: Session) -> None:
                                 vc=torch.randn(num_blocks, BLOCK, HKV, D, device=timing.DEVICE, dtype=DTYPE))
                 for _ in range(timing.n_sets(count.value / 2))]
     except Exception as e:
-        for impl in APPEND_IMPLS:
+        for impl in impls:
             sess.fail(table_id, str(t), impl, e, x=t, ours=True)
         return
 
@@ -239,7 +242,7 @@ def _append(sess: Session) -> None:
         a, b = exact("k_cache", kc[slots], s.k), exact("v_cache", vc[slots], s.v)
         return a if not a.ok else b
 
-    for impl in APPEND_IMPLS:
+    for impl in impls:
         backend = impl.split()[1]
         with torch.no_grad():
             sess.measure(table_id, str(t), impl, ours=True, x=t, params=params, bytes=count.value, sets=sets,
@@ -251,8 +254,10 @@ def run(sess: Session, quick: bool) -> None:
     for t in tables(quick):
         sess.table(t)
     for table_id, batch, ctx, block, x in _jobs(quick):
-        names = _decode_impls(batch, ctx, table_id, quick)
         label = str(x)
+        names = [n for n in _decode_impls(batch, ctx, table_id, quick) if sess.wanted(table_id, label, n)]
+        if not names:  # none of its rows is in this run's plan: the cache is not even built
+            continue
         try:
             case = DecodeCase(batch, ctx, block)
         except Exception as e:
@@ -261,6 +266,10 @@ def run(sess: Session, quick: bool) -> None:
             continue
         for impl in names:
             common = dict(ours=impl.startswith("gptkernels"), x=x, params=case.params, bytes=case.bytes)
+            if impl.startswith("flexattention") and not sess.budget.allows(timing.COMPILE_S["flex paged"]):
+                sess.skip(table_id, label, impl,
+                          sess.budget.why_not(timing.COMPILE_S["flex paged"], "a FlexAttention compile"), **common)
+                continue
             try:
                 fn, setup, cleanup = _decode_fn(impl, case)
             except Exception as e:

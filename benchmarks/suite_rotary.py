@@ -108,13 +108,20 @@ def run(sess: Session, quick: bool) -> None:
     for t in tables(quick):
         sess.table(t)
     for t in config(quick):
+        names = [i for i in IMPLS if sess.wanted("rotary", str(t), i)]
+        if not names:
+            continue
         try:
             case = Case(t)
         except Exception as e:
-            for impl in IMPLS:
+            for impl in names:
                 sess.fail("rotary", str(t), impl, e, x=t, ours=impl.startswith("gptkernels"))
             continue
-        for impl in IMPLS:
+        for impl in names:
+            if impl.endswith("(torch.compile)") and not sess.budget.allows(timing.COMPILE_S["torch.compile"]):
+                sess.skip("rotary", str(t), impl, sess.budget.why_not(timing.COMPILE_S["torch.compile"],
+                                                                      "a torch.compile"), x=t, ours=False)
+                continue
             try:
                 fn = _run_fn(impl, case)
             except Exception as e:

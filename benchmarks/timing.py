@@ -123,6 +123,13 @@ def measure_ceilings(quick: bool = False, matmul_n: int = 8192, copy_gib: float 
                     copy_ms=cp_ms)
 
 
+#: Seconds a peer's compile takes before its first timed call (estimates for an H100/H200 machine,
+#: to be replaced by the first GPU run's figures): a row that needs one is not started with less of
+#: the budget left (it could not finish, and the run must end on time).
+COMPILE_S = {"flex fwd": 60.0, "flex bwd": 150.0, "flex decode": 60.0, "flex paged": 90.0,
+             "torch.compile": 30.0}
+
+
 class Budget:
     """Wall-clock budget of a suite: rows past it are reported as skipped, so a run ends on time."""
 
@@ -133,5 +140,15 @@ class Budget:
     def elapsed(self) -> float:
         return time.monotonic() - self.start
 
+    def left(self) -> float:
+        return math.inf if self.seconds is None else self.seconds - self.elapsed()
+
     def exhausted(self) -> bool:
         return self.seconds is not None and self.elapsed() > self.seconds
+
+    def allows(self, seconds: float) -> bool:
+        """Whether ``seconds`` of work still fit in the budget."""
+        return self.left() >= seconds
+
+    def why_not(self, seconds: float, what: str) -> str:
+        return f"{what} takes ~{seconds:.0f} s; {max(0.0, self.left()):.0f} s of the budget left"

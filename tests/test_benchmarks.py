@@ -428,3 +428,209 @@ def test_run_gpu_path_with_the_device_faked(tmp_path, monkeypatch):
     assert saved == [True, True]  # the JSON was written after the first row, before the suite ended
     doc = results.load(next(tmp_path.glob("run-*.json")))
     assert doc["kind"] == "gpu" and [r["table"] for r in doc["rows"]] == ["rotary", "paged"]
+
+
+# --------------------------------------------------------------------------------------------------
+# make gpu-smoke's benchmark plan (benchmarks.run --smoke): headline rows first, the rest after
+# --------------------------------------------------------------------------------------------------
+
+
+def _planned(suite: str) -> set[tuple[str, str, str]]:
+    """Every (table, case, impl) a suite's --quick run lists."""
+    rows = set()
+    if suite == "attention":
+        for table, s, d, window, direction in [(f"attn-{dr}-d{d}", s, d, None, dr) for d, ss in
+                                               suite_attention.config(True)["dims"].items() for s in ss
+                                               for dr in ("fwd", "bwd")] + \
+                [(f"attn-window-{dr}", s, 128, suite_attention.WINDOW, dr)
+                 for s in suite_attention.config(True)["window_s"] for dr in ("fwd", "bwd")]:
+            rows |= {(table, str(s), i) for i in suite_attention.impls(direction, s, window, True)}
+        rows |= {("attn-decode", str(sk), i) for sk in suite_attention.config(True)["decode_sk"]
+                 for i in suite_attention.decode_impls()}
+    elif suite == "paged":
+        for table, b, ctx, _, x in suite_paged._jobs(True):
+            rows |= {(table, str(x), i) for i in suite_paged._decode_impls(b, ctx, table, True)}
+        rows |= {("paged-append", str(suite_paged.APPEND_TOKENS), i) for i in suite_paged.APPEND_IMPLS}
+    elif suite == "rotary":
+        rows |= {("rotary", str(t), i) for t in suite_rotary.config(True) for i in suite_rotary.IMPLS}
+    else:
+        for name in suite_model.MODELS:
+            for impl in suite_model.impls():
+                rows |= {(t, name if t == "model-step" else f"{name} B={b}", impl) for t, b in suite_model._tags()}
+            rows |= set(suite_model._padded_rows(name))
+    return rows
+
+
+def _headline(suite: str) -> set[tuple[str, str, str]]:
+    return {(t, c, i) for (t, c), impls in run.SMOKE_HEADLINE[suite].items() for i in impls}
+
+
+def test_smoke_headline_rows_are_rows_the_suites_have():
+    # a misspelt headline row would silently never be measured
+    assert list(run.SMOKE_ORDER) == ["attention", "paged", "rotary", "model"] == list(run.SMOKE_HEADLINE)
+    for suite in run.SMOKE_ORDER:
+        assert _headline(suite) <= _planned(suite), _headline(suite) - _planned(suite)
+    assert ("attn-bwd-d128", "16384", run._ATOMIC) in _headline("attention")  # both backwards
+    assert ("model-step", "pythia-1.4b", "gptkernels triton") in _headline("model")
+    assert not any("flex" in i for s in run.SMOKE_ORDER for _, _, i in _headline(s))  # compiles: second pass
+
+
+class _Recorder:
+    """A Session whose measure/skip record the rows instead of running them (the suites' selection)."""
+
+    def __init__(self, select, budget=None):
+        from benchmarks.harness import Session
+
+        self.sess = Session(quick=True, ceilings=None)
+        self.sess.select = select
+        self.sess.budget = timing.Budget(budget)
+        self.rows = []
+        self.sess.measure = lambda table, case, impl, **kw: self.rows.append((table, case, impl))
+        real_skip = self.sess.skip
+        self.skipped = []
+
+        def skip(table, case, impl, why, **kw):
+            self.skipped.append((table, case, impl, why))
+            return real_skip(table, case, impl, why, **kw)
+
+        self.sess.skip = skip
+
+
+def _fake_suites(monkeypatch, built):
+    """Cheap stand-ins for the suites' cases (no tensors), recording which cases get built."""
+    from types import SimpleNamespace
+
+    def fake_case(tag):
+        def make(*args):
+            built.append((tag, *args))
+            return SimpleNamespace(s=args[0], direction=args[-1] if tag == "attn" else None, window=None,
+                                   params={}, flops=1.0, bytes=1.0, sets=[], sk=args[0], check=None)
+        return make
+
+    monkeypatch.setattr(suite_attention, "Case", fake_case("attn"))
+    monkeypatch.setattr(suite_attention, "DecodeCase", fake_case("attn-decode"))
+    monkeypatch.setattr(suite_attention, "_forward_fn", lambda impl, window: None)
+    monkeypatch.setattr(suite_attention, "_decode_fn", lambda impl: None)
+    monkeypatch.setattr(suite_paged, "DecodeCase", fake_case("paged"))
+    monkeypatch.setattr(suite_paged, "_decode_fn", lambda impl, case: (None, None, None))
+    monkeypatch.setattr(suite_rotary, "Case", fake_case("rotary"))
+    monkeypatch.setattr(suite_rotary, "_run_fn", lambda impl, case: None)
+
+
+def test_smoke_first_pass_builds_and_measures_only_the_headline(monkeypatch):
+    built = []
+    _fake_suites(monkeypatch, built)
+    for suite, module in (("attention", suite_attention), ("paged", suite_paged), ("rotary", suite_rotary)):
+        rec = _Recorder(run.headline_select(suite))
+        module.run(rec.sess, True)
+        assert set(rec.rows) == _headline(suite) and len(rec.rows) == len(set(rec.rows)), suite
+    # no case was built that has no headline row (a 64 x 4k paged cache is 1 GiB on the GPU)
+    assert sorted((b[0], b[1]) for b in built if b[0] == "attn") == [("attn", 16384)] * 4
+    assert [b[1:3] for b in built if b[0] == "paged"] == [(64, 4096), (1, 131072)]
+    # the first attention rows are the ones the targets read first: full causal D=128 at S=16k
+    rec = _Recorder(run.headline_select("attention"))
+    suite_attention.run(rec.sess, True)
+    assert rec.rows[0] == ("attn-fwd-d128", "16384", "gptkernels triton")
+
+
+def test_smoke_second_pass_runs_the_rest_and_never_starts_a_compile_that_cannot_finish(monkeypatch):
+    built = []
+    _fake_suites(monkeypatch, built)
+    done = _headline("attention")
+    rec = _Recorder(lambda t, c, i: (t, c, i) not in done, budget=30.0)  # 30 s: no Flex compile fits
+    suite_attention.run(rec.sess, True)
+    flex = {(t, c, i) for t, c, i in _planned("attention") if i.startswith("flexattention")}
+    assert set(rec.rows) == _planned("attention") - done - flex
+    assert {s[:3] for s in rec.skipped} == flex and all("FlexAttention compile takes" in s[3] for s in rec.skipped)
+    rec = _Recorder(lambda t, c, i: (t, c, i) not in _headline("rotary"), budget=10.0)
+    suite_rotary.run(rec.sess, True)
+    assert [s[2] for s in rec.skipped] == ["hf rotate_half (torch.compile)"]
+
+
+def test_smoke_model_rows_are_selected_per_table_and_batch(monkeypatch):
+    from benchmarks.checks import Check
+
+    calls = []
+
+    class FakeBench(suite_model.ModelBench):
+        def __init__(self, sess, name, quick):
+            self.sess, self.name, self.quick = sess, name, quick
+            self.prompts, self.ref, self.base, self.matmul_params, self.weight_bytes = {1: None}, None, None, 1, 1
+
+        def params(self, b):
+            return {}
+
+        def forward_fn(self, impl):
+            return lambda ids: None
+
+        def _agreement(self, impl):
+            return None
+
+        def _prefill(self, impl, fwd, b, label, *a):
+            calls.append(("model-prefill", label, impl))
+
+        def _decode(self, impl, b, label, weight_bytes, check, ours, agree, tables):
+            calls.extend((t, self.name if t == "model-step" else label, impl) for t in tables)
+
+        def run_padded(self, impl):
+            calls.append(("model-hf-padded", f"{self.name} B={suite_model.PADDED_BATCH}", impl))
+
+    monkeypatch.setattr(suite_model, "ModelBench", FakeBench)
+    monkeypatch.setattr(suite_model, "compare", lambda pairs: Check(0.0, 1.0))
+    rec = _Recorder(run.headline_select("model"))
+    suite_model.run(rec.sess, True)
+    assert set(calls) == _headline("model") and len(calls) == len(set(calls))
+    calls.clear()
+    rec = _Recorder(lambda t, c, i: (t, c, i) not in _headline("model"))
+    suite_model.run(rec.sess, True)
+    assert set(calls) == _planned("model") - _headline("model")
+
+
+def test_run_smoke_two_passes_within_the_budget(tmp_path, monkeypatch):
+    """--smoke: pass 1 gives each suite its share of the budget for its headline rows (an overrun
+    comes out of the next share), pass 2 the rest of the budget for the other rows; a headline row
+    skipped for time in pass 1 and measured in pass 2 appears once, measured."""
+    import time as _time
+    from types import SimpleNamespace
+
+    clock = [0.0]
+    monkeypatch.setattr(run, "time", SimpleNamespace(monotonic=lambda: clock[0], strftime=_time.strftime,
+                                                     gmtime=_time.gmtime))
+    seen = []
+
+    def fake(name, took):
+        def run_suite(sess, quick):
+            sess.table(Table(id=name, suite=name, title=name, x="x", unit="ms"))
+            seen.append((name, round(sess.budget.seconds, 3)))
+            for case in ("head", "rest", "late"):
+                if not sess.wanted(name, case, "gptkernels triton"):
+                    continue
+                if case == "late" and len(seen) <= 4:  # pass 1: out of time for this one
+                    sess.skip(name, case, "gptkernels triton", "time budget of the suite spent", ours=True)
+                    continue
+                sess.add(Row(table=name, case=case, impl="gptkernels triton", status="ok", ours=True, ms=1.0))
+            clock[0] += took
+        return run_suite
+
+    for name, module, took in (("attention", suite_attention, 130.0), ("paged", suite_paged, 10.0),
+                               ("rotary", suite_rotary, 5.0), ("model", suite_model, 20.0)):
+        monkeypatch.setattr(module, "run", fake(name, took))
+    monkeypatch.setattr(run, "SMOKE_HEADLINE", {s: {(s, "head"): ("gptkernels triton",), (s, "late"): ("gptkernels triton",)}
+                                                for s in run.SMOKE_ORDER})
+    monkeypatch.setattr(timing, "measure_ceilings", lambda quick=False: (_ for _ in ()).throw(AssertionError("measured")))
+    (tmp_path / "facts.json").write_text(json.dumps({"ceilings": {"matmul_tflops": 800.0, "copy_gbps": 4000.0}}))
+    args = run.parse_args(["--smoke", "--budget", "235", "--out", str(tmp_path), "--no-progress", "--no-plots",
+                           "--ceilings", str(tmp_path / "facts.json")])
+    assert args.quick and args.suites == list(run.SUITES)
+    assert run.run_gpu(args) == 0
+    total = sum(run.SMOKE_SHARE.values())
+    shares = [235 * run.SMOKE_SHARE[s] / total for s in run.SMOKE_ORDER]
+    # pass 1: attention its share (110), paged its share less attention's 20 s overrun, ...
+    assert seen[0] == ("attention", pytest.approx(shares[0]))
+    assert seen[1] == ("paged", pytest.approx(shares[0] + shares[1] - 130.0))
+    # pass 2: what is left of the whole budget after pass 1 (165 s spent)
+    assert seen[4] == ("attention", pytest.approx(235 - 165))
+    doc = results.load(next(tmp_path.glob("run-*.json")))
+    assert doc["ceilings"]["matmul_tflops"] == 800.0 and not doc["plots"]
+    keys = [(r["table"], r["case"]) for r in doc["rows"]]
+    assert len(keys) == len(set(keys)) == 12 and all(r["status"] == "ok" for r in doc["rows"])

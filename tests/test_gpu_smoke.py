@@ -10,9 +10,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -173,3 +175,192 @@ def test_full_grid_cases_construct_on_cpu(tmp_path):
     paged = [node for node in reached if node.startswith("tests/test_flash_attn.py::test_paged_prefill[")
              and ", False)" in node]
     assert len(paged) >= 12, "\n".join(node for _, node, _ in outcomes if "test_paged_prefill" in node)
+
+
+# --------------------------------------------------------------------------------------------------
+# make gpu-smoke: the dry run (fake device, jobs and clock) walks the real plan
+# --------------------------------------------------------------------------------------------------
+
+
+def _smoke(tmp_path, monkeypatch, *args):
+    from benchmarks import gpu_check
+
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    monkeypatch.setenv("OUT", str(out))
+    rc = gpu_check.main(["--part", "smoke", "--scratch", str(tmp_path / "work"), *args])
+    res = json.loads((out / "smoke.json").read_text())
+    return rc, res, out
+
+
+def _steps(res):
+    return {s["name"]: s for s in res["steps"]}
+
+
+def test_dry_run_walks_the_smoke_plan_in_order(tmp_path, monkeypatch, capsys):
+    from benchmarks import gpu_check, results
+
+    rc, res, out = _smoke(tmp_path, monkeypatch, "--dry-run")
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert [s["name"] for s in res["steps"]] == list(gpu_check.SMOKE_STEPS)
+    starts = [s["start_s"] for s in res["steps"]]
+    assert starts == sorted(starts) and res["seconds"] <= res["deadline_s"]
+    assert {n: s["status"] for n, s in _steps(res).items()} == {
+        "build": "started", "facts": "ok", "tests": "ok", "cuda_tests": "ok", "bench": "ok", "report": "ok"}
+    assert res["dry_run"] and res["build"]["state"] == "ok" and res["facts"]["sm_count"] == 132
+    assert res["tests"]["total"]["passed"] > 0 and res["cuda_tests"]["total"]["passed"] > 0
+    # the jobs a real run starts, in the log: the build, the facts, pytest shards, benchmarks.run --smoke
+    log = (out / "gpu.log").read_text()
+    for cmd in ("setup.py build_ext --inplace", "benchmarks.gpu_check --facts", "-p benchmarks.sharding",
+                "--deselect tests/test_flash_attn.py::test_compiles_for_hopper", "benchmarks.run", "--smoke"):
+        assert cmd in log, cmd
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["BENCHMARKS.md", "bench.json", "build.log", "gpu.log", "smoke.json", "summary.txt", "tests.log"]
+    assert len(files) <= gpu_check.OUT_FILES_MAX and all((out / f).stat().st_size < 16 << 20 for f in files)
+    assert results.load(out / "bench.json")["kind"] == "gpu"
+    assert "DRY RUN" in (out / "summary.txt").read_text() and "DRY RUN" in printed.splitlines()[0]
+    assert printed.rstrip().endswith((out / "summary.txt").read_text().rstrip().splitlines()[-1])  # the table last
+
+
+def test_dry_run_skips_a_step_that_would_overrun(tmp_path, monkeypatch):
+    # the facts take long: no room for the tests (the benchmarks keep their share), the build is not
+    # done for the CUDA tests, the benchmarks get what is left
+    rc, res, out = _smoke(tmp_path, monkeypatch, "--deadline", "200", "--dry-run", "facts=100")
+    st = _steps(res)
+    assert st["tests"]["status"] == "skipped" and "for the tests" in st["tests"]["reason"]
+    assert st["cuda_tests"]["status"] == "skipped" and "not built" in st["cuda_tests"]["reason"]
+    assert st["bench"]["status"] == "partial" and st["report"]["status"] == "ok"
+    assert res["seconds"] <= 200 and (out / "bench.json").exists()
+    # later still: the benchmarks do not fit either, and say why; the files are written all the same
+    rc, res, out = _smoke(tmp_path, monkeypatch, "--deadline", "200", "--dry-run", "facts=130")
+    st = _steps(res)
+    assert st["bench"]["status"] == "skipped" and "needs at least 60 s" in st["bench"]["reason"]
+    assert st["report"]["status"] == "skipped" and res["seconds"] <= 200
+    assert {"smoke.json", "summary.txt", "gpu.log", "build.log"} <= {p.name for p in out.iterdir()}
+
+
+def test_dry_run_stops_a_job_at_its_share_and_keeps_its_results(tmp_path, monkeypatch):
+    rc, res, _ = _smoke(tmp_path, monkeypatch, "--dry-run", "tests=500")
+    st = _steps(res)
+    assert st["tests"]["status"] == "partial" and 140 <= st["tests"]["seconds"] <= 150  # 35% of 420 s
+    t = res["tests"]
+    assert t["stopped_shards"] and t["total"]["passed"] > 0 and t["not_run"] > 0  # counts so far, and the rest
+    assert st["bench"]["status"] == "ok" and res["seconds"] <= 420
+
+
+def test_dry_run_writes_the_files_when_steps_raise_or_fail(tmp_path, monkeypatch):
+    rc, res, out = _smoke(tmp_path, monkeypatch, "--dry-run",
+                          "build=20,raise=tests,raise=report,bench.rc=1,cuda_tests.rc=1")
+    st = _steps(res)
+    assert rc == 1
+    assert st["tests"]["status"] == "error" and "planted by the dry run" in st["tests"]["reason"]
+    assert st["report"]["status"] == "error" and st["bench"]["status"] == "failed"
+    assert st["cuda_tests"]["status"] == "failed"
+    assert res["cuda_tests"]["failures"][0]["message"] == "AssertionError: planted by the dry run"
+    assert "Traceback" in (out / "gpu.log").read_text()
+    assert {"smoke.json", "summary.txt", "gpu.log", "tests.log"} <= {p.name for p in out.iterdir()}
+
+
+def test_dry_run_interrupted_from_outside_still_writes(tmp_path, monkeypatch):
+    from benchmarks import gpu_check
+
+    def interrupted(check):
+        check.step("facts", check.facts, need=0)
+        raise KeyboardInterrupt("signal 15")
+
+    monkeypatch.setattr(gpu_check, "smoke", interrupted)
+    rc, res, out = _smoke(tmp_path, monkeypatch, "--dry-run")
+    assert "signal 15" in res["interrupted"] and res["facts"]["dry_run"]
+    assert {"smoke.json", "summary.txt", "gpu.log"} <= {p.name for p in out.iterdir()}
+
+
+def test_smoke_steps_can_be_chosen(tmp_path, monkeypatch):
+    # a second call: the benchmarks only
+    rc, res, _ = _smoke(tmp_path, monkeypatch, "--dry-run", "--steps", "facts,bench,report")
+    st = _steps(res)
+    assert [n for n, s in st.items() if s["status"] != "skipped"] == ["facts", "bench", "report"]
+    assert st["tests"]["reason"] == "not asked for (--steps)"
+
+
+# --------------------------------------------------------------------------------------------------
+# make gpu-smoke: the real jobs on CPU (processes, pytest shards, the facts)
+# --------------------------------------------------------------------------------------------------
+
+
+def _real_check(tmp_path):
+    from benchmarks import gpu_check
+
+    args = gpu_check.parse_args(["--part", "smoke", "--deadline", "120"])
+    clock = gpu_check.Clock()
+    log = gpu_check.Log(tmp_path / "gpu.log", clock)
+    return gpu_check.Check(args, tmp_path, tmp_path, clock, log, gpu_check.Executor(clock, log), None)
+
+
+def test_a_job_past_its_limit_is_stopped_with_its_process_group(tmp_path):
+    from benchmarks import gpu_check
+
+    check = _real_check(tmp_path)
+    code = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+            "print('started', p.pid, flush=True); time.sleep(60)")
+    job = check.ex.start(gpu_check.Job("sleeper", "tests", [sys.executable, "-c", code], tmp_path / "s.log", 2.0))
+    check.ex.wait([job])
+    assert job.timed_out and job.rc == 124 and job.seconds < 15
+    text = job.log.read_text()
+    assert "started" in text and "[stopped at its limit of 2 s" in text
+    child = int(text.split("started")[1].split()[0])
+    time.sleep(0.5)
+    try:  # the process it started is gone too (or a zombie waiting for a reaper)
+        state = open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        state = "gone"
+    assert state in ("gone", "Z", "X"), state
+
+
+def test_real_pytest_shards_are_counted(tmp_path):
+    """The smoke's pytest command line (sharding plugin, --deselect, -rfE) on a small test file."""
+    (tmp_path / "test_tiny.py").write_text(
+        "import pytest\n"
+        "@pytest.mark.parametrize('case', [(1, 2), (3, 4), (5, 6)], ids=str)\n"
+        "def test_ok(case):\n    assert case\n"
+        "def test_fails():\n    assert 1 == 2, 'planted'\n"
+        "def test_left_out():\n    raise SystemExit('deselected: never runs')\n"
+        "@pytest.mark.skip(reason='needs a CUDA GPU')\n"
+        "def test_skipped():\n    pass\n")
+    check = _real_check(tmp_path)
+    path = os.path.relpath(tmp_path / "test_tiny.py", REPO)  # the jobs run in the checkout, as on the GPU
+    # (node ids are relative to pytest's rootdir: the checkout on the GPU, the tmp folder here)
+    jobs = check.shard_jobs("tests", [path], 2, {}, check.clock.now() + 100, {"test_tiny.py::test_left_out": "why"})
+    for j in jobs:
+        check.ex.start(j)
+    check.ex.wait(jobs)
+    s = check.summarise(jobs)
+    assert s["total"] == {"passed": 3, "failed": 1, "errors": 0, "skipped": 1}, [j.lines() for j in jobs]
+    assert s["planned"] == 5 and s["not_run"] == 0 and s["verdict"] == "failed" and not s["crashed_shards"]
+    (fail,) = s["failures"]
+    assert fail["test"].endswith("test_tiny.py::test_fails") and "planted" in fail["message"]
+
+
+def test_the_facts_job_runs_without_a_gpu(tmp_path):
+    from benchmarks import gpu_check
+
+    assert gpu_check.main(["--facts", str(tmp_path / "facts.json")]) == 0
+    facts = json.loads((tmp_path / "facts.json").read_text())
+    assert facts["cuda_available"] == ON_GPU and facts["versions"]["torch"] and facts["cpu_count"]
+    assert ("ceilings" in facts) == ON_GPU
+
+
+def test_shards_put_gpu_only_checks_first_and_interleave_files():
+    from benchmarks import sharding
+
+    ids = [f"tests/test_a.py::t[{i}]" for i in range(6)] + ["tests/test_b.py::x", "tests/test_b.py::y_past_2_31",
+                                                           "tests/test_b.py::z"]
+    ranked = [ids[k] for k in sharding.order(ids)]
+    assert ranked[0] == "tests/test_b.py::y_past_2_31"
+    # a[0] b[0] a[1] a[2] b[2] ...: file b is not left to the end
+    assert ranked.index("tests/test_b.py::z") < ranked.index("tests/test_a.py::t[5]")
+    assert sorted(ranked) == sorted(ids)
+    assert sharding.parse("3/8") == (3, 8)
+    for bad in ("8/8", "x", "1"):
+        with pytest.raises(ValueError, match="GPTKERNELS_SHARD"):
+            sharding.parse(bad)

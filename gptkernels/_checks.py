@@ -111,7 +111,7 @@ def check_index_tensor(
 def check_cu_seqlens(op: str, name: str, cu: torch.Tensor, batch: int | None, total: int) -> None:
     """Shape/dtype of cu_seqlens; under GPTKERNELS_DEBUG=1 also its values (starts at 0, non-decreasing,
     ends at ``total``)."""
-    if cu.dim() != 1 or cu.numel() < 2:
+    if cu.dim() != 1 or cu.numel() < 1:  # B = 0 is a single 0
         raise ValueError(f"{op}: {name} must be a 1-D int32 tensor of B+1 running offsets, got shape {tuple(cu.shape)}")
     if batch is not None and cu.numel() != batch + 1:
         raise ValueError(

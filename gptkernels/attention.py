@@ -317,8 +317,11 @@ def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scal
         raise ValueError(f"{op}: query, key and value must share their leading (batch) dims, got "
                          f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
 
+    batch = lead.numel()
+
     def to_bshd(t):  # (..., H, L, E) -> (B, L, H, E), a view when the leading dims allow it
-        return t.reshape(-1, *t.shape[-3:]).transpose(1, 2)
+        # (the batch is spelled out: reshape cannot infer -1 for a tensor of 0 elements, L or S = 0)
+        return t.reshape(batch, *t.shape[-3:]).transpose(1, 2)
 
     out = _flash_attn(to_bshd(query), to_bshd(key), to_bshd(value), causal=bool(is_causal),
                       window=window, softmax_scale=scale, cu_seqlens_q=None, cu_seqlens_k=None,

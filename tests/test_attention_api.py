@@ -197,6 +197,38 @@ def test_max_seqlen_checked_under_debug(monkeypatch):
                           max_seqlen_k=11)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_empty_inputs(backend):
+    """Batch 0, no tokens at all (T = 0), no query rows, no keys: the result torch would give (empty,
+    or zeros with lse -inf for rows that see no key) and zero gradients, on every path."""
+    cache = randn(4, 8, 1, 16)
+    table, none = torch.zeros(0, 2, **I32), torch.zeros(0, **I32)
+    cases = [  # (q, k, v, kwargs)
+        (randn(0, 5, 2, 16), randn(0, 5, 1, 16), randn(0, 5, 1, 16), {}),            # batch 0
+        (randn(2, 0, 2, 16), randn(2, 5, 1, 16), randn(2, 5, 1, 16), {}),            # Sq = 0
+        (randn(2, 5, 2, 16), randn(2, 0, 1, 16), randn(2, 0, 1, 16), {}),            # Sk = 0
+        (randn(0, 2, 16), randn(0, 1, 16), randn(0, 1, 16),                          # varlen B = 0
+         dict(cu_seqlens_q=torch.zeros(1, **I32), cu_seqlens_k=torch.zeros(1, **I32))),
+        (randn(0, 2, 16), randn(0, 1, 16), randn(0, 1, 16),                          # T = 0, B = 3
+         dict(cu_seqlens_q=torch.zeros(4, **I32), cu_seqlens_k=torch.zeros(4, **I32), max_seqlen_q=0)),
+        (randn(3, 2, 16), randn(0, 1, 16), randn(0, 1, 16),                          # no keys
+         dict(cu_seqlens_q=torch.tensor([0, 3], **I32), cu_seqlens_k=torch.zeros(2, **I32))),
+        (randn(0, 3, 2, 16), cache, cache, dict(block_table=table, seqlens_k=none)),  # paged B = 0
+        (randn(0, 2, 16), cache, cache, dict(block_table=table, seqlens_k=none,
+                                             cu_seqlens_q=torch.zeros(1, **I32))),
+    ]
+    for q, k, v, kw in cases:
+        paged = "block_table" in kw
+        leaves = [t.clone().requires_grad_(not paged) for t in (q, k, v)]
+        out, lse = gptkernels.flash_attn(*leaves, causal=False, return_lse=True, backend=backend, **kw)
+        assert out.shape == q.shape and torch.equal(out, torch.zeros_like(q))
+        assert lse.numel() == 0 or bool(torch.isneginf(lse).all())
+        # (the torch backend returns a constant for varlen B = 0: no graph to differentiate)
+        if not paged and (backend == "triton" or out.requires_grad):
+            grads = torch.autograd.grad(out.sum(), leaves)
+            assert all(g.shape == t.shape and not bool(g.any()) for g, t in zip(grads, leaves))
+
+
 # --------------------------------------------------------------------------------------------------
 # Autograd and torch.compile
 # --------------------------------------------------------------------------------------------------

@@ -178,6 +178,22 @@ def test_index_tensors_of_any_strides(tensor, view, backend):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", KERNELS + ["torch"])
+def test_empty_inputs(backend):
+    # No tokens (T = 0), batch 0 (with a (0,) offset tensor), S = 0, in place and out of place, with
+    # gradients: empty results, as torch's own ops give.
+    cos, sin = _cache(16)
+    for q, k, kw in ((randn(0, 2, 16), randn(0, 1, 16), {}),
+                     (randn(0, 4, 2, 16), None, dict(offset=torch.zeros(0, dtype=torch.long, device=DEVICE))),
+                     (randn(2, 0, 2, 16), randn(2, 0, 1, 16), dict(offset=3))):
+        qq = q.clone().requires_grad_()
+        q_out, k_out = gptkernels.apply_rotary(qq, k, cos, sin, backend=backend, **kw)
+        assert q_out.shape == q.shape and (k_out is None) == (k is None)
+        assert torch.autograd.grad(q_out.sum(), qq)[0].shape == q.shape
+        got = gptkernels.apply_rotary(q, k, cos, sin, inplace=True, backend=backend, **kw)
+        assert got[0] is q and got[1] is k
+
+
 @pytest.mark.parametrize("backend", KERNELS)
 def test_row_offsets_past_2_31(backend):
     # q, k and positions whose token (row) stride passes 2**31 / 15 elements: the token index times

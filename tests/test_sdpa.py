@@ -137,3 +137,22 @@ def test_bad_input():
         gptkernels.sdpa(q, randn(1, 2, 8, 32), randn(1, 2, 8, 16))
     with pytest.raises(TypeError, match="^sdpa: scale must be None or a float"):
         gptkernels.sdpa(q, k, v, scale="0.5")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("lead, L, S", [((2,), 0, 5), ((2,), 5, 0), ((2,), 0, 0), ((0,), 5, 5),
+                                        ((2, 0), 3, 4)])
+def test_empty_like_torch(lead, L, S, backend, kernel_calls):
+    # torch's SDPA returns the empty result (L = 0, batch 0) or zeros (S = 0: rows that see no
+    # key), with zero gradients; so does sdpa (it used to fail reshaping a tensor of 0 elements).
+    for is_causal, window, gqa in ((False, None, False), (True, None, True), (True, 3, False)):
+        hq = 4 if gqa else 2
+        q = randn(*lead, hq, L, 16).requires_grad_()
+        k, v = randn(*lead, 2, S, 16).requires_grad_(), randn(*lead, 2, S, 16).requires_grad_()
+        out = gptkernels.sdpa(q, k, v, is_causal=is_causal, enable_gqa=gqa, window=window,
+                              backend=backend)
+        want = torch_sdpa(q, k, v, is_causal=is_causal, enable_gqa=gqa, window=window)
+        assert out.shape == want.shape and torch.equal(out, want)
+        grads = torch.autograd.grad(out.sum(), (q, k, v), allow_unused=True)
+        assert all(g is None or not bool(g.any()) for g in grads)
+    assert bool(kernel_calls) == (backend == "triton")  # the kernel path, not the fallthrough

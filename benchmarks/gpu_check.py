@@ -96,9 +96,11 @@ SMOKE_DESELECT = {
     "tests/test_rotary.py::test_compiles_for_hopper": "offline sm_90a compile: a CPU check (make test)",
     "tests/test_flash_attn.py::test_every_gpu_config": "compiles every autotune config (~70 compiles): a later call",
 }
-#: The CUDA extension's tests on the GPU: the full GPU lists (no Triton compiles), no CPU emulator.
-CUDA_TESTS = ("tests/test_cuda_backend.py",)
-CUDA_TESTS_K = "not emulat and not setup"
+#: The CUDA extension's tests on the GPU: test_cuda_backend's full GPU lists (no Triton compiles; not
+#: its CPU emulator or setup tests) and the cuda variants of the tests parametrized by backend, which
+#: a process only collects once the extension is built ("cuda" also matches the module's name).
+CUDA_TESTS = ("tests/test_cuda_backend.py", "tests/test_rotary.py", "tests/test_quant.py")
+CUDA_TESTS_K = "cuda and not emulat and not setup"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,6 +229,10 @@ class Executor:
 
     def stop(self, job: Job, why: str) -> None:
         if job.done or job.started is None:
+            return
+        rc = job.proc.poll()
+        if rc is not None:  # it ended on its own meanwhile
+            job.rc, job.ended = rc, self.clock.now()
             return
         try:
             os.killpg(job.proc.pid, signal.SIGTERM)  # the group this job started, nothing else
@@ -715,8 +721,8 @@ class Check:
 
     def start_cuda_tests(self, until: float) -> None:
         n = max(1, min(3, shard_count() // 4))
-        self.cuda_jobs = self.shard_jobs("cuda_tests", list(CUDA_TESTS), n, {"GPTKERNELS_FULL_GRID": "1"}, until,
-                                         {}, CUDA_TESTS_K)
+        files = [f for f in CUDA_TESTS if (REPO / f).exists()]
+        self.cuda_jobs = self.shard_jobs("cuda_tests", files, n, {"GPTKERNELS_FULL_GRID": "1"}, until, {}, CUDA_TESTS_K)
         for j in self.cuda_jobs:
             self.ex.start(j)
         self.log.say(f"cuda_tests: the extension is built: {n} shard(s) started")

@@ -147,6 +147,13 @@ def _check_apply_rotary(q, k, cos, sin, positions, offset, interleaved, inplace)
     for name, flag in (("interleaved", interleaved), ("inplace", inplace)):
         if not isinstance(flag, bool):
             raise TypeError(f"{OP}: {name} must be a bool, got {flag!r}")
+    if inplace:
+        for name, t in (("q", q), ("k", k)):
+            expanded = [] if t is None else [d for d in range(t.dim()) if t.stride(d) == 0 and t.shape[d] > 1]
+            if expanded:
+                raise ValueError(f"{OP}: inplace=True cannot write into {name}: it is an expanded view "
+                                 f"(stride 0 along dim {expanded[0]}), so several of its elements share "
+                                 f"one memory location; pass {name}.contiguous() or use inplace=False")
 
     seq = q.shape[-3]  # S (dense) or T (packed): the index s of a token
     if positions is not None:
@@ -182,6 +189,12 @@ def _check_apply_rotary(q, k, cos, sin, positions, offset, interleaved, inplace)
                              f"S = {seq}, got offset {offset}")
 
 
+def _same_view(q: torch.Tensor, k: torch.Tensor | None) -> bool:
+    """``k`` is ``q`` or views exactly the same elements (same memory, shape and strides)."""
+    return k is not None and (k is q or (
+        k.data_ptr() == q.data_ptr() and k.shape == q.shape and k.stride() == q.stride()))
+
+
 # --------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------
@@ -199,7 +212,8 @@ def apply_rotary(q, k, cos, sin, *, positions=None, offset=0, interleaved=False,
     float32, result in the input dtype.
 
     ``inplace=True`` writes into q and k (which may be strided views, e.g. of a fused QKV projection)
-    and returns them. It is not differentiable: with grad mode on and q or k requiring grad it raises
+    and returns them; ``k`` that is ``q`` (the same view) is rotated once, and an expanded (stride-0)
+    q or k is refused (several elements would share one memory location). It is not differentiable: with grad mode on and q or k requiring grad it raises
     (use ``inplace=False`` for training). Out of place, gradients flow to q and k; the kernel
     backends give cos/sin no gradient (they raise if cos/sin require grad; ``backend="torch"`` does).
 
@@ -208,6 +222,12 @@ def apply_rotary(q, k, cos, sin, *, positions=None, offset=0, interleaved=False,
     position is out of range unrotated and never read outside cos/sin.
     """
     _check_apply_rotary(q, k, cos, sin, positions, offset, interleaved, inplace)
+    if inplace and _same_view(q, k):
+        # q is k (or the same memory seen the same way): rotate it once, as the torch backend
+        # does, not twice (a kernel would rotate q, then read the rotated values back as k)
+        apply_rotary(q, None, cos, sin, positions=positions, offset=offset, interleaved=interleaved,
+                     inplace=True, backend=backend)
+        return q, k
     if inplace and needs_grad(q, k):
         raise ValueError(f"{OP}: inplace=True is not differentiable, but q or k requires grad: use "
                          "inplace=False (training), or call under torch.no_grad() / detach q and k")
@@ -235,12 +255,21 @@ def apply_rotary(q, k, cos, sin, *, positions=None, offset=0, interleaved=False,
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
 
+#: Rope parameters that must be finite and > 0 when given: a factor or length of 0, negative or NaN
+#: gives NaN caches or divides by zero. (YaRN's beta_fast/beta_slow of 0 mean "the default" in HF.)
+_POSITIVE_PARAMS = ("factor", "original_max_position_embeddings", "max_position_embeddings",
+                    "low_freq_factor", "high_freq_factor", "attention_factor")
+
+
 def _param(scaling: dict, key: str, rope_type: str, default=None, required=False):
     value = scaling.get(key, default)
     if value is None and required:
         raise ValueError(f"{OP_CACHE}: scaling of rope_type {rope_type!r} needs the key {key!r}")
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
         raise TypeError(f"{OP_CACHE}: scaling[{key!r}] must be a number, got {value!r}")
+    if value is not None and key in _POSITIVE_PARAMS and not (0 < value < math.inf):
+        raise ValueError(f"{OP_CACHE}: scaling[{key!r}] (rope_type {rope_type!r}) must be a finite "
+                         f"number > 0, got {value!r}")
     return value
 
 

@@ -324,6 +324,37 @@ def test_inplace_k_none_and_offset_tensor(backend):
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", KERNELS + ["torch"])
+def test_inplace_q_is_k_rotates_once(backend):
+    # k that is q (or the very same view of it): rotated once, as the torch backend always did (a
+    # kernel rotating q and then k in place read q's rotated values back as k: twice).
+    cos, sin = _cache(32)
+    pos = torch.randint(0, MAX_POS, (2, 5), device=DEVICE)
+    q = randn(2, 5, 3, 32)
+    want, _ = reference.apply_rotary(q, None, cos, sin, positions=pos)
+    for k_of in (lambda x: x, lambda x: x.view(x.shape)):
+        x = q.clone()
+        got_q, got_k = gptkernels.apply_rotary(x, k_of(x), cos, sin, positions=pos, inplace=True,
+                                               backend=backend)
+        assert got_q is x and torch.equal(x, want) and torch.equal(got_k, want)
+
+
+@pytest.mark.parametrize("backend", KERNELS + ["torch"])
+def test_inplace_into_expanded_view_is_refused(backend):
+    cos, sin = _cache(32)
+    q, k = randn(1, 5, 1, 32), randn(2, 5, 1, 32)
+    for qq, kk, name in ((q.expand(2, 5, 3, 32), k, "q"), (q[0], k[0, :1].expand(5, 1, 32), "k")):
+        before = (qq.clone(), kk.clone())
+        with pytest.raises(ValueError, match=rf"inplace=True cannot write into {name}: it is an "
+                                             r"expanded view \(stride 0 along dim"):
+            gptkernels.apply_rotary(qq, kk, cos, sin, inplace=True, backend=backend)
+        assert torch.equal(qq, before[0]) and torch.equal(kk, before[1])
+    # out of place, expanded inputs are fine (read only)
+    out, _ = gptkernels.apply_rotary(q.expand(2, 5, 3, 32), None, cos, sin, backend=backend)
+    torch.testing.assert_close(out, reference.apply_rotary(q.expand(2, 5, 3, 32).contiguous(), None,
+                                                           cos, sin)[0])
+
+
 @pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("interleaved", [False, True])
@@ -660,6 +691,21 @@ def test_rotary_cos_sin_options_and_errors():
         (dict(scaling={"rope_type": "linear", "factor": "2"}), TypeError, "factor"),
         (dict(scaling={"rope_type": "default", "rope_theta": 500000.0}), ValueError, "rope_theta"),
     ]
+    # factors and lengths of 0, negative or NaN would give NaN caches or divide by zero
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 8192}
+    for value in (0, -2.0, float("nan"), float("inf")):
+        for scaling, key in (({"rope_type": "linear"}, "factor"),
+                             ({"rope_type": "dynamic", "original_max_position_embeddings": 4}, "factor"),
+                             ({"rope_type": "dynamic", "factor": 2.0}, "original_max_position_embeddings"),
+                             ({"rope_type": "yarn", "original_max_position_embeddings": 4}, "factor"),
+                             ({"rope_type": "yarn", "factor": 2.0}, "original_max_position_embeddings"),
+                             ({"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 4},
+                              "attention_factor"),
+                             (llama3, "factor"), (llama3, "low_freq_factor"),
+                             (llama3, "original_max_position_embeddings")):
+            bad.append((dict(scaling={**scaling, key: value}), ValueError,
+                        rf"scaling\['{key}'\] \(rope_type '{scaling['rope_type']}'\) must be a finite number > 0"))
     for kw, exc, match in bad:
         kw = dict({"rotary_dim": 16, "max_positions": 8}, **kw)
         with pytest.raises(exc, match=match):

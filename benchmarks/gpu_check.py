@@ -173,8 +173,8 @@ class Job:
         return self.done and self.rc == 0
 
     def status(self) -> str:
-        if self.started is None:
-            return "not started"
+        if self.started is None or self.note.startswith("not started"):
+            return self.note or "not started"
         if not self.done:
             return "running"
         if self.timed_out:
@@ -203,8 +203,21 @@ class Executor:
     def __init__(self, clock: Clock, log: Log):
         self.clock, self.log, self.jobs = clock, log, []
         self.lock = threading.Lock()
+        #: set by stop_all: nothing starts afterwards (a job started in a new session would outlive
+        #: the device call)
+        self.closed = False
+
+    def refuse(self, job: Job) -> bool:
+        """After stop_all: the job ends at once, unstarted (so nothing waits on it)."""
+        if self.closed:
+            job.started = job.ended = self.clock.now()
+            job.rc, job.note = 125, "not started: the check was ending"
+            self.log.write(f"# {job.name}: not started, the check was ending")
+        return self.closed
 
     def start(self, job: Job) -> Job:
+        if self.refuse(job):
+            return job
         job.log.parent.mkdir(parents=True, exist_ok=True)
         self.log.write(f"\n$ {' '.join(job.cmd)}   # {job.name}: output in {job.log.name}, "
                        f"limit {job.timeout:.0f} s")
@@ -263,6 +276,7 @@ class Executor:
 
     def stop_all(self, why: str) -> None:
         with self.lock:
+            self.closed = True
             jobs = list(self.jobs)
         for j in jobs:
             self.poll(j)
@@ -443,6 +457,8 @@ class DryExecutor(Executor):
         self.script = script
 
     def start(self, job: Job) -> Job:
+        if self.refuse(job):
+            return job
         job.log.parent.mkdir(parents=True, exist_ok=True)
         self.log.write(f"\n$ {' '.join(job.cmd)}   # {job.name} (dry run: not started), limit {job.timeout:.0f} s")
         job.log.write_text(f"[dry run] {' '.join(job.cmd)}\n")
@@ -613,7 +629,7 @@ class Check:
         rec.update(status="started", detail=f"in the background, MAX_JOBS={env['MAX_JOBS']}, "
                                             f"TORCH_CUDA_ARCH_LIST={env['TORCH_CUDA_ARCH_LIST']}")
 
-    def build_state(self) -> str:
+    def build_state(self, check_import: bool = True) -> str:
         """not started, running, ok (built and importable), or failed."""
         b = self.build_job
         if b is None or b.started is None:
@@ -622,17 +638,20 @@ class Check:
             return "running"
         if not b.ok:
             return "failed"
+        if not check_import and (self.import_job is None or not self.import_job.done):
+            return "built (import not checked)"
         if self.import_job is None:  # built is not enough: it must load
             self.import_job = self.ex.start(Job(
                 "import", "import", [PY, "-c", "import gptkernels, json; print(json.dumps(gptkernels.backends()))"],
                 self.scratch / "import.log", 120))
         if not self.ex.poll(self.import_job):
             return "running"
-        return "ok" if self.import_job.ok else "failed"
+        return "ok" if self.import_job.ok else "failed"  # (not started: the check was ending)
 
     def build_summary(self) -> dict:
         b = self.build_job
-        d = {"state": self.build_state() if b else "not started", "job": b.status() if b else "not started",
+        d = {"state": self.build_state(check_import=False) if b else "not started",
+             "job": b.status() if b else "not started",
              "seconds": round(b.seconds, 1) if b else 0.0}
         if self.import_job is not None and self.import_job.done:
             tail = [ln for ln in self.import_job.lines() if ln.startswith("{")]

@@ -288,10 +288,10 @@ def test_smoke_steps_can_be_chosen(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------------
 
 
-def _real_check(tmp_path):
+def _real_check(tmp_path, deadline=120):
     from benchmarks import gpu_check
 
-    args = gpu_check.parse_args(["--part", "smoke", "--deadline", "120"])
+    args = gpu_check.parse_args(["--part", "smoke", "--deadline", str(deadline)])
     clock = gpu_check.Clock()
     log = gpu_check.Log(tmp_path / "gpu.log", clock)
     return gpu_check.Check(args, tmp_path, tmp_path, clock, log, gpu_check.Executor(clock, log), None)
@@ -364,3 +364,35 @@ def test_shards_put_gpu_only_checks_first_and_interleave_files():
     for bad in ("8/8", "x", "1"):
         with pytest.raises(ValueError, match="GPTKERNELS_SHARD"):
             sharding.parse(bad)
+
+
+def test_nothing_starts_after_the_check_stops_its_jobs(tmp_path):
+    # a job started in its own session would outlive the device call: after stop_all none starts
+    from benchmarks import gpu_check
+
+    check = _real_check(tmp_path)
+    check.ex.stop_all("at the end of the check")
+    job = check.ex.start(gpu_check.Job("late", "tests", [sys.executable, "-c", "pass"], tmp_path / "late.log", 5.0))
+    assert job.proc is None and job.done and job.status() == "not started: the check was ending"
+    check.ex.wait([job])  # returns at once
+
+
+def test_real_tests_step_on_cpu(tmp_path):
+    """The tests step itself with real processes (its pool, limit and summary), on a tiny test file."""
+    (tmp_path / "test_small.py").write_text("def test_a():\n    pass\n\ndef test_b():\n    assert False, 'x'\n")
+    check = _real_check(tmp_path, deadline=200)  # the tests' share: 70 s
+    check.args.tests = os.path.relpath(tmp_path / "test_small.py", REPO)
+    rec = check.step("tests", check.tests, need=10)
+    t = check.res["tests"]
+    assert rec["status"] == "failed" and t["total"]["passed"] == 1 and t["total"]["failed"] == 1, t
+    assert t["planned"] == 2 and t["failures"][0]["test"].endswith("test_b") and not t["crashed_shards"]
+    assert rec["seconds"] < 60 and rec["limit_s"] == 70
+    assert json.loads((tmp_path / "smoke.json").read_text())["steps"][0]["name"] == "tests"
+
+
+@pytest.mark.skipif(bool(__import__("shutil").which("nvidia-smi")), reason="checks the path of a machine without nvidia-smi")
+def test_smoke_without_a_gpu_says_so_and_writes_its_files(tmp_path, monkeypatch, capsys):
+    rc, res, out = _smoke(tmp_path, monkeypatch)
+    assert rc == 2 and "no nvidia-smi" in res["steps"][0]["reason"]
+    assert {"smoke.json", "summary.txt", "gpu.log"} <= {p.name for p in out.iterdir()}
+    assert "needs an NVIDIA GPU" in capsys.readouterr().out

@@ -309,3 +309,15 @@ def test_nccl_group_on_gpu_matches_single_process(backend):
             assert torch.equal(got, gptkernels.generate(single, ids, 8, backend=backend))
     finally:
         dist.destroy_process_group()
+
+
+def test_benchmark_rows_say_why_they_are_skipped_without_two_gpus():
+    from benchmarks import model_tp
+    from benchmarks.harness import Session
+
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has 2 GPUs: the rows run (make bench)")
+    sess = Session(quick=True, ceilings=None)
+    model_tp.run(sess, True, new=8)
+    assert len(sess.rows) == model_tp.planned_rows() == 8
+    assert all(r.status == "skipped" and "needs 2 CUDA GPUs" in r.message for r in sess.rows)

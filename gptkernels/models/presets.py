@@ -17,6 +17,11 @@ PRESETS = {
         model_type="gpt2", vocab_size=50257, n_embd=1024, n_layer=24, n_head=16, n_positions=1024,
         activation_function="gelu_new", layer_norm_epsilon=1e-5, bos_token_id=50256,
         eos_token_id=50256),
+    "opt-1.3b": dict(
+        model_type="opt", vocab_size=50272, hidden_size=2048, num_hidden_layers=24,
+        num_attention_heads=32, ffn_dim=8192, max_position_embeddings=2048, word_embed_proj_dim=2048,
+        do_layer_norm_before=True, activation_function="relu", pad_token_id=1, bos_token_id=2,
+        eos_token_id=2),
 }
 
 #: Tiny random configs, one per family (CLI ``--tiny``, tests).

@@ -14,9 +14,9 @@ forward on the same tokens and holds 1/N of every attention and MLP weight:
 * **vocab-parallel** (our choice for the embeddings): the token embedding and the LM head (tied or
   not) keep ``ceil(V / N)`` vocabulary rows each (zero rows pad the last rank). The embedding looks up
   the ids it holds, zeros elsewhere, and all-reduces; the head computes its logit columns and an
-  all-gather gives every rank the full logits. At TP 8 this saves 7/8 of the embedding tables on each
-  rank (1.2 GB for GPT-NeoX-20B in bf16) for one all-reduce of the embeddings and one all-gather of
-  the logits per forward.
+  all-gather gives every rank the full logits. At TP 8 each rank keeps 1/8 of the embedding tables
+  (GPT-NeoX-20B's two take 1.2 GB in bf16) for one all-reduce of the embeddings and one all-gather
+  of the logits per forward.
 * **replicated**: LayerNorms, row-parallel biases, learned position tables, OPT's project_in/out.
 
 Sharding is a transformation, :func:`shard_model_`, applied to a model built on the meta device (it

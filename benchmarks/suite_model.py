@@ -291,7 +291,8 @@ class ModelBench:
             out, stats = gen(ids, 8)  # warm-up (compiles, autotunes)
             if out.shape != (b, PROMPT + 8):
                 raise RuntimeError(f"generate returned shape {tuple(out.shape)}, expected {(b, PROMPT + 8)}")
-            extra = {}
+            # how many of the first 16 greedy tokens on the batch-1 prompt match HF's (bf16 ties can flip)
+            extra = {} if agree is None else {"greedy_agreement_16": agree}
             if stats is not None and "decode_s" in stats and stats.get("decode_steps"):
                 # the step time generate measured itself (decode phase only, graph capture excluded)
                 steps, totals = [], []

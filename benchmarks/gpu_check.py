@@ -99,7 +99,7 @@ SMOKE_DESELECT = {
 #: The CUDA extension's tests on the GPU: test_cuda_backend's full GPU lists (no Triton compiles; not
 #: its CPU emulator or setup tests) and the cuda variants of the tests parametrized by backend, which
 #: a process only collects once the extension is built ("cuda" also matches the module's name).
-CUDA_TESTS = ("tests/test_cuda_backend.py", "tests/test_rotary.py", "tests/test_quant.py")
+CUDA_TESTS = ("tests/test_cuda_backend.py", "tests/test_cuda_gpu.py", "tests/test_rotary.py", "tests/test_quant.py")
 CUDA_TESTS_K = "cuda and not emulat and not setup"
 
 

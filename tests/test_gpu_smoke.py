@@ -144,10 +144,17 @@ def test_full_grid_switch():
 
 
 def _grid_test_files() -> list[str]:
-    """The test files whose parameters depend on the grid (they call tests.helpers.grid)."""
-    here = os.path.join(REPO, "tests")
-    return sorted(f"tests/{name}" for name in os.listdir(here) if name.startswith("test_") and name.endswith(".py")
-                  and "grid(" in open(os.path.join(here, name)).read() and name != "test_gpu_smoke.py")
+    """The test files whose parameters depend on the grid (they import tests.helpers.grid)."""
+    import ast
+
+    here, files = os.path.join(REPO, "tests"), []
+    for name in sorted(os.listdir(here)):
+        if name.startswith("test_") and name.endswith(".py"):
+            tree = ast.parse(open(os.path.join(here, name)).read())
+            if any(isinstance(node, ast.ImportFrom) and node.module == "tests.helpers"
+                   and any(a.name in ("grid", "FULL_GRID") for a in node.names) for node in ast.walk(tree)):
+                files.append(f"tests/{name}")
+    return files
 
 
 def test_full_grid_cases_construct_on_cpu(tmp_path):

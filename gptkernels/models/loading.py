@@ -14,6 +14,7 @@ import torch
 from .common import CausalLM
 from .config import ModelConfig
 from .families import from_hf_config
+from .quantize import DEFAULT_GROUP_SIZE, check_quantize, init_quantized_, load_hf_state_dict_quantized, swap_linears
 from .tp import ShardShapeError
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -60,7 +61,8 @@ def _device_free_bytes(device: torch.device) -> Optional[int]:
     return None
 
 
-def _empty_model(cfg: ModelConfig, dtype: torch.dtype, device, tp_group, op: str) -> CausalLM:
+def _empty_model(cfg: ModelConfig, dtype: torch.dtype, device, tp_group, op: str, quantize=None,
+                 group_size: int = DEFAULT_GROUP_SIZE) -> CausalLM:
     """The model (this rank's shard of it with ``tp_group``) on ``device`` in ``dtype``, its
     parameters allocated but not set: built on the meta device, sharded there, then materialised,
     so no process ever holds more than its own part. A part larger than the device's free memory
@@ -72,7 +74,9 @@ def _empty_model(cfg: ModelConfig, dtype: torch.dtype, device, tp_group, op: str
         from .tp import setup, shard_model_
 
         shard_model_(model, setup(tp_group, cfg, device, dtype, op=op))
-    need = sum(p.numel() * p.element_size() for p in model.parameters())
+    if quantize is not None:  # empty QuantLinears (of the shard): no float linear is ever allocated
+        swap_linears(model, quantize, group_size=group_size)
+    need = sum(p.numel() * p.element_size() for p in [*model.parameters(), *model.buffers()])
     free = _device_free_bytes(device)
     if free is not None and need > free:
         who = f"rank {model.tp.rank}'s shard of the model" if model.tp is not None else "the model"
@@ -84,21 +88,29 @@ def _empty_model(cfg: ModelConfig, dtype: torch.dtype, device, tp_group, op: str
     return model
 
 
-def from_config(config, *, dtype=None, device=None, std: float = 0.02, tp_group=None) -> CausalLM:
+def from_config(config, *, dtype=None, device=None, std: float = 0.02, tp_group=None, quantize=None,
+                group_size: int = DEFAULT_GROUP_SIZE) -> CausalLM:
     """A random model (:func:`init_weights_`) from a ModelConfig, an HF config or a config.json
     dict, built directly on ``device`` (default CPU) in ``dtype`` (default float32).
 
     With ``tp_group`` (a ``torch.distributed`` process group, every rank calling with the same
     arguments) each rank builds only its shard (:mod:`gptkernels.models.tp`). The weights come from
     group rank 0's random state (shared with every rank first), so the shards together are the
-    model a single process builds after the same ``torch.manual_seed``."""
+    model a single process builds after the same ``torch.manual_seed``.
+
+    ``quantize="int8" | "int4"`` (``group_size`` for int4) quantizes the blocks' linear layers
+    (:mod:`gptkernels.models.quantize`), each drawn and quantized one at a time: the same model as
+    quantizing the float one built with the same seed."""
     cfg = from_hf_config(config)
+    check_quantize("from_config", quantize, group_size, cfg)
     dtype = resolve_dtype(dtype)
-    model = _empty_model(cfg, dtype, device, tp_group, "from_config")
+    model = _empty_model(cfg, dtype, device, tp_group, "from_config", quantize, group_size)
     if model.tp is not None:
         from .tp import share_random_state_
 
         share_random_state_(model.tp, model.device)
+    if quantize is not None:
+        return init_quantized_(model, lambda module: init_weights_(module, std)).eval()
     return init_weights_(model, std).eval()
 
 
@@ -203,12 +215,16 @@ def read_config(cfg_file: str) -> tuple[dict, ModelConfig]:
     return d, cfg
 
 
-def from_pretrained(path, *, dtype=None, device=None, tp_group=None) -> CausalLM:
+def from_pretrained(path, *, dtype=None, device=None, tp_group=None, quantize=None,
+                    group_size: int = DEFAULT_GROUP_SIZE) -> CausalLM:
     """Load a local HF checkpoint directory (config.json + weights). Never downloads.
 
     ``dtype`` defaults to the ``dtype``/``torch_dtype`` recorded in config.json, else float32;
     ``device`` to CPU. With ``tp_group`` (a ``torch.distributed`` process group; every rank calls
     with the same path) each rank reads and holds only its shard (:mod:`gptkernels.models.tp`).
+    ``quantize="int8" | "int4"`` (``group_size`` for int4) quantizes the blocks' linear layers as
+    they load, one at a time (a rank its slices): the device holds the quantized model and one float
+    layer at most (:mod:`gptkernels.models.quantize`).
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"from_pretrained: path must be a local directory, got {type(path).__name__}")
@@ -218,14 +234,17 @@ def from_pretrained(path, *, dtype=None, device=None, tp_group=None) -> CausalLM
         raise FileNotFoundError(f"from_pretrained: path {path!r} has no config.json (a local HF "
                                 "checkpoint directory is expected; nothing is downloaded)")
     d, cfg = read_config(cfg_file)
+    check_quantize("from_pretrained", quantize, group_size, cfg)
     saved = d.get("dtype") or d.get("torch_dtype")
     dtype = resolve_dtype(dtype, _DTYPES.get(str(saved).replace("torch.", ""), torch.float32))
     # no random init: every weight comes from the checkpoint
-    model = _empty_model(cfg, dtype, device, tp_group, "from_pretrained")
+    model = _empty_model(cfg, dtype, device, tp_group, "from_pretrained", quantize, group_size)
+    load = model.load_hf_state_dict if quantize is None else (
+        lambda sd, **kw: load_hf_state_dict_quantized(model, sd, **kw))
     if model.tp is None:
-        model.load_hf_state_dict(_read_weights(path))
+        load(_read_weights(path))
     else:
-        model.load_hf_state_dict(_read_weights(path, model.tp.hf_shard), sharded=True)
+        load(_read_weights(path, model.tp.hf_shard), sharded=True)
     return model.eval()
 
 

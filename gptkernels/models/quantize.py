@@ -36,6 +36,7 @@ from ..quant import (DEFAULT_GROUP_SIZE, FORMATS, check_group_size, dequantize_i
 from .common import CausalLM
 from .config import ModelConfig
 from .families import convert_hf_state_dict
+from .tp import RowParallelLinear
 
 #: The Linear layers of each block that are quantized (module paths under ``layers.<i>``).
 QUANTIZED_LINEARS = ("attn.qkv", "attn.out", "mlp.fc_in", "mlp.fc_out")
@@ -147,7 +148,7 @@ class QuantLinear(nn.Module):
 
 
 class QuantRowParallelLinear(QuantLinear):
-    """The QuantLinear of a tensor-parallel rank's row-parallel layer (``models.tp.RowParallelLinear``:
+    """The QuantLinear of a tensor-parallel rank's row-parallel layer (:class:`RowParallelLinear`:
     attention output, MLP down projection): the rank's slice of the input columns is quantized, its
     partial product gets the bias on rank 0 only, then the all-reduce (unless the block adds its
     partials first: ``reduce=False``)."""
@@ -166,7 +167,7 @@ def _empty_like(lin: nn.Linear, fmt: str, group_size: int, backend: Optional[str
     """An empty QuantLinear of ``lin``'s shape, device and dtype (row-parallel stays row-parallel)."""
     kw = dict(group_size=group_size, dtype=lin.weight.dtype, device=lin.weight.device, backend=backend)
     args = (lin.in_features, lin.out_features, lin.bias is not None, fmt)
-    if getattr(lin, "tp", None) is not None and hasattr(lin, "reduce"):  # models.tp.RowParallelLinear
+    if isinstance(lin, RowParallelLinear):
         return QuantRowParallelLinear(*args, tp=lin.tp, reduce=lin.reduce, **kw)
     return QuantLinear(*args, **kw)
 

@@ -96,10 +96,10 @@ SMOKE_DESELECT = {
     "tests/test_rotary.py::test_compiles_for_hopper": "offline sm_90a compile: a CPU check (make test)",
     "tests/test_flash_attn.py::test_every_gpu_config": "compiles every autotune config (~70 compiles): a later call",
 }
-#: The CUDA extension's tests on the GPU: test_cuda_backend's full GPU lists (no Triton compiles; not
+#: The CUDA extension's tests on the GPU: test_cuda_{extension,gpu}'s full GPU lists (no Triton compiles; not
 #: its CPU emulator or setup tests) and the cuda variants of the tests parametrized by backend, which
 #: a process only collects once the extension is built ("cuda" also matches the module's name).
-CUDA_TESTS = ("tests/test_cuda_backend.py", "tests/test_cuda_gpu.py", "tests/test_rotary.py", "tests/test_quant.py")
+CUDA_TESTS = ("tests/test_cuda_extension.py", "tests/test_cuda_gpu.py", "tests/test_rotary.py", "tests/test_quant.py")
 CUDA_TESTS_K = "cuda and not emulat and not setup"
 
 

@@ -1,7 +1,7 @@
 """Builds the CPU emulation of the CUDA extension: the csrc sources, unchanged, compiled by the host
 compiler with this folder's emulator headers shadowing three small csrc headers (common/mma.cuh,
 common/launch.cuh, common/torch_cuda.h). The ops register as torch.ops.gptkernels_emu.* and take
-CPU tensors; tests/test_cuda_backend.py runs them against the float64 reference.
+CPU tensors; tests/test_cuda_emulated.py runs them against the float64 reference.
 
 The build adds what makes GPU-only bugs show on the CPU (emu_runtime.h says what each one catches):
 UBSan's alignment and signed-overflow checks (handled in emu_runtime.h, no sanitizer runtime),

@@ -1,5 +1,5 @@
 // Self-test kernels of the emulator (built into it, never into the real extension): each one has a
-// bug that only a GPU would show, and tests/test_cuda_backend.py checks that the emulator shows it
+// bug that only a GPU would show, and tests/test_cuda_emulated.py checks that the emulator shows it
 // too (wrong data or a failed launch), and that the correct variant passes. This is what keeps the
 // emulator's detectors (emu_runtime.h) honest.
 #include <ATen/core/Tensor.h>

@@ -736,7 +736,9 @@ class Check:
         self.res["tests"] = self.summarise(self.test_jobs)
         if self.cuda_jobs:
             self.res["cuda_tests"] = self.summarise(self.cuda_jobs, ran="within the tests step")
-        rec.update(status=self.res["tests"]["verdict"])
+        t = self.res["tests"]
+        rec.update(status=t["verdict"], note=f"{sum(t['total'].values())} run, {t['not_run']} of {t['planned']} not "
+                                             f"reached in its {cap:.0f} s" if t["stopped_shards"] else "")
 
     def start_cuda_tests(self, until: float) -> None:
         n = max(1, min(3, shard_count() // 4))

@@ -111,3 +111,112 @@ def prefill_flops(matmul_params: int, tokens: int, layers: int, heads: int, seql
     attn = attention_flops(batch, heads, seqlen, seqlen, head_dim, causal=True).value * layers
     return Count(2.0 * matmul_params * tokens + attn,
                  "2*N_matmul_params*tokens + L*0.5*4*B*H*S*S*D")
+
+
+# --------------------------------------------------------------------------------------------------
+# The work audit's minima (benchmarks/suite_audit.py): the fewest bytes each op must move and the
+# FLOPs it must multiply, for comparison with what the kernels' programs actually load, store and
+# multiply (counted in the Triton interpreter). Exact counts, not the conventions above: a causal
+# mask counts its S*(S+1)/2 visible pairs, index tensors count the entries the op must read.
+# --------------------------------------------------------------------------------------------------
+
+#: bytes of the float32 log-sum-exp the attention kernels write per query row and head
+LSE_BYTES = 4
+
+
+def visible_keys(seqlen_q: int, seqlen_k: int, window: int | None, causal: bool = True) -> int:
+    """Keys that at least one query row sees (bottom-right aligned, SPEC.md): the K/V an op must read."""
+    if not causal or seqlen_q == 0:
+        return seqlen_k if seqlen_q else 0
+    last = seqlen_k - 1  # the last row sits at p = Sk - 1 and sees up to it
+    first_p = seqlen_k - seqlen_q
+    lo = 0 if window is None else max(0, first_p - window + 1)
+    return max(0, last - lo + 1) if last >= 0 else 0
+
+
+def attention_pairs(seqlen_q: int, seqlen_k: int, window: int | None, causal: bool = True) -> int:
+    """Visible (query, key) pairs of one head of one sequence: the exact useful work of attention."""
+    if not causal:
+        return seqlen_q * seqlen_k
+    return band_area(seqlen_q, seqlen_k, window)
+
+
+def attention_useful_flops(batch: int, heads: int, seqlen_q: int, seqlen_k: int, head_dim: int, *,
+                           causal: bool = True, window: int | None = None, backward: bool = False) -> Count:
+    """Matmul FLOPs the visible pairs need: 2 products (QK^T, PV) of 2*D per pair forward; the backward
+    needs 5 (S recomputed, dP, dV, dK, dQ), 2.5x the forward (FlashAttention's count)."""
+    pairs = attention_pairs(seqlen_q, seqlen_k, window, causal)
+    flops = 4.0 * batch * heads * head_dim * pairs
+    kind = "Sq*Sk" if not causal else f"band_area(Sq,Sk,W={window})"
+    if backward:
+        return Count(2.5 * flops, f"2.5*4*B*Hq*D*{kind} (5 products per visible pair)")
+    return Count(flops, f"4*B*Hq*D*{kind} (2 products per visible pair)")
+
+
+def attention_kv_bytes(batch: int, seqlen_q: int, seqlen_k: int, heads_kv: int, head_dim: int,
+                       elem_bytes: int, *, causal: bool = True, window: int | None = None) -> Count:
+    """K and V of every key some query row sees, read once (once per KV head: GQA shares them)."""
+    keys = visible_keys(seqlen_q, seqlen_k, window, causal)
+    return Count(2.0 * batch * keys * heads_kv * head_dim * elem_bytes,
+                 "2*B*visible_keys(Sq,Sk,W)*Hkv*D*elem (K and V read once)")
+
+
+def attention_fwd_bytes(batch: int, seqlen_q: int, seqlen_k: int, heads_q: int, heads_kv: int,
+                        head_dim: int, elem_bytes: int, *, causal: bool = True,
+                        window: int | None = None) -> Count:
+    """The attention forward's minimum: q and the visible K/V read once, out and lse written once."""
+    kv = attention_kv_bytes(batch, seqlen_q, seqlen_k, heads_kv, head_dim, elem_bytes, causal=causal,
+                            window=window)
+    rows = batch * seqlen_q * heads_q
+    return Count(kv.value + rows * (2 * head_dim * elem_bytes + LSE_BYTES),
+                 f"{kv.formula.split(' (')[0]} + B*Sq*Hq*(2*D*elem + 4) (q read, out and lse written)")
+
+
+def attention_bwd_bytes(batch: int, seqlen: int, heads_q: int, heads_kv: int, head_dim: int,
+                        elem_bytes: int) -> Count:
+    """The attention backward's minimum: q, k, v, out, dout and lse read once, dq, dk, dv written once."""
+    q_side = batch * seqlen * heads_q * (4 * head_dim * elem_bytes + LSE_BYTES)
+    kv_side = batch * seqlen * heads_kv * 4 * head_dim * elem_bytes
+    return Count(float(q_side + kv_side),
+                 "B*S*Hq*(4*D*elem + 4) + B*S*Hkv*4*D*elem (q,out,dout,lse,k,v read; dq,dk,dv written)")
+
+
+def paged_decode_bytes(seq_lens, heads_q: int, heads_kv: int, head_dim: int, elem_bytes: int,
+                       block_size: int, window: int | None = None) -> Count:
+    """paged_decode's minimum: the visible K/V once (:func:`paged_kv_bytes`), q read, out and lse
+    written, the block-table entries of the visible pages and the sequence lengths read (int32)."""
+    kv = paged_kv_bytes(seq_lens, heads_kv, head_dim, elem_bytes, window)
+    pages = 0
+    for n in seq_lens:
+        n = int(n)
+        first = 0 if window is None else max(0, n - window)
+        pages += -(-n // block_size) - first // block_size if n else 0
+    rows = len(seq_lens) * heads_q
+    return Count(kv.value + rows * (2 * head_dim * elem_bytes + LSE_BYTES) + 4 * pages + 4 * len(seq_lens),
+                 f"{kv.formula.split(' (')[0]} + B*Hq*(2*D*elem + 4) + 4*visible_pages + 4*B")
+
+
+def paged_decode_flops(seq_lens, heads_q: int, head_dim: int, window: int | None = None) -> Count:
+    """Useful FLOPs of one decode step: 2 products of 2*D per visible (query head, key)."""
+    keys = sum(min(int(n), window) if window is not None else int(n) for n in seq_lens)
+    return Count(4.0 * heads_q * head_dim * keys, "4*Hq*D*sum(min(len,W))")
+
+
+def paged_append_io_bytes(tokens: int, heads_kv: int, head_dim: int, elem_bytes: int) -> Count:
+    """paged_append's minimum: :func:`paged_append_bytes` plus the int64 slot of each token."""
+    base = paged_append_bytes(tokens, heads_kv, head_dim, elem_bytes)
+    return Count(base.value + 8.0 * tokens, base.formula.split(" (")[0] + " + 8*T (slot mapping)")
+
+
+def rotary_io_bytes(tokens: int, heads_q: int, heads_k: int, head_dim: int, rotary_dim: int,
+                    elem_bytes: int, *, positions_bytes: int = 0, inplace: bool = False) -> Count:
+    """apply_rotary's minimum: :func:`rotary_bytes` (out of place: every q/k element read and written,
+    cos and sin rows read), or in place only the rotated R channels, plus a position per token."""
+    if inplace:
+        qk = tokens * (heads_q + heads_k) * rotary_dim * elem_bytes
+        tables = 2 * tokens * (rotary_dim // 2) * 4
+        return Count(2.0 * qk + tables + positions_bytes * tokens,
+                     "2*T*(Hq+Hk)*R*elem + 2*T*(R/2)*4 + T*pos_bytes (in place: R channels)")
+    base = rotary_bytes(tokens, heads_q, heads_k, head_dim, rotary_dim, elem_bytes)
+    return Count(base.value + positions_bytes * tokens,
+                 base.formula.split(" (")[0] + " + T*pos_bytes (positions)")

@@ -21,7 +21,7 @@ SCHEMA = "gptkernels-bench/1"
 #: budget, or a peer that does not apply). pass/fail: rows of the interpreter parity sweep.
 STATUSES = ("ok", "mismatch", "error", "unavailable", "skipped", "pass", "fail")
 FAILING = ("mismatch", "error", "fail")
-KINDS = ("gpu", "parity")
+KINDS = ("gpu", "parity", "audit")  # audit: work counts in the interpreter (benchmarks/suite_audit.py)
 
 
 @dataclass

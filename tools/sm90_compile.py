@@ -12,6 +12,10 @@ subprocess (TRITON_INTERPRET must be unset here: Triton reads it when the kernel
 
 Nothing runs on a GPU, also when one is present: the target is always sm_90a.
 
+The work audit (``benchmarks/suite_audit.py``, notes/audit.md) compiles the very launches it counts
+in the interpreter with :func:`launch_figures`: registers, spills, shared memory, resident blocks
+per SM (:func:`resident_blocks`) and which tensor-core / TMA instructions were emitted.
+
 By hand, with register/spill figures from ptxas (the tables in notes/attention.md):
 
     python -m tools.sm90_compile --all-configs --ptxas
@@ -288,12 +292,62 @@ def launch_results(launches, all_configs=False, ptxas=False):
             yield result
 
 
+# --------------------------------------------------------------------------------------------------
+# Occupancy and instruction figures of one launch (the work audit, benchmarks/suite_audit.py)
+# --------------------------------------------------------------------------------------------------
+
+#: An H100/H200 SM (compute capability 9.0, CUDA occupancy calculator): threads, resident blocks,
+#: 32-bit registers, register allocation unit per warp, shared memory (per SM, and the 1 KiB the
+#: driver reserves per block).
+SM90_LIMITS = {"threads": 2048, "blocks": 32, "regs": 65536, "reg_unit": 256, "shared": 228 * 1024,
+               "shared_reserved": 1024}
+
+
+def resident_blocks(regs: int | None, num_warps: int, shared: int) -> tuple[int | None, str]:
+    """Blocks of a kernel that fit on one sm_90 SM at once, and the limit that binds ("threads",
+    "blocks", "registers", "shared"). ``regs`` per thread (ptxas; None: unknown -> (None, ...))."""
+    lim = SM90_LIMITS
+    if regs is None:
+        return None, "registers unknown (no ptxas)"
+    per_warp = -(-regs * 32 // lim["reg_unit"]) * lim["reg_unit"]
+    bounds = {"threads": lim["threads"] // (32 * num_warps), "blocks": lim["blocks"],
+              "registers": lim["regs"] // (per_warp * num_warps),
+              "shared": lim["shared"] // (shared + lim["shared_reserved"])}
+    binding = min(bounds, key=bounds.get)
+    return bounds[binding], binding
+
+
+def instructions(ptx: str) -> dict:
+    """Which tensor-core and copy instructions the PTX holds: wgmma (Hopper tensor cores), mma.sync
+    (Ampere-style), TMA (cp.async.bulk.tensor), cp.async (pipelined loads)."""
+    return {"wgmma": "wgmma.mma_async" in ptx, "mma_sync": "mma.sync" in ptx,
+            "tma": "cp.async.bulk.tensor" in ptx, "cp_async": "cp.async.c" in ptx}
+
+
+def launch_figures(kernel, args, kwargs, config=None) -> dict:
+    """Compile one launch for sm_90a (:func:`compile_launch`) -> registers, spill bytes, shared
+    memory, resident blocks per SM (and the binding limit), warps, stages, instructions."""
+    compiled, _ = compile_launch(kernel, args, kwargs, config)
+    ptx = compiled.asm["ptx"]
+    usage = ptxas_usage(ptx)
+    blocks, limit = resident_blocks(usage["regs"], compiled.metadata.num_warps, compiled.metadata.shared)
+    return {**usage, "shared": compiled.metadata.shared, "num_warps": compiled.metadata.num_warps,
+            "num_stages": compiled.metadata.num_stages, "blocks_per_sm": blocks, "limited_by": limit,
+            **instructions(ptx)}
+
+
+def subprocess_env() -> dict:
+    """The environment of a compile subprocess: without TRITON_INTERPRET (the tests set it on CPU;
+    Triton reads it when the kernels are defined) and with line info (``global_loads`` needs it)."""
+    drop = ("TRITON_INTERPRET", "TRITON_DISABLE_LINE_INFO")
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
 def compile_in_subprocess(*flags, timeout=600) -> list[dict]:
     """Run this script with ``flags`` in a fresh process without TRITON_INTERPRET (the tests set it on
     CPU; Triton reads it when the kernels are defined) and with line info (``global_loads`` needs it)
     -> its JSON lines."""
-    drop = ("TRITON_INTERPRET", "TRITON_DISABLE_LINE_INFO")
-    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env = subprocess_env()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-m", "tools.sm90_compile", *flags], cwd=root, env=env,
                           capture_output=True, text=True, timeout=timeout)

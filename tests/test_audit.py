@@ -1,0 +1,245 @@
+"""The work audit (issue 14) in CI: the counter counts what it says, and every kernel family's figures
+stay within bounds, so a regression in traffic or wasted work fails ``make test``.
+
+Each bound is today's figure (small shapes, the interpreter, launched as on an H100/H200). A bound
+that issue 14 asks to tighten names its target beside it, and the target itself is an
+``xfail(strict=True)`` test: it starts passing (and so fails, being strict) when the kernel change
+lands, and then becomes the bound. To tighten a bound: lower the number in ``BOUNDS``.
+Figures and method: ``notes/audit.md``; the full audit: ``python -m benchmarks.run --suite audit``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from benchmarks import suite_audit as sa
+from benchmarks.audit_counter import NotCountable, counting, summarize
+
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="the audit counts in the Triton interpreter (CPU runs of the test suite)")
+
+#: (figure, today's bound) per audited case; the figures are ratios to the op's minimum
+#: (benchmarks/formulas.py), for the first config a GPU would try (small shapes, launched as on an
+#: H100/H200 unless a test says otherwise).
+BOUNDS = {
+    # one 16-row tile per KV head serves its group of 4 query heads: 4x the tile FLOPs (12 padding
+    # rows); K/V read once; 4 key splits (as on 132 SMs) add the float32 partials and the merge
+    "paged decode GQA": {"bytes_x": 1.02, "kv_x": 1.0, "flops_x": 4.0},
+    "paged decode MHA": {"bytes_x": 1.01, "kv_x": 1.0},
+    # only the blocks inside the window are read (group 2 in a 16-row tile: 8x, plus window alignment)
+    "paged decode window": {"bytes_x": 1.01, "kv_x": 1.0, "flops_x": 9.0},
+    # the slots are read once per KV-head program
+    "paged append": {"bytes_x": 1.02},
+    # flash_attn with one query row reads K/V once per query head: 4.0x for 4 heads per KV head, and
+    # multiplies a 16-row tile for 1 row (16x). Target (issue 14 item 3): K/V <= 1.10x for Hq/Hkv in
+    # 1..8 (test_attention_decode_kv_target).
+    "attention decode": {"kv_x": 4.0, "bytes_x": 4.01, "flops_x": 16.0},
+    # causal S=2048, 128x64 tiles: boundary tiles cost 6% (issue 14 item 4's target <= 1.10x: met);
+    # each query tile re-reads the K/V before it (8.5x: flash attention's design, L2 absorbs some)
+    "attention fwd causal": {"flops_x": 1.07, "kv_x": 8.5, "bytes_x": 4.74},
+    # window 256 at S=4096, 128-row query tiles: a tile's band spans 383 keys, 6 key tiles of 64.
+    # Target (issue 14 item 4): <= 1.25x with the GPU's config (test_attention_window_target).
+    "attention fwd window": {"flops_x": 1.50, "kv_x": 2.91, "bytes_x": 1.95},
+    # 7 products per visible pair where 5 are needed (dK/dV and dQ in two kernels): >= 1.4x by design
+    "attention bwd": {"flops_x": 1.75, "bytes_x": 2.87},
+    # atomic dQ: 5 products; dQ added in float32 atomics once per (key tile, query slice)
+    "attention bwd atomic": {"flops_x": 1.25, "bytes_x": 2.36},
+    "rotary": {"bytes_x": 1.001},
+    # launches per layer of a decode step (gpt-neox: rotary, append, decode + 9 ATen kernels).
+    # Target (issue 14 item 6): at most half after fusing (test_decode_step_launches_target).
+    "launches per layer": {"gpt-neox": 12},
+}
+
+#: The GPU the split-K policy assumes for the prefill-shaped forward tests: with 8 SMs these one-head
+#: launches are not split (132 SMs would split them 4-8 ways and the interpreter would spend a minute
+#: in the merge's programs; the FLOPs are the same, the bytes without the partials).
+FEW_SMS = 8
+
+
+def _rows(case, **kw):
+    rows = sa.audit_case(case, **kw)
+    bad = [r for r in rows if r.status != "pass"]
+    assert not bad, [(r.impl, r.status, r.message) for r in bad]
+    return rows
+
+
+def _within(rows, name, kernel=None):
+    """Assert every row's figures (of ``kernel``'s rows, or all) are within BOUNDS[name]."""
+    for r in rows:
+        if kernel is not None and r.params["kernel"] != kernel:
+            continue
+        for fig, bound in BOUNDS[name].items():
+            value = r.extra.get(fig)
+            assert value is not None, (r.impl, fig)
+            assert value <= bound + 1e-9, f"{r.case} {r.impl}: {fig} = {value:.4f} > bound {bound}"
+
+
+# ---- the counter ---------------------------------------------------------------------------------
+
+
+def test_counter_counts_active_lanes_dots_and_atomics():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kern(x_ptr, idx_ptr, y_ptr, acc_ptr, n, BLOCK: tl.constexpr):
+        r = tl.arange(0, BLOCK)
+        m = r < n
+        x = tl.load(x_ptr + r[:, None] * BLOCK + r[None, :], mask=m[:, None] & m[None, :], other=0.0)
+        # every lane reads the same entry: one access on a GPU, counted once
+        i = tl.load(idx_ptr + r * 0)
+        y = tl.dot(x, x)
+        tl.store(y_ptr + r[:, None] * BLOCK + r[None, :], y + i[:, None].to(tl.float32), mask=m[:, None])
+        tl.atomic_add(acc_ptr + r, tl.sum(y, axis=1), mask=m)
+
+    x = torch.randn(16, 16)
+    idx = torch.tensor([3], dtype=torch.int32)
+    y = torch.zeros(16, 16)
+    acc = torch.zeros(16)
+    with counting() as rec:
+        kern[(2,)](x, idx, y, acc, 5, BLOCK=16)
+    (la,) = rec.launches
+    assert la.kernel == "kern" and la.programs == 2
+    assert la.loads == {"x_ptr": 2 * 5 * 5 * 4, "idx_ptr": 2 * 4}  # masked-off lanes move nothing
+    assert la.stores == {"y_ptr": 2 * 5 * 16 * 4}
+    assert la.atomics == {"acc_ptr": 2 * 5 * 4}
+    assert la.dots == {(16, 16, 16, "fp32"): 2}
+    assert la.tile_flops == 2 * 2 * 16 ** 3
+    s = summarize(rec.launches)
+    assert s["dot_mean_mnk"] == [16, 16, 16] and s["programs"] == 2
+    # the footprint: both programs read the same 25 elements of x
+    assert rec.footprint("kern")["x_ptr"]["read"] == 5 * 5 * 4
+
+
+def test_skipping_the_other_kernels_changes_no_count():
+    # A config sweep reruns only the swept kernel (the others' outputs stay uninitialised); its counts
+    # must equal those of the whole op.
+    case = sa.paged_decode([1100, 90], 4, 1, 64)
+    thunk = case.build()
+    seen = {}
+    base = sa._run_counted(thunk, seen=seen)
+    alone = sa._run_counted(thunk, force={"_paged_decode_kernel": seen["_paged_decode_kernel"][0]},
+                            only="_paged_decode_kernel")
+    assert {la.kernel for la in base.launches} == {"_paged_decode_kernel", "_paged_merge_kernel"}
+    mine = summarize([la for la in base.launches if la.kernel == "_paged_decode_kernel"])
+    assert summarize(alone.launches) | {"seconds": 0} == mine | {"seconds": 0}
+
+
+def test_refuses_with_a_reason(monkeypatch):
+    # A kernel whose GPU config list is not reachable in the interpreter: a row saying so.
+    from gptkernels.triton import paged as pg
+
+    monkeypatch.setattr(pg._paged_decode_kernel, "configs", list(pg._paged_decode_kernel.configs))
+    (row,) = sa.audit_case(sa.paged_decode([64], 2, 1, 64))
+    assert row.status == "unavailable" and "GPU config list is not reachable" in row.message
+
+
+def test_sm90_occupancy_arithmetic():
+    from tools.sm90_compile import resident_blocks
+
+    assert resident_blocks(128, 8, 0) == (2, "registers")  # 128 regs x 256 threads = 32k of 64k
+    assert resident_blocks(32, 4, 0) == (16, "threads")
+    assert resident_blocks(32, 4, 100 * 1024) == (2, "shared")
+    assert resident_blocks(None, 4, 0)[0] is None
+
+
+# ---- bounds per kernel family --------------------------------------------------------------------
+
+
+def test_paged_decode():
+    _within(_rows(sa.paged_decode([2048], 8, 2, 128), all_configs=False), "paged decode GQA")
+    _within(_rows(sa.paged_decode([2048], 2, 2, 64), all_configs=False), "paged decode MHA")
+    _within(_rows(sa.paged_decode([1000, 300], 4, 2, 64, window=256), all_configs=False), "paged decode window")
+
+
+def test_paged_append():
+    _within(_rows(sa.paged_append(64, 4, 64)), "paged append")
+
+
+@functools.cache
+def _decode_rows():
+    return _rows(sa.attn_fwd(1, 1, 1024, 4, 1, 128, name="decode", family="attention decode"),
+                 all_configs=False)
+
+
+def test_attention_decode_kv():
+    _within(_decode_rows(), "attention decode", "_fwd_kernel")
+
+
+@pytest.mark.xfail(strict=True, reason="issue 14 item 3: K/V read once per GQA group on the short-query "
+                                       "path (today 4.0x); when this passes, make 1.10 the bound")
+def test_attention_decode_kv_target():
+    for r in _decode_rows():
+        assert r.extra["kv_x"] <= 1.10
+
+
+def test_attention_fwd_causal():
+    rows = _rows(sa.attn_fwd(1, 2048, 2048, 1, 1, 128), all_configs=False, sms=FEW_SMS)
+    _within(rows, "attention fwd causal")
+
+
+@functools.cache
+def _window_rows():
+    return _rows(sa.attn_fwd(1, 4096, 4096, 1, 1, 128, window=256), all_configs=False, sms=FEW_SMS)
+
+
+def test_attention_fwd_window():
+    _within(_window_rows(), "attention fwd window")
+
+
+@pytest.mark.xfail(strict=True, reason="issue 14 item 4: window tiles waste at most 1.25x with the GPU's "
+                                       "config (today 1.50x with 128-row tiles); when this passes, make 1.25 "
+                                       "the bound")
+def test_attention_window_target():
+    for r in _window_rows():
+        assert r.extra["flops_x"] <= 1.25
+
+
+def test_attention_bwd():
+    rows = _rows(sa.attn_bwd(1, 512, 2, 1, 64), all_configs=False)
+    _within(rows, "attention bwd", "_bwd_dkdv")
+    rows = _rows(sa.attn_bwd(1, 512, 2, 1, 64, deterministic=False), all_configs=False)
+    _within(rows, "attention bwd atomic", "_bwd_dkdv")
+    (dkdv,) = [r for r in rows if r.params["kernel"] == "_bwd_dkdv"]
+    assert dkdv.extra["kernel_atomic"] > 0
+
+
+def test_rotary():
+    _within(_rows(sa.rotary(256, 8, 8, 128, 128)), "rotary")
+    _within(_rows(sa.rotary(256, 8, 8, 64, 32, interleaved=True, inplace=True)), "rotary")
+
+
+@functools.cache
+def _neox_launches():
+    from benchmarks.audit_launches import count_family
+
+    return count_family("gpt-neox")
+
+
+def test_decode_step_launches():
+    # Triton launches per layer are exact (gpt-neox: rotary, paged append, paged decode); the rest is
+    # one CUDA kernel per ATen op that is not a view or an allocation.
+    c = _neox_launches()
+    assert c["triton_per_layer"] == [3, 3]
+    assert max(c["per_layer"]) <= BOUNDS["launches per layer"]["gpt-neox"]
+    assert c["syncs"] == 0  # the decode step never waits for the host
+
+
+@pytest.mark.xfail(strict=True, reason="issue 14 item 6: fuse rotary + cache append, residual add + "
+                                       "LayerNorm, ...: at most half of today's 12 launches per layer")
+def test_decode_step_launches_target():
+    assert max(_neox_launches()["per_layer"]) <= 6
+
+
+def test_sm90_compile_of_an_audited_launch():
+    # The audit's offline sm_90a compile (a subprocess without the interpreter) of its cheapest case.
+    handle = sa.start_sm90(["paged append T=256"], all_configs=False)
+    figs, why = sa.finish_sm90(handle, timeout=300)
+    assert why is None, why
+    (fig,) = figs.values()
+    assert fig["kernel"] == "_paged_append_kernel" and "error" not in fig, fig
+    assert fig["regs"] > 0 and fig["spill"] == 0 and fig["blocks_per_sm"] >= 1, fig
+    assert not fig["wgmma"] and not fig["tma"]  # a copy: no tensor cores

@@ -1,6 +1,7 @@
 """The benchmark suite's command line (the main job behind ``make bench``).
 
     python -m benchmarks.run --suite {attention,rotary,paged,model,all} [--quick] [--out DIR]
+    python -m benchmarks.run --suite audit   # work counts in the interpreter (also in `all` without a GPU)
     python -m benchmarks.run --smoke --budget SEC [--ceilings FACTS.json]  # make gpu-smoke's rows
 
 On a GPU: measure the device's ceilings (bf16 matmul TFLOP/s, device copy GB/s), then every benchmark
@@ -72,11 +73,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.budget is not None and args.budget <= 0:
         ap.error(f"--budget must be a positive number of seconds, got {args.budget}")
     names = [n.strip() for n in args.suite.split(",") if n.strip()]
-    bad = [n for n in names if n not in (*SUITES, "all")]
+    bad = [n for n in names if n not in (*SUITES, "all", "audit")]
     if bad or not names:
-        ap.error(f"--suite must be one of {', '.join((*SUITES, 'all'))} or a comma-separated list of them, "
+        ap.error(f"--suite must be one of {', '.join((*SUITES, 'all', 'audit'))} or a comma-separated list of them, "
                  f"got {args.suite!r}")
     args.suites = list(SUITES) if "all" in names else [s for s in SUITES if s in names]
+    args.audit = "audit" in names or "all" in names  # the work audit (interpreter only): without a GPU
     if args.smoke:  # make gpu-smoke: every suite, --quick timings
         args.quick, args.suites = True, list(SUITES)
     return args
@@ -315,6 +317,10 @@ def summary(doc: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.audit and (not args.suites or not (args.parity or __import__("torch").cuda.is_available())):
+        from . import suite_audit  # the work audit (interpreter): alone, or after the parity sweep without a GPU
+
+        return max(run_parity(args) if args.suites else 0, suite_audit.run_cli(args))
     if args.parity:
         return run_parity(args)
     import torch

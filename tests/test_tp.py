@@ -321,3 +321,17 @@ def test_benchmark_rows_say_why_they_are_skipped_without_two_gpus():
     model_tp.run(sess, True, new=8)
     assert len(sess.rows) == model_tp.planned_rows() == 8
     assert all(r.status == "skipped" and "needs 2 CUDA GPUs" in r.message for r in sess.rows)
+
+
+def test_cli_tp_must_match_the_processes(monkeypatch, capsys):
+    from gptkernels.__main__ import main
+
+    args = ["generate", "--tiny", "gpt2", "--prompt", "1 2", "--max-new-tokens", "2", "--backend", "torch"]
+    with pytest.raises(SystemExit) as e:
+        main(args + ["--tp", "2"])  # not under torchrun
+    assert e.value.code == 2 and "--tp 2: start 2 processes with torchrun" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit):
+        main(args)
+    assert "torchrun started 2 processes without --tp: --tp must equal" in capsys.readouterr().err
+    assert not dist.is_initialized()

@@ -486,14 +486,13 @@ def init_from_env(tp_size: Optional[int], device: torch.device):
     ``cuda:LOCAL_RANK`` for a CUDA device, else gloo on the CPU. ``tp_size`` must equal the number of
     processes torchrun started (one model, all ranks; no data-parallel replicas)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if tp_size is None:
-        tp_size = 1
-    if world != tp_size:
+    if world != (tp_size or 1):
         if world == 1:
             raise ValueError(f"--tp {tp_size}: start {tp_size} processes with torchrun "
                              f"(torchrun --nproc-per-node {tp_size} -m gptkernels generate ... --tp {tp_size})")
-        raise ValueError(f"--tp {tp_size}: torchrun started {world} processes; --tp must equal the number of "
-                         f"processes (pass --tp {world})")
+        given = "without --tp" if tp_size is None else f"with --tp {tp_size}"
+        raise ValueError(f"torchrun started {world} processes {given}: --tp must equal the number of "
+                         f"processes (pass --tp {world}; one model over all ranks, no data-parallel replicas)")
     if world == 1:
         return None, device
     local = int(os.environ.get("LOCAL_RANK", "0"))

@@ -175,7 +175,8 @@ def _kv_rows(start_n, offs_n, seqlen_k, b, block_table, stride_tb, num_blocks,
             # PAGE and BLOCK_N are powers of two: the whole tile lies in one cache block.
             blk = tl.load(row + start_n // PAGE)
             valid = (blk >= 0) & (blk < num_blocks)
-            ok = ok & valid
+            # where, not `ok & valid`: Triton 3.9's interpreter rejects a block & scalar bool mask
+            ok = tl.where(valid, ok, False)
             blk = tl.where(valid, blk, 0).to(tl.int64)
             in_blk = (start_n % PAGE).to(tl.int64)
             k_base = blk * stride_kb + in_blk * stride_ks

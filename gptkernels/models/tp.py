@@ -192,8 +192,8 @@ def _pieces(p: Plan):
     q = ((p.heads[0] * d, p.heads[1] * d),)
     kv = ((p.kv_heads[0] * d, p.kv_heads[1] * d),)
     q_size, kv_size = cfg.num_heads * d, cfg.num_heads * d  # MHA: as many K/V heads as query heads
-    qkv = q + tuple((q_size + a, q_size + b) for a, b in kv) + tuple((q_size + kv_size + a, q_size + kv_size + b)
-                                                                      for a, b in kv)
+    (k0, k1), = kv
+    qkv = q + ((q_size + k0, q_size + k1), (q_size + kv_size + k0, q_size + kv_size + k1))  # q | k | v
     mlp = (p.mlp,)
     vocab = Shard(0, cfg.vocab_size, (p.vocab,), p.vocab_rows)
     return q, kv, qkv, q_size, kv_size, mlp, vocab

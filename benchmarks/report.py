@@ -28,7 +28,8 @@ AUDIT_LATEST_NAME = "audit-latest.json"
 DEFAULT_OUT = REPO / "BENCHMARKS.md"
 
 SUITE_TITLES = {"attention": "Attention (issue 2)", "rotary": "Rotary embedding (issue 3)",
-                "paged": "Paged KV-cache decode (issue 4)", "model": "Models (issue 5)", "parity": "Parity sweep"}
+                "paged": "Paged KV-cache decode (issue 4)", "model": "Models (issue 5)", "parity": "Parity sweep",
+                "quant": "Quantization (issue 16)"}
 STATUS_CELL = {"mismatch": "WRONG", "error": "error", "unavailable": "n/a", "skipped": "skipped", "fail": "FAIL"}
 
 
@@ -183,7 +184,7 @@ def render(doc: dict, source: str, plot_paths: list[Path], md_dir: Path, audit: 
     for suite in dict.fromkeys(t.suite for t in tables.values()):
         out += [f"## {SUITE_TITLES.get(suite, suite)}", ""]
         if suite == "parity":
-            out += _parity_md(rows)
+            out += _parity_md([r for r in rows if r.table == "parity"])
             continue
         for t in tables.values():
             if t.suite == suite:

@@ -1,6 +1,6 @@
 """The benchmark suite's command line (the main job behind ``make bench``).
 
-    python -m benchmarks.run --suite {attention,rotary,paged,model,all} [--quick] [--out DIR]
+    python -m benchmarks.run --suite {attention,rotary,paged,model,quant,all} [--quick] [--out DIR]
     python -m benchmarks.run --suite audit   # work counts in the interpreter (also in `all` without a GPU)
     python -m benchmarks.run --smoke --budget SEC [--ceilings FACTS.json]  # make gpu-smoke's rows
 
@@ -21,9 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-SUITES = ("attention", "rotary", "paged", "model")
+SUITES = ("attention", "rotary", "paged", "model", "quant")
 #: --quick's wall-clock budget per suite (seconds): `make bench` must end within 10 minutes.
-QUICK_BUDGET_S = {"attention": 230, "rotary": 30, "paged": 90, "model": 150}
+QUICK_BUDGET_S = {"attention": 230, "rotary": 30, "paged": 90, "model": 150, "quant": 40}
 
 #: ``--smoke`` (``make gpu-smoke``, the first GPU run, issue 13): these rows first, suite by suite in
 #: this order, each suite within its share of the budget (an overrun comes out of the next share);
@@ -125,15 +125,21 @@ def run_parity(args) -> int:
     from . import results
     from .env import environment
 
-    ops = [op for s in args.suites for op in parity.SUITE_OPS[s]]
+    ops = [op for s in args.suites for op in parity.SUITE_OPS.get(s, ())]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     start = time.monotonic()
     bar = _progress(parity.planned_rows(ops, device), args.no_progress, "parity")
     rows = parity.run(ops, device=device, progress=bar)
     if bar is not None:
         bar.close()
+    tables = [parity.TABLE]
+    if "quant" in args.suites:  # the weight-only GEMMs' parity rows, the tiny checkpoint's perplexity
+        from . import suite_quant
+
+        quant_tables, quant_rows = suite_quant.cpu_tables_and_rows(device)
+        tables, rows = tables + quant_tables, rows + quant_rows
     doc = results.new_document("parity", environment(), suites=args.suites, quick=args.quick, ceilings=None,
-                               tables=[parity.TABLE], rows=rows, duration_s=time.monotonic() - start,
+                               tables=tables, rows=rows, duration_s=time.monotonic() - start,
                                notes=["Parity sweep only: timings need a GPU."])
     path = results.save(doc, Path(args.out) / f"parity-{_stamp()}.json")
     bad = parity.failed(rows)
@@ -141,7 +147,10 @@ def run_parity(args) -> int:
     if "model" in args.suites:
         print("model suite: needs a GPU (the models' CPU parity against HF is in tests/test_models.py)")
     print()
-    print(parity.format_table(rows))
+    print(parity.format_table([r for r in rows if r.table == "parity"]))
+    for r in rows:
+        if r.table == "quant-ppl":
+            print(f"perplexity, tiny-stdlib, {r.case}, {r.impl}: " + (f"{r.value:.3f}" if r.value else r.message))
     print()
     where = ("in the Triton interpreter on CPU (TRITON_INTERPRET=1)" if device == "cpu"
              else "on the GPU (parity only, --parity)")
@@ -155,11 +164,12 @@ def run_parity(args) -> int:
 def run_gpu(args) -> int:
     import torch
 
-    from . import plots, results, suite_attention, suite_model, suite_paged, suite_rotary, targets, timing
+    from . import plots, results, suite_attention, suite_model, suite_paged, suite_quant, suite_rotary, targets, timing
     from .env import environment
     from .harness import Session
 
-    modules = {"attention": suite_attention, "rotary": suite_rotary, "paged": suite_paged, "model": suite_model}
+    modules = {"attention": suite_attention, "rotary": suite_rotary, "paged": suite_paged, "model": suite_model,
+               "quant": suite_quant}
     start = time.monotonic()
     torch.backends.cuda.matmul.allow_tf32 = False  # nothing here is float32, but never flatter a peer
     env = environment()

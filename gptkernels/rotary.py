@@ -149,7 +149,9 @@ def _check_apply_rotary(q, k, cos, sin, positions, offset, interleaved, inplace)
             raise TypeError(f"{OP}: {name} must be a bool, got {flag!r}")
     if inplace:
         for name, t in (("q", q), ("k", k)):
-            expanded = [] if t is None else [d for d in range(t.dim()) if t.stride(d) == 0 and t.shape[d] > 1]
+            if t is None:
+                continue
+            expanded = [d for d in range(t.dim()) if t.stride(d) == 0 and t.shape[d] > 1]
             if expanded:
                 raise ValueError(f"{OP}: inplace=True cannot write into {name}: it is an expanded view "
                                  f"(stride 0 along dim {expanded[0]}), so several of its elements share "
@@ -213,8 +215,9 @@ def apply_rotary(q, k, cos, sin, *, positions=None, offset=0, interleaved=False,
 
     ``inplace=True`` writes into q and k (which may be strided views, e.g. of a fused QKV projection)
     and returns them; ``k`` that is ``q`` (the same view) is rotated once, and an expanded (stride-0)
-    q or k is refused (several elements would share one memory location). It is not differentiable: with grad mode on and q or k requiring grad it raises
-    (use ``inplace=False`` for training). Out of place, gradients flow to q and k; the kernel
+    q or k is refused (several elements would share one memory location). It is not
+    differentiable: with grad mode on and q or k requiring grad it raises (use ``inplace=False``
+    for training). Out of place, gradients flow to q and k; the kernel
     backends give cos/sin no gradient (they raise if cos/sin require grad; ``backend="torch"`` does).
 
     Positions must lie in [0, max_positions). An int offset is always checked; positions and offset

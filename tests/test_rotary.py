@@ -16,8 +16,8 @@ import gptkernels
 from gptkernels import reference
 from gptkernels._backend import BackendUnavailableError, unavailable_reason
 from gptkernels._dispatch import backend_module
-from tests.helpers import (DEVICE, DTYPES, ON_GPU, ROW_STRIDE, assert_parity, grid, huge_stride_views, index_views,
-                           randn, requires_gpu)
+from tests.helpers import (DEVICE, DTYPES, ON_GPU, ROW_STRIDE, assert_parity, grid, huge_stride_views,
+                           index_views, randn, requires_gpu)
 
 
 def _kernel_backends() -> list[str]:
@@ -704,8 +704,9 @@ def test_rotary_cos_sin_options_and_errors():
                               "attention_factor"),
                              (llama3, "factor"), (llama3, "low_freq_factor"),
                              (llama3, "original_max_position_embeddings")):
+            rope_type = scaling["rope_type"]
             bad.append((dict(scaling={**scaling, key: value}), ValueError,
-                        rf"scaling\['{key}'\] \(rope_type '{scaling['rope_type']}'\) must be a finite number > 0"))
+                        rf"scaling\['{key}'\] \(rope_type '{rope_type}'\) must be a finite number > 0"))
     for kw, exc, match in bad:
         kw = dict({"rotary_dim": 16, "max_positions": 8}, **kw)
         with pytest.raises(exc, match=match):

@@ -220,3 +220,17 @@ def rotary_io_bytes(tokens: int, heads_q: int, heads_k: int, head_dim: int, rota
     base = rotary_bytes(tokens, heads_q, heads_k, head_dim, rotary_dim, elem_bytes)
     return Count(base.value + positions_bytes * tokens,
                  base.formula.split(" (")[0] + " + T*pos_bytes (positions)")
+
+
+def weight_only_gemm_bytes(m: int, n: int, k: int, elem_bytes: int, *, int4: bool, group_size: int = 128,
+                           scale_bytes: int = 2, bias: bool = False) -> Count:
+    """y = x @ dequant(W)^T (+ b), weight-only int8/int4: the packed weight, its scales (and int4 zero
+    points) and x read once, y written once (the quant suite's GB/s counts the same bytes)."""
+    if int4:
+        weights = n * k // 2 + 2 * n * (k // group_size) * scale_bytes
+        wf = "N*K/2 + 2*N*(K/g)*scale_bytes"
+    else:
+        weights = n * k + n * scale_bytes
+        wf = "N*K + N*scale_bytes"
+    io = (m * k + m * n + (n if bias else 0)) * elem_bytes
+    return Count(float(weights + io), f"{wf} + (M*K + M*N{' + N' if bias else ''})*elem")

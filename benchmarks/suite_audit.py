@@ -212,6 +212,28 @@ def rotary(tokens, hq, hk, d, rot, *, interleaved=False, inplace=False) -> Case:
                 min_bytes=F.rotary_io_bytes(tokens, hq, hk, d, rot, ELEM, positions_bytes=8, inplace=inplace))
 
 
+def quant_linear(m, n, k, *, int4=False, group_size=128, bias=True) -> Case:
+    """Weight-only int8 / int4 GEMM (gptkernels.int8_linear / int4_linear): y = x @ dequant(W)^T + b."""
+
+    def build():
+        from gptkernels import quant
+
+        w = _randn(n, k, dtype=torch.float32, seed=1)
+        x = _randn(m, k, dtype=DTYPE)
+        b = _randn(n, dtype=DTYPE, seed=2) if bias else None
+        if int4:
+            qw, sc, zp = quant.quantize_int4(w.to(DTYPE), group_size=group_size)
+            return lambda: quant.int4_linear(x, qw, sc, zp, b, group_size=group_size, backend="triton")
+        qw, sc = quant.quantize_int8(w.to(DTYPE))
+        return lambda: quant.int8_linear(x, qw, sc, b, backend="triton")
+
+    fmt = f"int4 g={group_size}" if int4 else "int8"
+    return Case(f"{fmt} linear M={m} N={n} K={k}", "quant linear", f"M={m} N={n} K={k} {fmt}", build,
+                min_bytes=F.weight_only_gemm_bytes(m, n, k, ELEM, int4=int4, group_size=group_size,
+                                                   scale_bytes=ELEM, bias=bias),
+                useful_flops=F.matmul_flops(m, n, k))
+
+
 def cases() -> list[Case]:
     """The audit's cases: the shapes of issue 14's table where the interpreter can afford them (the
     ratios depend on the tile counts, not on batch or head count, which are kept small)."""
@@ -234,29 +256,68 @@ def cases() -> list[Case]:
         rotary(512, 8, 8, 128, 128),
         rotary(1024, 8, 2, 128, 32),
         rotary(512, 8, 8, 128, 64, interleaved=True, inplace=True),
+        quant_linear(1, 2048, 2048),
+        quant_linear(1, 2048, 2048, int4=True),
+        quant_linear(128, 1024, 1024, int4=True),
     ]
 
 
 # ---- running a case -------------------------------------------------------------------------------
 
 
-def kernel_modules():
-    from gptkernels.triton import flash_attn, paged, rotary as rot
+def kernel_modules() -> list:
+    """Every module of gptkernels.triton (a new kernel module is audited, or reported as not covered)."""
+    import importlib
+    import pkgutil
 
-    return (flash_attn, paged, rot)
+    import gptkernels.triton as pkg
+
+    # not _config: its INTERPRET is the package's own record of how the kernels were defined
+    return [importlib.import_module(f"{pkg.__name__}.{m.name}") for m in pkgutil.iter_modules(pkg.__path__)
+            if not m.name.startswith("_")]
 
 
 def kernels() -> dict[str, object]:
-    """Every Triton kernel of gptkernels.triton by name (autotuners and plain jitted functions)."""
+    """Every Triton kernel of gptkernels.triton by name (autotuners and jitted functions that are
+    launched, i.e. take a grid: ``@triton.jit`` helpers called from kernels are listed too, and told
+    apart by :func:`uncovered`)."""
     from triton.runtime import Autotuner
     from triton.runtime.jit import KernelInterface
 
     out = {}
     for mod in kernel_modules():
         for name, obj in vars(mod).items():
-            if isinstance(obj, (KernelInterface, Autotuner)):
+            if isinstance(obj, (KernelInterface, Autotuner)) and _python_fn(obj).__module__ == mod.__name__:
                 out.setdefault(name, obj)
     return out
+
+
+def _python_fn(kernel):
+    """The Python function under a kernel object (through autotuner, jit and interpreter wrappers)."""
+    fn = kernel
+    while hasattr(fn, "fn"):
+        fn = fn.fn
+    return fn
+
+
+def entry_points() -> list[str]:
+    """The kernels launched from Python: every kernel of :func:`kernels` that no other kernel calls
+    (the rest are ``@triton.jit`` helpers inlined into kernels: ``_visible``, ``_fwd_tiles``, ...)."""
+    import inspect
+    import re
+
+    ks = kernels()
+    sources = {n: inspect.getsource(_python_fn(k)) for n, k in ks.items()}
+    called = {n for n in ks for m, src in sources.items() if m != n and re.search(rf"\b{n}\(", src)}
+    return sorted(n for n in ks if n not in called)
+
+
+def uncovered(selected: list[Case] | None = None) -> list[str]:
+    """Launched kernels of gptkernels.triton that no case of ``selected`` (default: all) launches."""
+    seen = set()
+    for case in cases() if selected is None else selected:
+        seen |= {name for name, *_ in record_launches(case)}
+    return [n for n in entry_points() if n not in seen]
 
 
 def is_autotuned(kernel) -> bool:
@@ -267,8 +328,11 @@ def is_autotuned(kernel) -> bool:
 
 @contextlib.contextmanager
 def as_on_gpu(sms: int = AUDIT_SMS):
-    """Launch decisions as on a GPU with ``sms`` SMs: the split-K policy's SM count and the rotary
-    tile heuristic's interpreter switch (gptkernels.triton.*.INTERPRET) read the GPU's values."""
+    """Launch decisions as on a GPU with ``sms`` SMs: the split-K policies' SM count, and the launch
+    heuristics' interpreter switches (a module's ``INTERPRET`` flag, a function's ``interpret=``
+    default, e.g. ``quant.tile_config``) read the GPU's values."""
+    import inspect
+
     from gptkernels import _policy
 
     with contextlib.ExitStack() as stack:
@@ -277,6 +341,14 @@ def as_on_gpu(sms: int = AUDIT_SMS):
                 stack.enter_context(mock.patch.object(mod, "sm_count", lambda device, n=sms: n))
             if getattr(mod, "INTERPRET", None) is True:
                 stack.enter_context(mock.patch.object(mod, "INTERPRET", False))
+            for fn in vars(mod).values():
+                if not inspect.isfunction(fn) or fn.__module__ != mod.__name__ or not fn.__defaults__:
+                    continue
+                params = [p for p in inspect.signature(fn).parameters.values()
+                          if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][-len(fn.__defaults__):]
+                if any(p.name == "interpret" and p.default is True for p in params):
+                    stack.enter_context(mock.patch.object(fn, "__defaults__", tuple(
+                        False if p.name == "interpret" else d for p, d in zip(params, fn.__defaults__))))
         yield
 
 
@@ -448,36 +520,44 @@ def audit_case(case: Case, *, all_configs: bool = True, only_kernels: tuple[str,
 # ---- sm_90a compile of the same launches (a subprocess without the interpreter) --------------------
 
 
+def record_launches(case: Case) -> list[tuple]:
+    """The launches ``case``'s op makes, as on a GPU, without running any kernel: [(kernel name,
+    kernel, args, kwargs)]. (The op's Python code after a launch sees uninitialised outputs.)"""
+    from gptkernels import _backend
+
+    thunk = case.build()
+    launches = []
+
+    def recorder(name, kernel):
+        def record(*args, **kwargs):
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+            launches.append((name, kernel, args, kwargs))
+
+        return record
+
+    with contextlib.ExitStack() as stack:
+        for name, kernel in kernels().items():
+            stack.enter_context(mock.patch.object(kernel, "run", recorder(name, kernel)))
+        # outside the interpreter the public ops refuse CPU tensors for Triton; nothing runs here
+        # (every launch is recorded), so let them through to the launchers
+        stack.enter_context(mock.patch.object(_backend, "unavailable_reason", lambda *a, **k: None))
+        stack.enter_context(as_on_gpu())
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(np.errstate(all="ignore"))
+        stack.enter_context(warnings.catch_warnings())
+        warnings.simplefilter("ignore")
+        thunk()
+    return launches
+
+
 def sm90_figures(selected: list[Case], all_configs: bool = True):
     """Compile every kernel launch of each case for sm_90a with each config the audit counts -> one
     dict per (case, kernel, config). Needs Triton's compiler (no TRITON_INTERPRET) and its ptxas."""
-    from gptkernels import _backend
     from tools import sm90_compile as sc
 
     for case in selected:
-        thunk = case.build()
-        launches = []
-
-        def recorder(name, kernel):
-            def record(*args, **kwargs):
-                kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
-                launches.append((name, kernel, args, kwargs))
-
-            return record
-
-        with contextlib.ExitStack() as stack:
-            for name, kernel in kernels().items():
-                stack.enter_context(mock.patch.object(kernel, "run", recorder(name, kernel)))
-            # the public ops refuse CPU tensors for Triton outside the interpreter; here nothing runs
-            # (every launch is recorded, then compiled), so let them through to the launchers
-            stack.enter_context(mock.patch.object(_backend, "unavailable_reason", lambda *a, **k: None))
-            stack.enter_context(as_on_gpu())
-            stack.enter_context(torch.no_grad())
-            stack.enter_context(warnings.catch_warnings())
-            warnings.simplefilter("ignore")
-            thunk()
         done = set()
-        for name, kernel, args, kwargs in launches:
+        for name, kernel, args, kwargs in record_launches(case):
             if is_autotuned(kernel):
                 tried = gpu_configs(kernel, args, kwargs)
                 targets = [(cfg, config_text(cfg)) for cfg in (tried if all_configs else tried[:1])]
@@ -566,11 +646,21 @@ def run(selected: list[Case] | None = None, *, all_configs: bool = True, sm90: b
     selected = cases() if selected is None else selected
     handle = start_sm90([c.name for c in selected], all_configs) if sm90 else None
     rows: list[Row] = []
-    for case in selected:
-        t0 = time.perf_counter()
-        rows += audit_case(case, all_configs=all_configs)
-        if progress is not None:
-            progress(case, time.perf_counter() - t0)
+    try:
+        for case in selected:
+            t0 = time.perf_counter()
+            rows += audit_case(case, all_configs=all_configs)
+            if progress is not None:
+                progress(case, time.perf_counter() - t0)
+    except BaseException:  # interrupted: do not leave the compile running
+        if handle is not None and not isinstance(handle, str):
+            handle.kill()
+        raise
+    if len(selected) == len(cases()):  # the whole audit: say which kernels no case launched
+        for name in uncovered(selected):
+            rows.append(Row(table=TABLE.id, case="(no case)", impl=name, status="unavailable", ours=True,
+                            message="refused: no audit case launches this kernel yet (add one to "
+                                    "benchmarks/suite_audit.cases())", params={"kernel": name, "config": "-"}))
     tables = [TABLE]
     if launches:
         rows += audit_launches.rows()

@@ -48,6 +48,12 @@ BOUNDS = {
     # atomic dQ: 5 products; dQ added in float32 atomics once per (key tile, query slice)
     "attention bwd atomic": {"flops_x": 1.25, "bytes_x": 2.36},
     "rotary": {"bytes_x": 1.001},
+    # weight-only GEMM at M=1: a 16-row tile (16x tile FLOPs, memory-bound anyway); 2 K splits add
+    # float32 partials and their sum (int4: scales and zero points per group of 128 read per N tile)
+    "int8 decode": {"bytes_x": 1.05, "flops_x": 16.0},
+    "int4 decode": {"bytes_x": 1.08, "flops_x": 16.0},
+    # M=64: x re-read once per 64-column tile of N (4 tiles)
+    "int4 prefill": {"bytes_x": 1.96, "flops_x": 1.0},
     # launches per layer of a decode step (gpt-neox: rotary, append, decode + 9 ATen kernels).
     # Target (issue 14 item 6): at most half after fusing (test_decode_step_launches_target).
     "launches per layer": {"gpt-neox": 12},
@@ -210,6 +216,20 @@ def test_attention_bwd():
 def test_rotary():
     _within(_rows(sa.rotary(256, 8, 8, 128, 128)), "rotary")
     _within(_rows(sa.rotary(256, 8, 8, 64, 32, interleaved=True, inplace=True)), "rotary")
+
+
+def test_quant_linear():
+    _within(_rows(sa.quant_linear(1, 256, 1024)), "int8 decode")
+    _within(_rows(sa.quant_linear(1, 256, 1024, int4=True)), "int4 decode")
+    _within(_rows(sa.quant_linear(64, 256, 256, int4=True, group_size=64)), "int4 prefill")
+
+
+def test_every_launched_kernel_is_audited():
+    # A Triton kernel that no audit case launches would be missing from the audit without a word:
+    # each launched kernel of gptkernels.triton needs a case (a few lines in suite_audit.cases()).
+    missing = sa.uncovered()
+    assert not missing, (f"no case of benchmarks/suite_audit.cases() launches {missing}: add one (its "
+                         "shape and minimum bytes/FLOPs from benchmarks/formulas.py), and a bound here")
 
 
 @functools.cache

@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 import torch
 
 from ._backend import debug_checks as debug_enabled  # noqa: F401  (re-exported for callers)
-from ._policy import MAX_HEAD_DIM
+from ._policy import FP8_KV_DTYPES, MAX_HEAD_DIM
 
 
 def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
@@ -129,10 +129,15 @@ def check_cu_seqlens(op: str, name: str, cu: torch.Tensor, batch: int | None, to
             )
 
 
+#: Page sizes a paged cache may have: powers of two in this range (SPEC.md, "Paged KV cache").
+MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 1, 1024
+
+
 def check_block_size(op: str, name: str, block_size: int) -> None:
-    """A paged cache's block size is a power of two from 8 to 256 (SPEC.md, "Paged KV cache")."""
-    if block_size < 8 or block_size > 256 or block_size & (block_size - 1):
-        raise ValueError(f"{op}: the block size of {name} must be a power of two from 8 to 256, got {block_size}")
+    """A paged cache's block size is a power of two from 1 to 1024 (SPEC.md, "Paged KV cache")."""
+    if block_size < MIN_BLOCK_SIZE or block_size > MAX_BLOCK_SIZE or block_size & (block_size - 1):
+        raise ValueError(f"{op}: the block size of {name} must be a power of two from {MIN_BLOCK_SIZE} to "
+                         f"{MAX_BLOCK_SIZE}, got {block_size}")
 
 
 def debug_check_block_table(op: str, cache: torch.Tensor, block_table: torch.Tensor,
@@ -152,3 +157,59 @@ def debug_check_block_table(op: str, cache: torch.Tensor, block_table: torch.Ten
         if bool(bad.any()):
             raise ValueError(f"{op}: block_table[{b}] (sequence {b}) points outside the cache "
                              f"({num_blocks} blocks): {used[bad].tolist()}")
+
+
+# --------------------------------------------------------------------------------------------------
+# fp8 KV-cache scales, softcap, ALiBi slopes (semantics: gptkernels/reference.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def check_kv_scales(op: str, k_cache: torch.Tensor, k_scale, v_scale) -> None:
+    """``k_scale``/``v_scale`` go with an fp8 cache and only with one: float32 tensors shaped () or
+    (Hkv,) on the cache's device (``k_cache`` (num_blocks, block_size, Hkv, D), already checked).
+    Under GPTKERNELS_DEBUG=1 (a sync) their values must also be finite and > 0."""
+    hkv = k_cache.shape[2]
+    fp8 = k_cache.dtype in FP8_KV_DTYPES
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if not fp8:
+            if scale is not None:
+                raise ValueError(f"{op}: {name} is for an fp8 cache ({_dtype_names(FP8_KV_DTYPES)}) only; "
+                                 f"the cache is {str(k_cache.dtype).replace('torch.', '')}: pass {name}=None")
+            continue
+        if scale is None:
+            raise ValueError(f"{op}: {name} is required with a {str(k_cache.dtype).replace('torch.', '')} cache "
+                             f"(float32, shaped () or (Hkv,) = ({hkv},): the cache stores value / scale)")
+        check_tensor(scale, name, dtypes=(torch.float32,), op=op)
+        if scale.shape not in ((), (hkv,)):
+            raise ValueError(f"{op}: {name} must be shaped () or (Hkv,) = ({hkv},) (one scale per KV head), "
+                             f"got shape {tuple(scale.shape)}")
+        if scale.device != k_cache.device:
+            raise ValueError(f"{op}: {name} must be on the cache's device ({k_cache.device}), got {scale.device}")
+        if debug_enabled():
+            bad = ~(torch.isfinite(scale) & (scale > 0))
+            if bool(bad.any()):
+                raise ValueError(f"{op}: {name} must be finite and > 0, got {scale.cpu().tolist()}")
+
+
+def check_softcap(op: str, softcap) -> float | None:
+    """``softcap`` is None (off) or a finite number > 0 (scores -> softcap * tanh(scores / softcap))."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"{op}: softcap must be None or a float > 0, got {softcap!r}")
+    if not (softcap > 0 and softcap != float("inf")):  # also refuses NaN
+        raise ValueError(f"{op}: softcap must be None or a finite float > 0 (FlashAttention's softcap=0.0, "
+                         f"\"off\", is softcap=None here), got {softcap}")
+    return float(softcap)
+
+
+def check_alibi_slopes(op: str, slopes, batch: int, num_heads: int, device: torch.device) -> None:
+    """ALiBi ``slopes``: None, or float32 (Hq,) or (B, Hq) on the data's device (any strides)."""
+    if slopes is None:
+        return
+    check_tensor(slopes, "alibi_slopes", dtypes=(torch.float32,), op=op)
+    if slopes.shape not in ((num_heads,), (batch, num_heads)):
+        raise ValueError(f"{op}: alibi_slopes must be shaped (Hq,) = ({num_heads},) or (B, Hq) = "
+                         f"({batch}, {num_heads}), got shape {tuple(slopes.shape)}")
+    if slopes.device != device:
+        raise ValueError(f"{op}: alibi_slopes must be on the same device as the data ({device}), got {slopes.device}")

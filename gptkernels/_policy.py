@@ -22,6 +22,11 @@ import torch
 
 #: dtypes the kernels compute in (activations, caches).
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: dtypes a paged KV cache may have besides the model's float dtype: fp8 (e4m3, "fn": no infinities,
+#: largest finite value 448), read and written with per-KV-head float32 scales (SPEC.md, "Paged KV cache").
+FP8_KV_DTYPES = (torch.float8_e4m3fn,)
+#: The largest finite float8_e4m3fn magnitude: quantizing saturates there.
+FP8_E4M3_MAX = 448.0
 #: integer dtypes accepted for token positions and per-sequence offsets.
 INDEX_DTYPES = (torch.int32, torch.int64)
 #: largest head dim the attention kernels support.

@@ -44,18 +44,22 @@ def _flash_attn_fwd(
     bottom_right: bool,
     backend: str,
     deterministic: bool,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # deterministic only matters to the backward; it is an input here so autograd can save it
     fwd = backend_fn(backend, "flash_attn_forward", OP)
+    # an fp8 paged cache's scales reach the launcher only when given (a backend without fp8 refuses)
+    scales = {} if k_scale is None else {"k_scale": k_scale, "v_scale": v_scale}
     return fwd(q, k, v, causal=causal, window=window, softmax_scale=softmax_scale,
                cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-               block_table=block_table, seqlens_k=seqlens_k, bottom_right=bottom_right)
+               block_table=block_table, seqlens_k=seqlens_k, bottom_right=bottom_right, **scales)
 
 
 @_flash_attn_fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k, max_seqlen_q, max_seqlen_k,
-      causal, window, softmax_scale, bottom_right, backend, deterministic):
+      causal, window, softmax_scale, bottom_right, backend, deterministic, k_scale=None, v_scale=None):
     return q.new_empty(q.shape), q.new_empty(P.lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
 
 
@@ -94,7 +98,7 @@ def _(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
 
 def _fwd_setup_context(ctx, inputs, output):
     (q, k, v, cu_q, cu_k, block_table, seqlens_k, max_q, max_k, causal, window, scale,
-     bottom_right, backend, deterministic) = inputs
+     bottom_right, backend, deterministic) = inputs[:15]  # then an fp8 paged cache's scales
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
     ctx.params = (max_q, max_k, causal, window, scale, bottom_right, backend, deterministic)
@@ -108,7 +112,7 @@ def _fwd_backward(ctx, dout, dlse):
     max_q, max_k, causal, window, scale, bottom_right, backend, deterministic = ctx.params
     dq, dk, dv = _flash_attn_bwd(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal,
                                  window, scale, bottom_right, backend, deterministic)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 _flash_attn_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
@@ -143,15 +147,22 @@ def _lengths(cu: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _check_flash_attn(q, k, v, causal, window, softmax_scale, cu_seqlens_q, cu_seqlens_k,
-                      max_seqlen_q, max_seqlen_k, block_table, seqlens_k, op=OP, names=None):
+                      max_seqlen_q, max_seqlen_k, block_table, seqlens_k, op=OP, names=None,
+                      k_scale=None, v_scale=None):
     """Validate a flash_attn call; returns (max_seqlen_q, max_seqlen_k) for the kernels.
 
     ``op`` and ``names`` (e.g. q -> query) let :func:`sdpa` reuse these checks in its own words.
     """
     n = {"q": "q", "k": "k", "v": "v", "softmax_scale": "softmax_scale", **(names or {})}
+    # A paged cache (block_table) may be fp8, with k_scale / v_scale (checked with the paged inputs)
+    fp8_cache = block_table is not None and isinstance(k, torch.Tensor) and k.dtype in P.FP8_KV_DTYPES
+    kv_dtypes = P.FLOAT_DTYPES + (P.FP8_KV_DTYPES if block_table is not None else ())
     for name, t in ((n["q"], q), (n["k"], k), (n["v"], v)):
-        C.check_tensor(t, name, dtypes=P.FLOAT_DTYPES, op=op)
-    C.check_same_dtype(op, n["q"], q, **{n["k"]: k, n["v"]: v})
+        C.check_tensor(t, name, dtypes=P.FLOAT_DTYPES if t is q else kv_dtypes, op=op)
+    if fp8_cache:
+        C.check_same_dtype(op, n["k"], k, **{n["v"]: v})
+    else:
+        C.check_same_dtype(op, n["q"], q, **{n["k"]: k, n["v"]: v})
     C.check_same_device(op, n["q"], q, **{n["k"]: k, n["v"]: v})
     if not isinstance(causal, bool):
         raise TypeError(f"{op}: causal must be a bool, got {causal!r}")
@@ -171,6 +182,7 @@ def _check_flash_attn(q, k, v, causal, window, softmax_scale, cu_seqlens_q, cu_s
         C.check_tensor(k, "k", ndim=4, op=op)  # (num_blocks, block_size, Hkv, D)
         block_size = k.shape[1]
         C.check_block_size(op, "k (the paged cache, k.shape[1])", block_size)
+        C.check_kv_scales(op, k, k_scale, v_scale)
         C.check_index_tensor(op, "block_table", block_table, ndim=2, **idx)
         batch = block_table.shape[0]
         C.check_index_tensor(op, "seqlens_k", seqlens_k, ndim=1, **idx)
@@ -186,6 +198,8 @@ def _check_flash_attn(q, k, v, causal, window, softmax_scale, cu_seqlens_q, cu_s
             C.debug_check_block_table(op, k, block_table, seqlens_k, "seqlens_k")
         max_k = block_table.shape[1] * block_size if max_seqlen_k is None else _max_seqlen(
             "max_seqlen_k", max_seqlen_k, seqlens_k, "seqlens_k", op)
+    elif k_scale is not None or v_scale is not None:
+        raise ValueError(f"{op}: k_scale and v_scale are for an fp8 paged cache (with block_table) only")
     elif varlen_q or cu_seqlens_k is not None:
         if not varlen_q or cu_seqlens_k is None:
             raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must be given together (varlen)")
@@ -218,10 +232,10 @@ def _check_flash_attn(q, k, v, causal, window, softmax_scale, cu_seqlens_q, cu_s
 
 def _flash_attn(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, cu_seqlens_k,
                 max_seqlen_q, max_seqlen_k, block_table, seqlens_k, return_lse, backend,
-                bottom_right, deterministic=True, op=OP, names=None):
+                bottom_right, deterministic=True, op=OP, names=None, k_scale=None, v_scale=None):
     max_q, max_k = _check_flash_attn(q, k, v, causal, window, softmax_scale, cu_seqlens_q,
                                      cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table, seqlens_k,
-                                     op=op, names=names)
+                                     op=op, names=names, k_scale=k_scale, v_scale=v_scale)
     if not isinstance(deterministic, bool):
         raise TypeError(f"{op}: deterministic must be a bool, got {deterministic!r}")
     # torch.use_deterministic_algorithms(True) wins: like torch's own ops that have a deterministic
@@ -233,7 +247,7 @@ def _flash_attn(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, cu_seql
         out, lse = reference.attention(
             q, k, v, causal=causal, window=window, softmax_scale=scale, cu_seqlens_q=cu_seqlens_q,
             cu_seqlens_k=cu_seqlens_k, block_table=block_table, seqlens_k=seqlens_k,
-            bottom_right=bottom_right, return_lse=True)
+            bottom_right=bottom_right, return_lse=True, k_scale=k_scale, v_scale=v_scale)
     else:
         if needs_grad(q, k, v):
             if block_table is not None:
@@ -243,18 +257,21 @@ def _flash_attn(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, cu_seql
             backend_fn(backend, "flash_attn_backward", OP)  # fail now, not in backward
         out, lse = _flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k,
                                    max_q, max_k, causal, window, scale, bottom_right, backend,
-                                   deterministic)
+                                   deterministic, k_scale, v_scale)
     return (out, lse) if return_lse else out
 
 
 def flash_attn(q, k, v, *, causal=True, window=None, softmax_scale=None, cu_seqlens_q=None,
                cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, block_table=None,
-               seqlens_k=None, return_lse=False, backend=None, deterministic=True):
+               seqlens_k=None, return_lse=False, backend=None, deterministic=True, k_scale=None,
+               v_scale=None):
     """Fused softmax attention (causal, sliding window, GQA, varlen, paged keys).
 
     Dense: q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D). Varlen: q (Tq, Hq, D), k/v (Tk, Hkv, D) with int32
     ``cu_seqlens_q``/``cu_seqlens_k`` (B+1,). Paged keys: k/v are caches (num_blocks, block_size, Hkv, D)
-    with ``block_table`` (B, max_blocks) and ``seqlens_k`` (B,) int32.
+    with ``block_table`` (B, max_blocks) and ``seqlens_k`` (B,) int32. An fp8 paged cache
+    (``torch.float8_e4m3fn``) needs ``k_scale``/``v_scale`` (float32, (Hkv,) or ()): it is read as
+    stored * scale, inside the kernel (as :func:`gptkernels.paged_decode` reads it).
 
     Query row i sits at position ``i + Sk - Sq`` (bottom-right). ``causal``: it sees keys ``j <= p``;
     ``window=W``: at most W keys, itself included (``p - W < j <= p``), which is FlashAttention's
@@ -272,7 +289,8 @@ def flash_attn(q, k, v, *, causal=True, window=None, softmax_scale=None, cu_seql
                        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                        block_table=block_table, seqlens_k=seqlens_k, return_lse=return_lse,
-                       backend=backend, bottom_right=True, deterministic=deterministic)
+                       backend=backend, bottom_right=True, deterministic=deterministic,
+                       k_scale=k_scale, v_scale=v_scale)
 
 
 def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import torch
 
 from ._backend import debug_checks, resolve
+from ._policy import FP8_KV_DTYPES
 from .models.common import AttnContext, CausalLM
 from .models.inputs import Batch, pack_batch
 from .kv_cache import PagedKVCache
@@ -46,7 +47,8 @@ class PagedDecoder:
 
     def __init__(self, model: CausalLM, lengths: Sequence[int], max_new_tokens: int, *,
                  block_size: int = 16, backend: Optional[str] = None,
-                 cuda_graph: Optional[bool] = None, compile_step: bool = False):
+                 cuda_graph: Optional[bool] = None, compile_step: bool = False,
+                 kv_cache_dtype: Optional[torch.dtype] = None):
         cfg = model.config
         self.model, self.backend, self.block_size = model, backend, block_size
         device = model.device
@@ -56,7 +58,7 @@ class PagedDecoder:
         capacity = [n + max(max_new_tokens - 1, 0) for n in self.lengths]
         num_blocks = sum(-(-c // block_size) for c in capacity)
         self.cache = PagedKVCache(cfg.num_layers, num_blocks, block_size, model.kv_heads, cfg.head_dim,
-                                  dtype=model.dtype, device=device)
+                                  dtype=_cache_dtype(kv_cache_dtype, model.dtype), device=device)
         ids = list(range(b))
         self.prefill_slots = self.cache.reserve(ids, self.lengths)
         self.cache.reserve(ids, [c - n for c, n in zip(capacity, self.lengths)])
@@ -83,9 +85,12 @@ class PagedDecoder:
         """Run the packed prompts, fill the cache; returns logits (B, vocab) at each last token."""
         if not batch.packed:
             raise ValueError(f"{OP}: prefill needs a packed batch (pack_batch(..., force_packed=True))")
+        # fp8 cache: each layer's scales are calibrated from its prefill K/V before they are stored
         ctx = AttnContext(positions=batch.positions, backend=self.backend, cu_seqlens=batch.cu_seqlens,
                           max_seqlen=batch.max_seqlen, k_cache=self.cache.k_cache,
-                          v_cache=self.cache.v_cache, slot_mapping=self.prefill_slots)
+                          v_cache=self.cache.v_cache, slot_mapping=self.prefill_slots,
+                          k_scale=self.cache.k_scale, v_scale=self.cache.v_scale,
+                          calibrate=self.cache.calibrate_scales if self.cache.fp8 else None)
         h = self.model.body(batch.ids, ctx)
         return self.model.head(batch.last(h))
 
@@ -95,7 +100,8 @@ class PagedDecoder:
         block = self.block_table.gather(1, (pos // bs)[:, None]).squeeze(1).long()
         ctx = AttnContext(positions=pos, backend=self.backend, k_cache=self.cache.k_cache,
                           v_cache=self.cache.v_cache, slot_mapping=block * bs + pos % bs,
-                          block_table=self.block_table, seq_lens=(pos + 1).to(torch.int32))
+                          block_table=self.block_table, seq_lens=(pos + 1).to(torch.int32),
+                          k_scale=self.cache.k_scale, v_scale=self.cache.v_scale)
         return self.model.head(self.model.body(self.tokens, ctx))
 
     @torch.no_grad()
@@ -130,6 +136,18 @@ class PagedDecoder:
             out = self._step_fn()
         self.positions.add_(1)
         return out
+
+
+def _cache_dtype(kv_cache_dtype, model_dtype: torch.dtype) -> torch.dtype:
+    """The paged cache's dtype: the model's (None), or fp8 (torch.float8_e4m3fn)."""
+    if kv_cache_dtype is None or kv_cache_dtype == model_dtype:
+        return model_dtype
+    if not isinstance(kv_cache_dtype, torch.dtype):
+        raise TypeError(f"{OP}: kv_cache_dtype must be None or a torch.dtype, got {kv_cache_dtype!r}")
+    if kv_cache_dtype not in FP8_KV_DTYPES:
+        raise ValueError(f"{OP}: kv_cache_dtype must be None (the model's dtype, {model_dtype}) or "
+                         f"{', '.join(map(str, FP8_KV_DTYPES))}, got {kv_cache_dtype}")
+    return kv_cache_dtype
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,7 +222,7 @@ def _token_list(name, value, vocab) -> list[int]:
 def generate(model, input_ids, max_new_tokens, attention_mask=None, do_sample=False, temperature=1.0,
              top_k=0, top_p=1.0, repetition_penalty=1.0, eos_token_id=None, pad_token_id=None,
              generator=None, backend=None, *, block_size=16, cuda_graph=None, compile_step=False,
-             stats=None):
+             kv_cache_dtype=None, stats=None):
     """Generate up to ``max_new_tokens`` tokens per row; returns (B, S + n) token ids, n <= max_new_tokens.
 
     ``max_new_tokens`` >= 1, as in transformers' generate (the CLI has the same rule).
@@ -224,6 +242,14 @@ def generate(model, input_ids, max_new_tokens, attention_mask=None, do_sample=Fa
     with the same arguments; each step's tokens are rank 0's choice, broadcast, so every rank returns
     the same tokens (even with differently seeded generators).
 
+    ``kv_cache_dtype=torch.float8_e4m3fn`` keeps the paged K/V cache in fp8 (half the bytes per
+    token of a 16-bit cache; None: the model's dtype). Scales, one per layer and KV head for K and
+    for V, are calibrated from the prefill: each layer's largest |K| and |V| per head over every
+    prompt token maps to 448 / 2 (``gptkernels.kv_cache.FP8_HEADROOM``), so generated tokens may
+    grow to twice the prompt's range before they saturate at +-448. The prefill attends over its
+    own unquantized K/V; decode steps read the fp8 cache (dequantized in the kernel). The scales
+    stay fixed for the whole generation. Not on backend="cuda" (no fp8 kernels).
+
     Keyword-only extras: ``block_size`` of the paged cache; ``cuda_graph`` (None: on for CUDA models
     with a kernel backend); ``compile_step``: torch.compile the decode step (fuses the small
     per-layer ops; compiling takes a while, once per shape); ``stats``: a dict that receives timings (seconds, with device syncs at
@@ -241,6 +267,7 @@ def generate(model, input_ids, max_new_tokens, attention_mask=None, do_sample=Fa
     _check_number("top_p", top_p, kind=(int, float), lo=0, lo_open=True, hi=1)
     _check_number("repetition_penalty", repetition_penalty, kind=(int, float), lo=0, lo_open=True)
     _check_number("block_size", block_size, kind=int, lo=1)
+    _cache_dtype(kv_cache_dtype, model.dtype)  # a bad kv_cache_dtype fails before any work
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"{OP}: generator must be None or a torch.Generator, got {type(generator).__name__}")
     eos = None if eos_token_id is None else _token_list("eos_token_id", eos_token_id, cfg.vocab_size)
@@ -277,7 +304,7 @@ def generate(model, input_ids, max_new_tokens, attention_mask=None, do_sample=Fa
     out[:, :s] = input_ids
 
     dec = PagedDecoder(model, batch.lengths, max_new_tokens, block_size=block_size, backend=backend,
-                       cuda_graph=cuda_graph, compile_step=compile_step)
+                       cuda_graph=cuda_graph, compile_step=compile_step, kv_cache_dtype=kv_cache_dtype)
     logits = dec.prefill(batch)
     t1 = now()
     if dec.cuda_graph and max_new_tokens > 1:

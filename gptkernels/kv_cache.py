@@ -16,7 +16,27 @@ from typing import Sequence
 import torch
 
 from . import _checks as C
-from ._policy import FLOAT_DTYPES
+from ._policy import FLOAT_DTYPES, FP8_E4M3_MAX, FP8_KV_DTYPES
+
+# --------------------------------------------------------------------------------------------------
+# fp8 scales
+# --------------------------------------------------------------------------------------------------
+
+#: Calibration maps a head's largest |value| to FP8_E4M3_MAX / FP8_HEADROOM (224): later tokens may
+#: be up to twice as large before they saturate. e4m3's relative precision is the same across its
+#: normal range, so the headroom costs nothing until values fall below 2**-6 * scale (amax / ~14000).
+FP8_HEADROOM = 2.0
+
+
+def fp8_scale(x: torch.Tensor, headroom: float = FP8_HEADROOM) -> torch.Tensor:
+    """Per-head scales for an fp8 cache from sample values ``x`` (T, H, D): float32 (H,)
+    ``amax(|x|) * headroom / 448`` per head (1 for a head of zeros, or for T = 0). Runs on x's
+    device without a host sync (CUDA-graph and torch.compile friendly)."""
+    if x.shape[0] == 0:
+        return torch.ones(x.shape[1], dtype=torch.float32, device=x.device)
+    amax = x.detach().abs().amax(dim=(0, 2)).to(torch.float32)
+    return torch.where(amax > 0, amax * (headroom / FP8_E4M3_MAX), torch.ones_like(amax))
+
 
 # --------------------------------------------------------------------------------------------------
 # Block manager
@@ -68,6 +88,12 @@ class PagedKVCache:
     moment the manager controls could fix that order (the append of the first tokens and of the
     next ones may be the same call), so it is documented, not guessed at.
 
+    fp8 (``dtype=torch.float8_e4m3fn``): half the bytes of a 16-bit cache per token. Each layer has
+    float32 (Hkv,) scales, ``k_scale[layer]`` / ``v_scale[layer]`` (1 at first): the cache stores
+    value / scale, saturated at +-448. Set them, or :meth:`calibrate_scales` from sample K/V (what
+    :func:`gptkernels.generate` does with the prefill), before a layer's first append, and pass
+    ``**cache.scales(layer)`` to the ops. Zeros mean the same in both: the fresh cache is zeros.
+
     Thread safety: every method takes one lock around the bookkeeping (free list, reference counts,
     tables), so threads may reserve/fork/free concurrently; each call is atomic (a reserve that
     raises :class:`CacheFullError` changed nothing, even with other threads running). The lock does
@@ -95,8 +121,8 @@ class PagedKVCache:
                 raise ValueError(f"{op}: {name} must be >= 1, got {val}")
         C.check_block_size(op, "the cache (block_size)", block_size)
         C.check_head_dim(op, "head_dim", head_dim)
-        if dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{op}: dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
+        if dtype not in FLOAT_DTYPES + FP8_KV_DTYPES:
+            raise TypeError(f"{op}: dtype must be one of {FLOAT_DTYPES + FP8_KV_DTYPES}, got {dtype!r}")
         self.num_layers, self.num_blocks, self.block_size = int(num_layers), int(num_blocks), int(block_size)
         self.num_kv_heads, self.head_dim, self.dtype = int(num_kv_heads), int(head_dim), dtype
         self.device = torch.device(device) if device is not None else torch.get_default_device()
@@ -104,9 +130,46 @@ class PagedKVCache:
         # Zeros, not empty: slots no sequence has written stay finite (the kernels mask them anyway).
         self.k_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
         self.v_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        # fp8: per-layer float32 (Hkv,) scales, 1 until set or calibrated (None for a float cache).
+        # Updated in place, so a captured CUDA graph keeps reading the current values.
+        self.k_scale = self.v_scale = None
+        if self.fp8:
+            self.k_scale = [torch.ones(self.num_kv_heads, device=self.device) for _ in range(num_layers)]
+            self.v_scale = [torch.ones(self.num_kv_heads, device=self.device) for _ in range(num_layers)]
         # One lock around all host bookkeeping; reentrant because public methods call each other.
         self._lock = threading.RLock()
         self.reset()
+
+    # ---- fp8 scales ----------------------------------------------------------------------------
+
+    @property
+    def fp8(self) -> bool:
+        """Whether the caches are fp8 (their appends and reads take :attr:`k_scale`/:attr:`v_scale`)."""
+        return self.dtype in FP8_KV_DTYPES
+
+    def scales(self, layer: int) -> dict:
+        """``{"k_scale": ..., "v_scale": ...}`` of ``layer`` for :func:`paged_append` /
+        :func:`paged_decode` / paged :func:`flash_attn` (empty for a float cache)::
+
+            paged_append(k, v, cache.k_cache[i], cache.v_cache[i], slots, **cache.scales(i))
+        """
+        if not self.fp8:
+            return {}
+        return {"k_scale": self.k_scale[layer], "v_scale": self.v_scale[layer]}
+
+    def calibrate_scales(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+                         headroom: float = FP8_HEADROOM) -> None:
+        """Set ``layer``'s fp8 scales from sample K/V (T, Hkv, D), e.g. a prefill's, before they are
+        appended (:func:`fp8_scale`: amax per head with ``headroom``). Calibrate a layer before it
+        holds tokens: tokens already stored would be read back with the new scale."""
+        op = "PagedKVCache.calibrate_scales"
+        if not self.fp8:
+            raise ValueError(f"{op}: the cache is {self.dtype}, not fp8: it has no scales")
+        for name, x in (("k", k), ("v", v)):
+            C.check_tensor(x, name, ndim=3, dtypes=FLOAT_DTYPES, op=op)
+            C.check_dim(op, name, x, 1, self.num_kv_heads, "num_kv_heads of the cache")
+        self.k_scale[layer].copy_(fp8_scale(k, headroom))
+        self.v_scale[layer].copy_(fp8_scale(v, headroom))
 
     # ---- state -------------------------------------------------------------------------------
 

@@ -18,11 +18,64 @@ from __future__ import annotations
 
 import torch
 
+from ._policy import FP8_E4M3_MAX
 from ._policy import softmax_scale as softmax_scale_default
 
 
 def _compute_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32) if upcast else dtype
+
+
+# --------------------------------------------------------------------------------------------------
+# Score modifiers: softcap and ALiBi (every attention path; the kernels follow these definitions)
+# --------------------------------------------------------------------------------------------------
+#
+# Order, as in FlashAttention 2/3, vLLM and FlashInfer: s = softmax_scale * q.k, then the soft cap,
+# then the ALiBi bias, then the causal / window mask, then softmax:
+#     s = softcap * tanh(s / softcap)              (softcap > 0; None: off)
+#     s = s - slope[h] * |pos_q - pos_k|          (alibi_slopes; pos_q bottom-right aligned)
+# lse is the logsumexp of these final scores.
+
+
+def softcap_scores(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Gemma-2 / Grok soft capping of scores that already carry the softmax scale:
+    ``softcap * tanh(scores / softcap)`` (FlashAttention's ``softcap``, vLLM's
+    ``logits_soft_cap``, FlashInfer's ``logits_soft_cap``); ``softcap=None`` leaves them unchanged."""
+    if softcap is None:
+        return scores
+    return softcap * torch.tanh(scores / softcap)
+
+
+def alibi_bias(slopes: torch.Tensor, pos_q: torch.Tensor, pos_k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """ALiBi's additive bias ``-slope * |pos_q - pos_k|`` (FlashAttention's ``alibi_slopes``: "a bias
+    of -alibi_slope * |i + seqlen_k - seqlen_q - j|"; vLLM's ``slope * (pos_k - pos_q)`` is the same
+    on the keys a causal query sees). ``slopes`` (..., H) -> bias (..., H, len(pos_q), len(pos_k))."""
+    dist = (pos_q.to(dtype)[:, None] - pos_k.to(dtype)[None, :]).abs()
+    return -slopes.to(dtype)[..., None, None] * dist
+
+
+# --------------------------------------------------------------------------------------------------
+# fp8 KV cache: value / scale stored in float8_e4m3fn, read back as stored * scale
+# --------------------------------------------------------------------------------------------------
+
+
+def _per_head(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A scale shaped () or (H,) as a (H, 1) / () tensor that broadcasts over (..., H, D) rows."""
+    scale = scale.to(dtype)
+    return scale[:, None] if scale.dim() == 1 else scale
+
+
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
+    """x (..., H, D) -> fp8 ``x / scale`` (scale () or (H,) float32), rounded to nearest even and
+    saturated at +-448 (e4m3's largest finite value) rather than turned into NaN. The division is in
+    float32, as in the append kernels, so both give the same bits."""
+    y = x.to(torch.float32) / _per_head(scale, torch.float32)
+    return y.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(dtype)
+
+
+def dequantize_fp8(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp8 x (..., H, D) -> ``x * scale`` in ``dtype`` (every fp8 value is exact in float16 and up)."""
+    return x.to(dtype) * _per_head(scale, dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -57,8 +110,9 @@ def attention_mask(
     return visible
 
 
-def _attend(q, k, v, scale, mask, dtype):
-    """Softmax attention of one batch. q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D), mask (Sq, Sk) or None.
+def _attend(q, k, v, scale, mask, dtype, *, softcap=None, bias=None):
+    """Softmax attention of one batch. q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D), mask (Sq, Sk) or None;
+    ``softcap`` and an additive ``bias`` broadcasting to (B, Hq, Sq, Sk) (ALiBi) as defined above.
 
     Returns out (B, Sq, Hq, D) in ``dtype`` and lse (B, Hq, Sq). Rows that see no key give zeros and
     lse = -inf.
@@ -67,7 +121,9 @@ def _attend(q, k, v, scale, mask, dtype):
     qt = q.to(dtype).transpose(1, 2)  # B, Hq, Sq, D
     kt = k.to(dtype).transpose(1, 2).repeat_interleave(group, dim=1)
     vt = v.to(dtype).transpose(1, 2).repeat_interleave(group, dim=1)
-    scores = (qt @ kt.transpose(-1, -2)) * scale
+    scores = softcap_scores((qt @ kt.transpose(-1, -2)) * scale, softcap)
+    if bias is not None:
+        scores = scores + bias
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
         empty = ~mask.any(dim=-1, keepdim=True)  # (Sq, 1): rows that see no key
@@ -99,6 +155,8 @@ def paged_keys(cache: torch.Tensor, block_table_row: torch.Tensor, length: int):
     blk = block_table_row.to(cache.device).long()[page.clamp(max=width - 1)]
     valid = (page < width) & (blk >= 0) & (blk < num_blocks)
     rows = cache[torch.where(valid, blk, 0), pos % block_size]
+    if rows.element_size() == 1:  # fp8: torch has no masked_fill for it; all-zero bits are +0.0
+        return rows.view(torch.uint8).masked_fill(~valid[:, None, None], 0).view(rows.dtype), valid
     return rows.masked_fill(~valid[:, None, None], 0), valid
 
 
@@ -129,13 +187,19 @@ def attention(
     bottom_right: bool = True,
     upcast: bool = True,
     return_lse: bool = False,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ):
     """Attention with exactly SPEC's semantics (dense, varlen, paged keys, GQA, window, lse).
 
     * dense: q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D); lse (B, Hq, Sq).
     * varlen: q (Tq, Hq, D) with ``cu_seqlens_q``; k/v (Tk, Hkv, D) with ``cu_seqlens_k``; lse (Hq, Tq).
     * paged keys: k/v are caches (num_blocks, block_size, Hkv, D) with ``block_table`` (B, max_blocks)
-      and ``seqlens_k`` (B,); q is dense (B, Sq, Hq, D) or varlen with ``cu_seqlens_q``.
+      and ``seqlens_k`` (B,); q is dense (B, Sq, Hq, D) or varlen with ``cu_seqlens_q``. An fp8 cache
+      is read as stored * ``k_scale`` / ``v_scale`` ((Hkv,) or ()).
+    * ``softcap`` and ``alibi_slopes`` ((Hq,) or (B, Hq)): the score modifiers defined above.
     """
     lens_k = None
     if block_table is not None:
@@ -144,11 +208,24 @@ def attention(
         lens_k = [min(max(n, 0), capacity) for n in seqlens_k.tolist()]
     return _attention(q, k, v, causal=causal, window=window, softmax_scale=softmax_scale,
                       cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, block_table=block_table,
-                      lens_k=lens_k, bottom_right=bottom_right, upcast=upcast, return_lse=return_lse)
+                      lens_k=lens_k, bottom_right=bottom_right, upcast=upcast, return_lse=return_lse,
+                      k_scale=k_scale, v_scale=v_scale, softcap=softcap, alibi_slopes=alibi_slopes)
+
+
+def _alibi(slopes, b, seqlen_q, seqlen_k, bottom_right, dtype, device):
+    """The ALiBi bias of sequence ``b`` (None: all sequences, dense) or None without slopes."""
+    if slopes is None:
+        return None
+    if b is not None and slopes.dim() == 2:
+        slopes = slopes[b]  # dense (b None): (B, Hq) or (Hq,) slopes broadcast over the batch
+    shift = seqlen_k - seqlen_q if bottom_right else 0
+    pos_q = torch.arange(seqlen_q, device=device) + shift
+    return alibi_bias(slopes.to(device), pos_q, torch.arange(seqlen_k, device=device), dtype)
 
 
 def _attention(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, cu_seqlens_k, block_table,
-               lens_k, bottom_right, upcast, return_lse):
+               lens_k, bottom_right, upcast, return_lse, k_scale=None, v_scale=None, softcap=None,
+               alibi_slopes=None):
     """:func:`attention` with the paged key lengths given (``lens_k``: one int per sequence)."""
     dtype = _compute_dtype(q.dtype, upcast)
     scale = softmax_scale_default(q.shape[-1], softmax_scale)
@@ -159,7 +236,8 @@ def _attention(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, cu_seqle
     if not varlen_q and not paged:
         mask = attention_mask(q.shape[1], k.shape[1], causal=causal, window=window,
                               bottom_right=bottom_right, device=q.device)
-        out, lse = _attend(q, k, v, scale, mask, dtype)
+        bias = _alibi(alibi_slopes, None, q.shape[1], k.shape[1], bottom_right, dtype, q.device)
+        out, lse = _attend(q, k, v, scale, mask, dtype, softcap=softcap, bias=bias)
         out = out.to(q.dtype).contiguous()  # (B, Sq, Hq, D) row-major, as the kernels write it
         return (out, lse.to(lse_dtype).contiguous()) if return_lse else out
 
@@ -185,6 +263,8 @@ def _attention(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, cu_seqle
         if paged:
             kb, key_ok = paged_keys(k, block_table[b], lens_k[b])
             vb, _ = paged_keys(v, block_table[b], lens_k[b])
+            if k_scale is not None:  # fp8 cache: read back as stored * scale
+                kb, vb = dequantize_fp8(kb, k_scale, dtype), dequantize_fp8(vb, v_scale, dtype)
         else:
             k0, k1 = _bounds(ck, b, k.shape[0])
             kb, vb = k[k0:k1], v[k0:k1]
@@ -192,7 +272,8 @@ def _attention(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, cu_seqle
                               bottom_right=bottom_right, device=q.device)
         if key_ok is not None and not bool(key_ok.all()):
             mask = key_ok[None, :].expand(qb.shape[0], -1) if mask is None else mask & key_ok[None, :]
-        ob, lb = _attend(qb[None], kb[None], vb[None], scale, mask, dtype)
+        bias = _alibi(alibi_slopes, b, qb.shape[0], kb.shape[0], bottom_right, dtype, q.device)
+        ob, lb = _attend(qb[None], kb[None], vb[None], scale, mask, dtype, softcap=softcap, bias=bias)
         if varlen_q:
             out[q0:q1] = ob[0]
             lse[:, q0:q1] = lb[0]
@@ -276,31 +357,39 @@ def apply_rotary(q, k, cos, sin, *, positions=None, offset=0, interleaved=False,
 # --------------------------------------------------------------------------------------------------
 
 
-def paged_append(k, v, k_cache, v_cache, slot_mapping) -> None:
+def paged_append(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=None) -> None:
     """Write k, v (T, Hkv, D) to the cache slots ``slot_mapping`` (T,); a slot of -1 (or any slot
-    outside the cache, as the kernels drop it) is skipped."""
+    outside the cache, as the kernels drop it) is skipped. An fp8 cache stores
+    :func:`quantize_fp8` (value / scale, saturated) with ``k_scale`` / ``v_scale``."""
     keep = (slot_mapping >= 0) & (slot_mapping < k_cache.shape[0] * k_cache.shape[1])
     slots = slot_mapping[keep].long()
     block_size = k_cache.shape[1]
     blocks, offsets = slots // block_size, slots % block_size
+    if k_scale is not None:
+        k_cache[blocks, offsets] = quantize_fp8(k[keep], k_scale, k_cache.dtype)
+        v_cache[blocks, offsets] = quantize_fp8(v[keep], v_scale, v_cache.dtype)
+        return
     k_cache[blocks, offsets] = k[keep].to(k_cache.dtype)
     v_cache[blocks, offsets] = v[keep].to(v_cache.dtype)
 
 
 def paged_decode(q, k_cache, v_cache, block_table, seq_lens, *, softmax_scale=None, window=None,
-                 upcast=True, return_lse=False):
+                 upcast=True, return_lse=False, k_scale=None, v_scale=None, softcap=None,
+                 alibi_slopes=None):
     """One query token per sequence against its paged cache: q (B, Hq, D) -> (B, Hq, D) [, lse (B, Hq)].
 
     This is causal paged attention with one query row at position seq_lens - 1. Unlike
     :func:`attention`'s paged keys, the length is not clamped to the table's capacity (the decode
     kernel's rule): the query stays at seq_lens - 1 and the keys past the capacity contribute
-    nothing; a negative length is 0.
+    nothing; a negative length is 0. An fp8 cache is read as stored * ``k_scale`` / ``v_scale``;
+    ``softcap`` and ``alibi_slopes`` as defined above (the query at position seq_lens - 1).
     """
     lens = [max(n, 0) for n in seq_lens.tolist()]
     out, lse = _attention(q[:, None], k_cache, v_cache, causal=True, window=window,
                           softmax_scale=softmax_scale, cu_seqlens_q=None, cu_seqlens_k=None,
                           block_table=block_table, lens_k=lens, bottom_right=True, upcast=upcast,
-                          return_lse=True)
+                          return_lse=True, k_scale=k_scale, v_scale=v_scale, softcap=softcap,
+                          alibi_slopes=alibi_slopes)
     out, lse = out[:, 0], lse[:, :, 0]
     return (out, lse) if return_lse else out
 

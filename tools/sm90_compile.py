@@ -100,11 +100,12 @@ def cases(head_dim=80, elem="bf16"):
     common = dict(CAUSAL=True, HAS_WINDOW=True, BOTTOM_RIGHT=True, VARLEN_Q=True, PAGED=False,
                   HEAD_DIM=head_dim, BLOCK_D=block_d,
                   PRECISION="ieee" if elem == "fp32" else "tf32")
+    fwd = dict(common, KV_SCALED=False)  # KV_SCALED: an fp8 paged cache (forward only)
     return [
-        ("fwd", fa._fwd_kernel, fa._FWD_TABLE, dict(common, VARLEN_K=True, PAGE=1, SPLIT=False)),
-        ("fwd_split", fa._fwd_kernel, fa._FWD_TABLE, dict(common, VARLEN_K=True, PAGE=1, SPLIT=True)),
-        ("fwd_decode", fa._fwd_kernel, fa._FWD_DECODE_TABLE, dict(common, VARLEN_K=True, PAGE=1, SPLIT=True)),
-        ("fwd_paged", fa._fwd_kernel, fa._FWD_TABLE, dict(common, VARLEN_K=False, PAGED=True, PAGE=16,
+        ("fwd", fa._fwd_kernel, fa._FWD_TABLE, dict(fwd, VARLEN_K=True, PAGE=1, SPLIT=False)),
+        ("fwd_split", fa._fwd_kernel, fa._FWD_TABLE, dict(fwd, VARLEN_K=True, PAGE=1, SPLIT=True)),
+        ("fwd_decode", fa._fwd_kernel, fa._FWD_DECODE_TABLE, dict(fwd, VARLEN_K=True, PAGE=1, SPLIT=True)),
+        ("fwd_paged", fa._fwd_kernel, fa._FWD_TABLE, dict(fwd, VARLEN_K=False, PAGED=True, PAGE=16,
                                                           SPLIT=False)),
         ("dkdv", fa._bwd_dkdv, fa._DKDV_TABLE, dict(common, ATOMIC_DQ=False)),
         ("dkdv_atomic_dq", fa._bwd_dkdv, fa._DKDV_ATOMIC_TABLE, dict(common, ATOMIC_DQ=True)),

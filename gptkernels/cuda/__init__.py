@@ -81,12 +81,13 @@ def register_fakes(namespace: str) -> None:
 
 
 def flash_attn_forward(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                       max_seqlen_k, block_table, seqlens_k, bottom_right):
+                       max_seqlen_k, block_table, seqlens_k, bottom_right, k_scale=None, v_scale=None):
     """(out, lse): out like q (contiguous), lse float32 (B, Hq, Sq) dense or (Hq, Tq) varlen.
 
     float16/bfloat16 only, head dims 32, 64, 80, 96, 128, rows 16-byte aligned (head dim contiguous).
     ``softmax_scale`` and, for varlen q, ``max_seqlen_q`` come resolved from gptkernels.attention.
     """
+    _refuse_options("flash_attn", k_scale=k_scale, v_scale=v_scale)
     max_q = q.shape[1] if cu_seqlens_q is None else int(max_seqlen_q)  # dense: Sq is q's shape
     max_k = 0 if max_seqlen_k is None else int(max_seqlen_k)  # unused: each sequence's key count is read
     out, lse = _call("flash_attn", "flash_attn_fwd", q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k,
@@ -112,14 +113,27 @@ def apply_rotary(q, k, cos, sin, *, positions, offset, interleaved, inplace, con
     return q_out, k_out
 
 
-def paged_append(k, v, k_cache, v_cache, slot_mapping):
+def _refuse_options(public_op: str, **options) -> None:
+    """Options the Triton launchers take and the CUDA kernels do not implement (they are not in the
+    C++ schemas): fp8 caches (k_scale/v_scale), softcap, ALiBi."""
+    used = [name for name, value in options.items() if value is not None]
+    if used:
+        raise BackendUnavailableError(
+            f"{public_op}: backend 'cuda' cannot serve this call: no CUDA kernel for {', '.join(used)} "
+            "(fp8 caches, softcap and ALiBi run on backend='triton' or 'torch')")
+
+
+def paged_append(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=None):
     """Writes k, v (T, Hkv, D) into the caches at slot_mapping (T,); slots of -1 are skipped."""
+    _refuse_options("paged_append", k_scale=k_scale, v_scale=v_scale)
     _call("paged_append", "paged_append", k, v, k_cache, v_cache, slot_mapping)
 
 
-def paged_decode(q, k_cache, v_cache, block_table, seq_lens, *, softmax_scale, window, num_splits):
+def paged_decode(q, k_cache, v_cache, block_table, seq_lens, *, softmax_scale, window, num_splits,
+                 k_scale=None, v_scale=None, softcap=None, alibi_slopes=None):
     """(out (B, Hq, D) like q, lse (B, Hq) float32). ``softmax_scale`` and ``num_splits`` come resolved
     from gptkernels.paged (the split policy is gptkernels._policy's, for every backend)."""
+    _refuse_options("paged_decode", k_scale=k_scale, v_scale=v_scale, softcap=softcap, alibi_slopes=alibi_slopes)
     out, lse = _call("paged_decode", "paged_decode", q, k_cache, v_cache, block_table, seq_lens,
                      float(softmax_scale), window, int(num_splits))
     return out, lse

@@ -22,7 +22,7 @@ How a forward pass runs attention is described by an :class:`AttnContext`:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,11 @@ class AttnContext:
     slot_mapping: Optional[torch.Tensor] = None  # int64, one slot per token of this pass
     block_table: Optional[torch.Tensor] = None   # decode: int32 (B, max_blocks)
     seq_lens: Optional[torch.Tensor] = None      # decode: int32 (B,), including the new token
+    # fp8 cache: per-layer float32 (Hkv,) scales, and (prefill) a hook that sets a layer's scales
+    # from its K/V before they are appended (PagedKVCache.calibrate_scales)
+    k_scale: Optional[list] = None
+    v_scale: Optional[list] = None
+    calibrate: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None
 
     @property
     def decode(self) -> bool:
@@ -60,13 +65,18 @@ class AttnContext:
 
     def attend(self, layer: int, q, k, v, *, softmax_scale: float, window: Optional[int]):
         """Causal attention of q over k, v (and the cache), per this context's mode."""
+        scales = {}
+        if self.k_scale is not None:
+            if self.calibrate is not None:
+                self.calibrate(layer, k, v)
+            scales = dict(k_scale=self.k_scale[layer], v_scale=self.v_scale[layer])
         if self.k_cache is not None:
             paged_append(k, v, self.k_cache[layer], self.v_cache[layer], self.slot_mapping,
-                         backend=self.backend)
+                         backend=self.backend, **scales)
         if self.decode:
             return paged_decode(q, self.k_cache[layer], self.v_cache[layer], self.block_table,
                                 self.seq_lens, softmax_scale=softmax_scale, window=window,
-                                backend=self.backend)
+                                backend=self.backend, **scales)
         return flash_attn(q, k, v, causal=True, window=window, softmax_scale=softmax_scale,
                           cu_seqlens_q=self.cu_seqlens, cu_seqlens_k=self.cu_seqlens,
                           max_seqlen_q=self.max_seqlen if self.cu_seqlens is not None else None,

@@ -346,8 +346,10 @@ def _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, start, end, pos_q, seqlen_k, wi
             kv_mask = ok[:, None] & d_ok
         else:
             kv_mask = d_ok  # interior tile: every key row exists
+        # .to(q.dtype): an fp8 paged cache's values in q's dtype, exactly (a no-op otherwise; its
+        # scales are folded into qk_scale and the output by _fwd_kernel)
         k = tl.load(K_head + k_base + k_rows[:, None] + offs_d[None, :] * stride_kd, mask=kv_mask,
-                    other=0.0)
+                    other=0.0).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASKED:
             vis = _visible(pos_q[:, None], (start_n + offs_n)[None, :], seqlen_k, window,
@@ -367,7 +369,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, start, end, pos_q, seqlen_k, wi
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V_head + v_base + v_rows[:, None] + offs_d[None, :] * stride_vd, mask=kv_mask,
-                    other=0.0)
+                    other=0.0).to(q.dtype)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -386,11 +388,12 @@ def _fwd_kernel(
     stride_tb, num_blocks,
     Opart, Lpart, stride_pb, stride_ps, stride_ph, stride_pp, stride_lpb, stride_lps, stride_lph,
     num_splits,
+    K_scale, V_scale, stride_kscale_h, stride_vscale_h,
     q_len, kv_len, group, qk_scale, window, seq_bucket, band_bucket,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_SCALED: tl.constexpr = False,
 ):
     # Causal: the last query tiles have the most keys; launch them first to shorten the tail.
     # SPLIT (flash-decoding, few query tiles): num_splits programs per query tile, each over an
@@ -412,6 +415,10 @@ def _fwd_kernel(
     else:
         shift = seqlen_k * 0
     hk = h // group
+    v_scale = 1.0
+    if KV_SCALED:  # fp8 paged cache: its KV head's K scale folds into the scores, V's into the output
+        qk_scale = qk_scale * tl.load(K_scale + hk * stride_kscale_h)
+        v_scale = tl.load(V_scale + hk * stride_vscale_h)
     b64 = b.to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -472,7 +479,7 @@ def _fwd_kernel(
         # Rows that saw no key: l = 0, acc = 0 -> out 0 and lse -inf.
         seen = l_i > 0.0
         l_safe = tl.where(seen, l_i, 1.0)
-        out = acc / l_safe[:, None]
+        out = acc * (v_scale / l_safe)[:, None]
         lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) / _LOG2E_C, float("-inf"))
 
         tile_mask = row_ok[:, None] & d_ok[None, :]
@@ -834,8 +841,10 @@ def _lse_strides(q: torch.Tensor, varlen: bool) -> tuple[int, int]:
 
 
 def flash_attn_forward(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, cu_seqlens_k,
-                       max_seqlen_q, max_seqlen_k, block_table, seqlens_k, bottom_right):
-    """Attention forward. Returns (out like q, contiguous; lse float32 (B, Hq, Sq) or (Hq, Tq))."""
+                       max_seqlen_q, max_seqlen_k, block_table, seqlens_k, bottom_right,
+                       k_scale=None, v_scale=None):
+    """Attention forward. Returns (out like q, contiguous; lse float32 (B, Hq, Sq) or (Hq, Tq)).
+    ``k_scale``/``v_scale``: an fp8 paged cache's per-KV-head scales ((Hkv,) or ())."""
     varlen_q = cu_seqlens_q is not None
     varlen_k = cu_seqlens_k is not None
     paged = block_table is not None
@@ -893,12 +902,13 @@ def flash_attn_forward(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, 
             block_table.stride(0) if paged else 0, num_blocks,
             opart if varlen_q or num_splits == 1 else opart[bs],
             lpart if varlen_q or num_splits == 1 else lpart[bs], *sp, *slp, num_splits,
+            *_kv_scale_args(k_scale, v_scale, dummy),
             q_len, kv_len, group, softmax_scale * LOG2E, window or 0,
             *_tune_buckets(max_q, max_seqlen_k or kv_len, window),
             CAUSAL=causal, HAS_WINDOW=window is not None, BOTTOM_RIGHT=bottom_right,
             VARLEN_Q=varlen_q, VARLEN_K=varlen_k, PAGED=paged, PAGE=page,
             HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), PRECISION=_precision(q.dtype),
-            SPLIT=num_splits > 1,
+            SPLIT=num_splits > 1, KV_SCALED=k_scale is not None,
         )
     if num_splits > 1:
         # every row's splits -> out (rows of q's layout) and lse, which is (B, Hq, Sq) / (Hq, Tq)
@@ -908,6 +918,15 @@ def flash_attn_forward(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, 
                      lse_rows)
         lse.copy_(lse_rows.t() if varlen_q else lse_rows.view(batch, -1, hq).transpose(1, 2))
     return out, lse
+
+
+def _kv_scale_args(k_scale, v_scale, dummy):
+    """(K_scale, V_scale, head strides) for the forward kernel: an fp8 cache's (Hkv,) or () scales
+    (stride 0: one for every head), or ``dummy`` (never read) without them."""
+    if k_scale is None:
+        return dummy, dummy, 0, 0
+    return (k_scale, v_scale, k_scale.stride(0) if k_scale.dim() else 0,
+            v_scale.stride(0) if v_scale.dim() else 0)
 
 
 def _fwd_num_splits(batch: int, hq: int, max_q: int, max_k: int, window, device) -> int:

@@ -2,13 +2,15 @@
 
 Launchers (same names and signatures as their CUDA twins in :mod:`gptkernels.cuda`):
 
-* ``paged_append(k, v, k_cache, v_cache, slot_mapping) -> None``
-* ``paged_decode(q, k_cache, v_cache, block_table, seq_lens, *, softmax_scale, window, num_splits)
-  -> (out, lse)``
+* ``paged_append(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=None) -> None``
+* ``paged_decode(q, k_cache, v_cache, block_table, seq_lens, *, softmax_scale, window, num_splits,
+  k_scale=None, v_scale=None, softcap=None, alibi_slopes=None) -> (out, lse)``
 
 Inputs are checked by :mod:`gptkernels.paged`; every index the kernels read from memory (slots,
 block table entries, sequence lengths) is masked so that bad values never read or write out of
-bounds. Design and byte counts: notes/paged.md.
+bounds. An fp8 cache (``k_scale``/``v_scale`` given) is written as value / scale and read back as
+stored * scale; softcap and ALiBi follow gptkernels/reference.py. Design and byte counts:
+notes/paged.md.
 """
 
 from __future__ import annotations
@@ -17,7 +19,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .._policy import FP8_E4M3_MAX, LOG2E
 from ._config import autotune, configs, next_pow2
+
+# Kernels may read module globals only as constexprs.
+_FP8_MAX: tl.constexpr = tl.constexpr(FP8_E4M3_MAX)
+_LOG2E: tl.constexpr = tl.constexpr(LOG2E)
 
 # --------------------------------------------------------------------------------------------------
 # Append: k, v (T, Hkv, D) -> cache slots
@@ -25,14 +32,46 @@ from ._config import autotune, configs, next_pow2
 
 
 @triton.jit
+def _round_to_e4m3(y):
+    """float32 -> the nearest float8_e4m3fn value (ties to even), saturated at +-448, still in
+    float32: the cast that follows is then exact. Written out because the interpreter's own
+    float32 -> fp8 cast truncates where it should carry (31.2 becomes 16, not 32); on the GPU it
+    costs a few integer ops per element of a store-bound kernel."""
+    y = tl.minimum(tl.maximum(y, -_FP8_MAX), _FP8_MAX)
+    a = tl.abs(y)
+    # Normal range (|y| >= 2**-6): keep 3 of float32's 23 mantissa bits, round half to even on the
+    # bits (a carry into the exponent is the right answer).
+    bits = a.to(tl.int32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
+    # Subnormal range: multiples of 2**-9, rounded half to even in exact float32 arithmetic.
+    z = a * 512.0
+    zi = z.to(tl.int32)  # floor (z >= 0)
+    frac = z - zi.to(tl.float32)
+    up = (frac > 0.5) | ((frac == 0.5) & ((zi & 1) == 1))
+    sub = (zi + up.to(tl.int32)).to(tl.float32) * 0.001953125
+    r = tl.where(a < 0.015625, sub, normal)
+    return tl.where(y.to(tl.int32, bitcast=True) < 0, -r, r)  # the sign bit: -0.0 stays -0.0
+
+
+@triton.jit
+def _store_row(ptr, x, scale, mask, QUANT: tl.constexpr):
+    """Store rows x in the cache's dtype: as is, or (fp8) x / scale rounded to e4m3."""
+    if QUANT:
+        x = _round_to_e4m3(tl.math.div_rn(x.to(tl.float32), scale))
+    tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _paged_append_kernel(
-    k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
+    k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, ks_ptr, vs_ptr,
     T, num_slots,
     s_kt, s_kh, s_kd,
     s_vt, s_vh, s_vd,
     s_kcb, s_kct, s_kch, s_kcd,
     s_vcb, s_vct, s_vch, s_vcd,
+    s_ksh, s_vsh,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    QUANT: tl.constexpr,
 ):
     # One program: BLOCK_T tokens of one KV head; each token row is D contiguous elements in both
     # the input and the cache, so loads and stores are coalesced row by row.
@@ -45,25 +84,43 @@ def _paged_append_kernel(
     blk = slot // BLOCK_SIZE
     off = slot % BLOCK_SIZE
     mask = keep[:, None] & (d < HEAD_DIM)[None, :]
+    k_scale = 1.0
+    v_scale = 1.0
+    if QUANT:  # fp8 cache: one scale per KV head (stride 0: one for all)
+        k_scale = tl.load(ks_ptr + h * s_ksh)
+        v_scale = tl.load(vs_ptr + h * s_vsh)
     kx = tl.load(k_ptr + t[:, None] * s_kt + h * s_kh + d[None, :] * s_kd, mask=mask)
-    tl.store(kc_ptr + blk[:, None] * s_kcb + off[:, None] * s_kct + h * s_kch + d[None, :] * s_kcd, kx, mask=mask)
+    _store_row(kc_ptr + blk[:, None] * s_kcb + off[:, None] * s_kct + h * s_kch + d[None, :] * s_kcd, kx,
+               k_scale, mask, QUANT)
     vx = tl.load(v_ptr + t[:, None] * s_vt + h * s_vh + d[None, :] * s_vd, mask=mask)
-    tl.store(vc_ptr + blk[:, None] * s_vcb + off[:, None] * s_vct + h * s_vch + d[None, :] * s_vcd, vx, mask=mask)
+    _store_row(vc_ptr + blk[:, None] * s_vcb + off[:, None] * s_vct + h * s_vch + d[None, :] * s_vcd, vx,
+               v_scale, mask, QUANT)
 
 
-def paged_append(k, v, k_cache, v_cache, slot_mapping) -> None:
-    """Write k, v (T, Hkv, D) to the caches at ``slot_mapping`` (T,) int64; -1 skips a token."""
+def _scale_arg(scale, fallback):
+    """(tensor, head stride) of a per-KV-head scale shaped (Hkv,) or (); ``fallback`` stands in
+    (never read) when there is none."""
+    if scale is None:
+        return fallback, 0
+    return scale, (scale.stride(0) if scale.dim() == 1 else 0)
+
+
+def paged_append(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=None) -> None:
+    """Write k, v (T, Hkv, D) to the caches at ``slot_mapping`` (T,) int64; -1 skips a token. With
+    ``k_scale``/``v_scale`` (fp8 caches) each value is stored as value / scale, saturated at +-448."""
     T, hkv, d = k.shape
     if T == 0:
         return
     slot_mapping = slot_mapping.contiguous()  # the kernel reads slot t at slot_ptr + t
     num_blocks, block_size = k_cache.shape[0], k_cache.shape[1]
+    ks, s_ks = _scale_arg(k_scale, slot_mapping)
+    vs, s_vs = _scale_arg(v_scale, slot_mapping)
     block_t = 16
     grid = (triton.cdiv(T, block_t), hkv)
     _paged_append_kernel[grid](
-        k, v, k_cache, v_cache, slot_mapping, T, num_blocks * block_size,
-        *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
-        HEAD_DIM=d, BLOCK_SIZE=block_size, BLOCK_T=block_t, BLOCK_D=next_pow2(d),
+        k, v, k_cache, v_cache, slot_mapping, ks, vs, T, num_blocks * block_size,
+        *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(), s_ks, s_vs,
+        HEAD_DIM=d, BLOCK_SIZE=block_size, BLOCK_T=block_t, BLOCK_D=next_pow2(d), QUANT=k_scale is not None,
     )
 
 
@@ -82,6 +139,15 @@ def _scores(q, k, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
         # the N rows of k) keeps everything in registers and wastes no tensor-core rows on padding.
         s = tl.sum(k.to(tl.float32) * q.to(tl.float32), axis=1)[None, :]
     return s
+
+
+@triton.jit
+def _tanh(x):
+    """tanh in float32 through exp2 (odd, saturates to +-1; absolute error ~1e-7): Triton has no
+    tanh that both the GPU and the interpreter run."""
+    t = tl.math.exp2(tl.abs(x) * -2.0 * _LOG2E)
+    y = (1.0 - t) / (1.0 + t)
+    return tl.where(x < 0, -y, y)
 
 
 @triton.jit
@@ -105,20 +171,23 @@ def _weighted_values(p, v, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     ),
     # Not the page size: the tiles are independent of it (notes/paged.md), so one tuning per head
     # layout and dtype serves every block size.
+    # (the caches' dtype, fp8 or not, is part of Triton's key: an fp8 cache tunes on its own)
     key=["GROUP_PAD", "HEAD_DIM", "USE_DOT"],
 )
 @triton.jit
 def _paged_decode_kernel(
-    q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr,
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr, ks_ptr, vs_ptr, slope_ptr,
     s_qb, s_qh, s_qd,
     s_kb, s_kt, s_kh, s_kd,
     s_vb, s_vt, s_vh, s_vd,
     s_btb, s_btn,
     s_ob, s_oh, s_os, s_od,
     s_lb, s_lh, s_ls,
-    num_blocks, max_blocks, qk_scale, window,
+    s_ksh, s_vsh, s_ab, s_ah,
+    num_blocks, max_blocks, qk_scale, window, softcap_log2,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_SCALED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # int64: b * s_qb and h * s_kh pass 2**31 for large strided q / head-major caches
     b = tl.program_id(0).to(tl.int64)
@@ -144,6 +213,15 @@ def _paged_decode_kernel(
     hq = h * GROUP + g
     q = tl.load(q_ptr + b * s_qb + hq[:, None] * s_qh + d[None, :] * s_qd,
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    # qk_scale: softmax_scale * LOG2E, or softmax_scale / softcap with a soft cap (whose tanh comes
+    # first; LOG2E then rides on softcap_log2). An fp8 cache's K scale is this program's KV head's:
+    # folded into it, as the V scale is into the output: dequantizing costs nothing per key.
+    v_scale = 1.0
+    if KV_SCALED:
+        qk_scale = qk_scale * tl.load(ks_ptr + h * s_ksh)
+        v_scale = tl.load(vs_ptr + h * s_vsh)
+    if ALIBI:  # bias -slope * (L - 1 - key), in log2 units like the scores
+        slope = tl.load(slope_ptr + b * s_ab + hq * s_ah, mask=g_ok, other=0.0) * _LOG2E
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)  # running max, log2 units
     l_i = tl.zeros([GROUP_PAD], tl.float32)                # running sum of exp2(score - m_i)
@@ -163,8 +241,15 @@ def _paged_decode_kernel(
         kv_mask = valid[:, None] & d_ok[None, :]
         k = tl.load(k_head + blk[:, None] * s_kb + off[:, None] * s_kt + d[None, :] * s_kd, mask=kv_mask, other=0.0)
         v = tl.load(v_head + blk[:, None] * s_vb + off[:, None] * s_vt + d[None, :] * s_vd, mask=kv_mask, other=0.0)
+        if KV_SCALED:  # fp8 -> q's dtype: exact (every e4m3 value is a float16 / bfloat16 value)
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
 
         s = _scores(q, k, USE_DOT, DOT_PRECISION) * qk_scale
+        if SOFTCAP:
+            s = _tanh(s) * softcap_log2
+        if ALIBI:
+            s += slope[:, None] * (pos - (L - 1)).to(tl.float32)[None, :]
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key seen yet: avoid -inf - -inf
@@ -175,7 +260,7 @@ def _paged_decode_kernel(
         m_i = m_new
 
     seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    out = acc * (v_scale / tl.where(seen, l_i, 1.0))[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     # Unsplit: o/lse are the final (B, Hq, D)/(B, Hq) outputs (s_os = s_ls = 0). Split: float32
     # partials (B, Hq, S, D)/(B, Hq, S) for the merge kernel.
@@ -228,8 +313,11 @@ def _paged_merge_kernel(
 MAX_GRID_Z = 65535
 
 
-def paged_decode(q, k_cache, v_cache, block_table, seq_lens, *, softmax_scale, window, num_splits):
-    """One query token per sequence over the paged cache -> (out (B, Hq, D), lse (B, Hq) float32)."""
+def paged_decode(q, k_cache, v_cache, block_table, seq_lens, *, softmax_scale, window, num_splits,
+                 k_scale=None, v_scale=None, softcap=None, alibi_slopes=None):
+    """One query token per sequence over the paged cache -> (out (B, Hq, D), lse (B, Hq) float32).
+    ``k_scale``/``v_scale``: an fp8 cache's per-KV-head scales; ``softcap`` (> 0) and
+    ``alibi_slopes`` ((Hq,) or (B, Hq) float32, any strides) as in gptkernels/reference.py."""
     num_splits = min(num_splits, MAX_GRID_Z)
     batch, hq, d = q.shape
     num_blocks, block_size, hkv, _ = k_cache.shape
@@ -249,15 +337,25 @@ def paged_decode(q, k_cache, v_cache, block_table, seq_lens, *, softmax_scale, w
         po_strides, plse_strides = po.stride(), plse.stride()
     use_dot = group > 1
     block_d = max(16, next_pow2(d))
+    ks, s_ks = _scale_arg(k_scale, seq_lens)
+    vs, s_vs = _scale_arg(v_scale, seq_lens)
+    if alibi_slopes is None:
+        slopes, s_ab, s_ah = seq_lens, 0, 0
+    else:  # (Hq,) shares one row between the sequences: batch stride 0
+        slopes = alibi_slopes
+        s_ab, s_ah = (0, slopes.stride(0)) if slopes.dim() == 1 else slopes.stride()
     _paged_decode_kernel[(batch, hkv, num_splits)](
-        q, k_cache, v_cache, block_table, seq_lens, po, plse,
+        q, k_cache, v_cache, block_table, seq_lens, po, plse, ks, vs, slopes,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_table.stride(),
-        *po_strides, *plse_strides,
-        num_blocks, block_table.shape[1], softmax_scale * 1.4426950408889634, window or 0,
+        *po_strides, *plse_strides, s_ks, s_vs, s_ab, s_ah,
+        num_blocks, block_table.shape[1],
+        softmax_scale / softcap if softcap is not None else softmax_scale * LOG2E, window or 0,
+        softcap * LOG2E if softcap is not None else 0.0,
         GROUP=group, GROUP_PAD=max(16, next_pow2(group)) if use_dot else 1, HEAD_DIM=d, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, USE_DOT=use_dot,
         # float32 caches: exact float32 products (no TF32); 16-bit inputs: the tensor cores' default.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        KV_SCALED=k_scale is not None, SOFTCAP=softcap is not None, ALIBI=alibi_slopes is not None,
     )
     if num_splits > 1:
         merge_splits(po, plse, out, lse)

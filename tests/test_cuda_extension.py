@@ -61,26 +61,26 @@ def _i(*values):
     return torch.tensor(values, dtype=torch.int32)
 
 
-# (op, args, exception, message): every case reaches a C++ check before any device work.
+# (op, args, exception, message): every case reaches a C++ guard before any device work. The guards
+# keep a direct call in bounds (the public ops check first, with their own messages: those are
+# tested with the ops); what only repeats a Python rule without protecting memory is not guarded.
 CPP_CHECKS = [
     ("flash_attn_fwd", lambda: (_h(1, 4, 2, 64), _h(1, 4, 2, 64), _h(1, 4, 2, 64, dtype=torch.bfloat16),
                                 None, None, None, None, 4, 4, True, None, 0.1, True), TypeError, "k and v"),
     ("flash_attn_fwd", lambda: (_h(4, 2, 64), _h(1, 4, 2, 64), _h(1, 4, 2, 64), None, None, None, None, 4, 4,
-                                True, None, 0.1, True), ValueError, "q must have 4 dimensions"),
+                                True, None, 0.1, True), ValueError, "q must be 4-D"),
     ("flash_attn_fwd", lambda: (_h(2, 4, 2, 64), _h(1, 4, 2, 64), _h(1, 4, 2, 64), None, None, None, None, 4, 4,
                                 True, None, 0.1, True), ValueError, r"k\.shape\[0\]"),
     ("flash_attn_fwd", lambda: (_h(1, 4, 3, 64), _h(1, 4, 2, 64), _h(1, 4, 2, 64), None, None, None, None, 4, 4,
-                                True, None, 0.1, True), ValueError, "multiple of the number of heads of k"),
+                                True, None, 0.1, True), ValueError, "3 query heads are not a multiple of 2 k heads"),
     ("flash_attn_fwd", lambda: (_h(1, 4, 2, 64), _h(1, 4, 2, 64), _h(1, 4, 2, 64), None, None, None, None, 4, 4,
                                 True, 0, 0.1, True), ValueError, "window must be >= 1"),
-    ("flash_attn_fwd", lambda: (_h(1, 4, 2, 64), _h(1, 4, 2, 64), _h(1, 4, 2, 64), None, None, None, None, 4, 4,
-                                False, 3, 0.1, True), ValueError, "window needs causal"),
     ("flash_attn_fwd", lambda: (_h(5, 2, 64), _h(5, 2, 64), _h(5, 2, 64), _i(0, 5), None, None, None, 5, 5,
                                 True, None, 0.1, True), ValueError, "cu_seqlens_q and cu_seqlens_k"),
     ("flash_attn_fwd", lambda: (_h(5, 2, 64), _h(5, 2, 64), _h(5, 2, 64), _i(0, 2, 5), _i(0, 5), None, None, 5,
                                 5, True, None, 0.1, True), ValueError, "cu_seqlens_q"),
     ("flash_attn_fwd", lambda: (_h(5, 2, 64), _h(5, 2, 64), _h(5, 2, 64), _i(0, 5).long(), _i(0, 5), None,
-                                None, 5, 5, True, None, 0.1, True), TypeError, "cu_seqlens_q must be an int32"),
+                                None, 5, 5, True, None, 0.1, True), TypeError, "cu_seqlens_q must be int32"),
     ("flash_attn_fwd", lambda: (_h(2, 1, 2, 64), _h(4, 16, 2, 64), _h(4, 16, 2, 64), None, None,
                                 _i(0, 1).view(2, 1), None, 1, 16, True, None, 0.1, True), ValueError,
      "block_table and seqlens_k"),
@@ -110,7 +110,7 @@ CPP_CHECKS = [
     ("paged_append", lambda: (_h(3, 2, 8), _h(3, 2, 8), _h(4, 8, 3, 8), _h(4, 8, 3, 8), _i(0, 1, 2)), ValueError,
      r"k\.shape\[1\]"),
     ("paged_append", lambda: (_h(3, 2, 8), _h(3, 2, 8), _h(4, 8, 2, 8), _h(4, 8, 2, 8), _i(0, 1, 2).float()),
-     TypeError, "slot_mapping must be an int32 or int64"),
+     TypeError, "slot_mapping must be int32 or int64"),
     ("paged_append", lambda: (_h(3, 2, 8), _h(3, 2, 8), _h(4, 8, 2, 8), _h(4, 8, 2, 8), _i(0, 1, 2)), ValueError,
      "k must be a CUDA tensor"),
     ("paged_decode", lambda: (_h(2, 4, 8), _h(4, 8, 2, 8), _h(4, 8, 2, 8), _i(0, 1, 2, 3).view(2, 2), _i(3),
@@ -118,11 +118,20 @@ CPP_CHECKS = [
     ("paged_decode", lambda: (_h(2, 4, 8), _h(4, 8, 2, 8), _h(4, 8, 2, 8, dtype=torch.bfloat16),
                               _i(0, 1, 2, 3).view(2, 2), _i(3, 4), 0.3, None, 1), TypeError, "v_cache"),
     ("paged_decode", lambda: (_h(2, 4, 8), _h(4, 8, 3, 8), _h(4, 8, 3, 8), _i(0, 1, 2, 3).view(2, 2), _i(3, 4),
-                              0.3, None, 1), ValueError, "multiple of the number of heads of k_cache"),
+                              0.3, None, 1), ValueError, "4 query heads are not a multiple of 3 k_cache heads"),
     ("paged_decode", lambda: (_h(2, 4, 8), _h(4, 8, 2, 8), _h(4, 8, 2, 8), _i(0, 1, 2, 3).view(2, 2), _i(3, 4),
                               0.3, 0, 1), ValueError, "window must be >= 1"),
     ("paged_decode", lambda: (_h(2, 4, 8), _h(4, 8, 2, 8), _h(4, 8, 2, 8), _i(0, 1, 2, 3).view(2, 2), _i(3, 4),
                               0.3, None, 1), ValueError, "q must be a CUDA tensor"),
+    ("flash_attn_fwd", lambda: (_h(1, 4, 2, 64), _h(1, 4, 2, 32), _h(1, 4, 2, 32), None, None, None, None, 4, 4,
+                                True, None, 0.1, True), ValueError, "q and k head dims differ"),
+    ("flash_attn_fwd", lambda: (_h(0, 2, 64), _h(0, 2, 64), _h(0, 2, 64), _i(), _i(), None, None, 0, 0, True, None,
+                                0.1, True), ValueError, "cu_seqlens_k is empty"),
+    ("rotary_out", lambda: (_h(2, 3, 2, 8), _h(2, 3, 1, 8), _h(10, 4, dtype=torch.float32),
+                            _h(10, 4, dtype=torch.float32), None, None, 0, False, False, _h(2, 3, 2, 8), None),
+     ValueError, "k_out must be given exactly when k is"),
+    ("paged_append", lambda: (_h(3, 2, 8), _h(3, 2, 8), _h(4, 0, 2, 8), _h(4, 0, 2, 8), _i(0, 1, 2)), ValueError,
+     r"block size k_cache\.shape\[1\] must be >= 1"),
     # int32 key counts: max_blocks * block_size (a stride-0 table: no memory)
     ("flash_attn_fwd", lambda: (_h(1, 1, 2, 32), _h(1, 1024, 2, 32), _h(1, 1024, 2, 32), None, None,
                                 _i(0).view(1, 1).expand(1, 1 << 21), _i(5), 1, 5, True, None, 0.1, True),

@@ -2,6 +2,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
 #include <climits>
 #include <optional>
 #include <tuple>
@@ -30,71 +31,70 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at:
                                                   int64_t max_seqlen_k, bool causal, std::optional<int64_t> window,
                                                   double softmax_scale, bool bottom_right) {
   (void)max_seqlen_k;  // the kernel reads each sequence's key count from cu_seqlens_k / seqlens_k
+  // Guards of a direct call (common/torch_utils.h): gptkernels.flash_attn checks its inputs first.
   // ---- dtypes ----
   const DType dtype = float_dtype(q, kOp, "q", /*allow_float32=*/false);
   TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), kOp,
-                   ": k and v must have q's dtype (", q.scalar_type(), "), got ", k.scalar_type(), " and ",
+                   ": k and v must have q's dtype ", q.scalar_type(), ", got ", k.scalar_type(), " and ",
                    v.scalar_type());
 
-  // ---- layout ----
+  // ---- layout: the dims and sizes the kernel's index math reads ----
   const bool paged = block_table.has_value() || seqlens_k.has_value();
   const bool varlen_q = cu_seqlens_q.has_value();
-  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), kOp, ": k and v must have the same shape, got ", k.sizes(), " and ",
-                    v.sizes());
+  const bool varlen_k = !paged && cu_seqlens_k.has_value();  // with paged keys cu_seqlens_k is not read
+  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), kOp, ": k and v shapes differ: ", k.sizes(), " and ", v.sizes());
   int64_t batch;
   if (paged) {
     TORCH_CHECK_VALUE(block_table.has_value() && seqlens_k.has_value(), kOp,
-                      ": block_table and seqlens_k must be given together (paged keys)");
-    TORCH_CHECK_VALUE(!cu_seqlens_k.has_value(), kOp, ": cu_seqlens_k must be None with a paged cache");
-    check_dim(k, 4, kOp, "k", "(num_blocks, block_size, Hkv, D) for a paged cache");
+                      ": block_table and seqlens_k go together");
+    check_dim(k, 4, kOp, "k");
     check_index(*block_table, 2, kOp, "block_table");
     check_index(*seqlens_k, 1, kOp, "seqlens_k");
     batch = block_table->size(0);
-    check_size(*seqlens_k, 0, batch, kOp, "seqlens_k", "block_table.shape[0], the batch size");
-  } else if (varlen_q || cu_seqlens_k.has_value()) {
-    TORCH_CHECK_VALUE(varlen_q && cu_seqlens_k.has_value(), kOp,
-                      ": cu_seqlens_q and cu_seqlens_k must be given together (varlen)");
-    check_dim(k, 3, kOp, "k", "(Tk, Hkv, D) for varlen");
+    check_size(*seqlens_k, 0, batch, kOp, "seqlens_k", "batch");
+  } else if (varlen_q || varlen_k) {
+    TORCH_CHECK_VALUE(varlen_q && varlen_k, kOp, ": cu_seqlens_q and cu_seqlens_k go together");
+    check_dim(k, 3, kOp, "k");
     check_index(*cu_seqlens_k, 1, kOp, "cu_seqlens_k");
-    TORCH_CHECK_VALUE(cu_seqlens_k->numel() >= 2, kOp, ": cu_seqlens_k must have B+1 >= 2 entries, got ",
-                      cu_seqlens_k->numel());
+    TORCH_CHECK_VALUE(cu_seqlens_k->numel() >= 1, kOp, ": cu_seqlens_k is empty (B + 1 >= 1 offsets)");
     batch = cu_seqlens_k->numel() - 1;
   } else {
-    check_dim(q, 4, kOp, "q", "(B, Sq, Hq, D)");
-    check_dim(k, 4, kOp, "k", "(B, Sk, Hkv, D)");
+    check_dim(q, 4, kOp, "q");
+    check_dim(k, 4, kOp, "k");
     batch = q.size(0);
-    check_size(k, 0, batch, kOp, "k", "the batch size of q");
+    check_size(k, 0, batch, kOp, "k", "batch");
   }
   if (varlen_q) {
-    check_dim(q, 3, kOp, "q", "(Tq, Hq, D) with cu_seqlens_q");
+    check_dim(q, 3, kOp, "q");
     check_index(*cu_seqlens_q, 1, kOp, "cu_seqlens_q");
-    check_size(*cu_seqlens_q, 0, batch + 1, kOp, "cu_seqlens_q", "B+1 running offsets");
+    check_size(*cu_seqlens_q, 0, batch + 1, kOp, "cu_seqlens_q", "B + 1");
   } else if (paged) {
-    check_dim(q, 4, kOp, "q", "(B, Sq, Hq, D)");
-    check_size(q, 0, batch, kOp, "q", "block_table.shape[0], the batch size");
+    check_dim(q, 4, kOp, "q");
+    check_size(q, 0, batch, kOp, "q", "batch");
   }
 
-  // ---- heads, head dim, options ----
+  // ---- heads, head dim, window ----
   const int64_t head_dim = q.size(-1);
   const int64_t heads_q = q.size(-2), heads_kv = k.size(-2);
-  TORCH_CHECK_VALUE(k.size(-1) == head_dim, kOp, ": q and k must have the same head dim, got ", head_dim, " and ",
-                    k.size(-1));
-  TORCH_CHECK_VALUE(heads_kv >= 1 && heads_q % heads_kv == 0, kOp, ": the number of heads of q (", heads_q,
-                    ") must be a multiple of the number of heads of k (", heads_kv, ") (GQA/MQA)");
-  TORCH_CHECK_NOT_IMPLEMENTED(flash_fwd_supports_head_dim(static_cast<int>(head_dim)), kOp,
-                              ": head dim ", head_dim, " has no CUDA kernel (compiled head dims: ", head_dims_list(),
-                              ")");
+  TORCH_CHECK_VALUE(k.size(-1) == head_dim, kOp, ": q and k head dims differ: ", head_dim, " and ", k.size(-1));
+  check_heads(heads_q, heads_kv, kOp, "k");
+  // The kernel reads 0 as "no window", and a negative one would overflow its position math.
   TORCH_CHECK_VALUE(!window.has_value() || *window >= 1, kOp, ": window must be >= 1, got ", window.value_or(0));
-  TORCH_CHECK_VALUE(!window.has_value() || causal, kOp, ": window needs causal attention");
+
+  // ---- what the kernels implement (NotImplementedError -> BackendUnavailableError) ----
+  TORCH_CHECK_NOT_IMPLEMENTED(flash_fwd_supports_head_dim(static_cast<int>(head_dim)), kOp, ": head dim ", head_dim,
+                              " has no CUDA kernel (", head_dims_list(), ")");
   auto check_aligned = [](const at::Tensor& t, const char* name) {
     TORCH_CHECK_NOT_IMPLEMENTED(rows_aligned(t, 8), kOp, ": ", name,
-                                " must have a contiguous head dim and 16-byte aligned rows (data pointer and "
-                                "every other stride a multiple of 8 elements) for the CUDA kernel, got strides ",
+                                " needs a contiguous head dim and 16-byte aligned rows (data pointer and other "
+                                "strides multiples of 8 elements), got strides ",
                                 t.strides());
   };
   check_aligned(q, "q");
   check_aligned(k, "k");
   check_aligned(v, "v");
+
+  // ---- grid and int32 limits ----
   TORCH_CHECK_VALUE(batch <= 65535 && heads_q <= 65535, kOp, ": at most 65535 sequences and heads, got ", batch,
                     " and ", heads_q);
   TORCH_CHECK_VALUE(q.size(0) < INT_MAX && k.size(0) < INT_MAX && (paged || k.size(1) < INT_MAX), kOp,
@@ -108,17 +108,17 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at:
   check_same_device(q, k, kOp, "q", "k");
   check_same_device(q, v, kOp, "q", "v");
   check_same_device(q, cu_seqlens_q, kOp, "q", "cu_seqlens_q");
-  check_same_device(q, cu_seqlens_k, kOp, "q", "cu_seqlens_k");
+  if (varlen_k) check_same_device(q, cu_seqlens_k, kOp, "q", "cu_seqlens_k");
   check_same_device(q, block_table, kOp, "q", "block_table");
   check_same_device(q, seqlens_k, kOp, "q", "seqlens_k");
 
   const DeviceGuard device_guard(q);
   // The index tensors are tiny: the kernel reads them contiguous (no-op when they already are).
-  const std::optional<at::Tensor> cu_q = varlen_q ? std::optional<at::Tensor>(cu_seqlens_q->contiguous()) : std::nullopt;
-  const std::optional<at::Tensor> cu_k =
-      cu_seqlens_k.has_value() ? std::optional<at::Tensor>(cu_seqlens_k->contiguous()) : std::nullopt;
-  const std::optional<at::Tensor> table = paged ? std::optional<at::Tensor>(block_table->contiguous()) : std::nullopt;
-  const std::optional<at::Tensor> lens_k = paged ? std::optional<at::Tensor>(seqlens_k->contiguous()) : std::nullopt;
+  using OptTensor = std::optional<at::Tensor>;
+  const OptTensor cu_q = varlen_q ? OptTensor(cu_seqlens_q->contiguous()) : std::nullopt;
+  const OptTensor cu_k = varlen_k ? OptTensor(cu_seqlens_k->contiguous()) : std::nullopt;
+  const OptTensor table = paged ? OptTensor(block_table->contiguous()) : std::nullopt;
+  const OptTensor lens_k = paged ? OptTensor(seqlens_k->contiguous()) : std::nullopt;
   at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous
   at::Tensor lse = varlen_q ? at::empty({heads_q, q.size(0)}, q.options().dtype(at::kFloat))
                             : at::empty({batch, heads_q, q.size(1)}, q.options().dtype(at::kFloat));
@@ -141,7 +141,9 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at:
     p.o_head_stride = out.stride(1);
     p.lse_batch_stride = 0;
     p.lse_head_stride = lse.stride(0);
-    p.seqlen_q = static_cast<int>(max_seqlen_q);
+    // max_seqlen_q sizes the grid only (each thread block strides over its sequence's query blocks);
+    // no sequence is longer than Tq, so a larger value would only launch idle blocks.
+    p.seqlen_q = static_cast<int>(std::min<int64_t>(std::max<int64_t>(max_seqlen_q, 0), q.size(0)));
     p.total_q = static_cast<int>(q.size(0));
   } else {
     p.q_batch_stride = q.stride(0);
@@ -155,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at:
     p.seqlen_q = static_cast<int>(q.size(1));
     p.total_q = static_cast<int>(q.size(1));
   }
-  if (paged || (!varlen_q && !cu_seqlens_k.has_value())) {
+  if (!varlen_k) {
     p.k_batch_stride = k.stride(0);
     p.k_row_stride = k.stride(1);
     p.k_head_stride = k.stride(2);

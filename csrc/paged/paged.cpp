@@ -18,12 +18,13 @@ namespace {
 constexpr int kMaxSplits = 128;         // paged_decode_kernel.cuh: kMaxSplits (merge kernel smem)
 
 void check_cache_pair(const at::Tensor& k_cache, const at::Tensor& v_cache, const char* op) {
-  check_dim(k_cache, 4, op, "k_cache", "(num_blocks, block_size, Hkv, D)");
-  TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), op, ": v_cache must be shaped like k_cache ",
-                    k_cache.sizes(), ", got ", v_cache.sizes());
-  TORCH_CHECK_TYPE(v_cache.scalar_type() == k_cache.scalar_type(), op, ": v_cache must have k_cache's dtype (",
-                   k_cache.scalar_type(), "), got ", v_cache.scalar_type());
-  TORCH_CHECK_VALUE(k_cache.size(1) >= 1, op, ": the cache block size (k_cache.shape[1]) must be >= 1");
+  check_dim(k_cache, 4, op, "k_cache");
+  TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), op, ": k_cache and v_cache shapes differ: ",
+                    k_cache.sizes(), " and ", v_cache.sizes());
+  TORCH_CHECK_TYPE(v_cache.scalar_type() == k_cache.scalar_type(), op, ": v_cache must have k_cache's dtype ",
+                   k_cache.scalar_type(), ", got ", v_cache.scalar_type());
+  // The kernels divide by it (slot / block_size, key / block_size).
+  TORCH_CHECK_VALUE(k_cache.size(1) >= 1, op, ": block size k_cache.shape[1] must be >= 1");
 }
 
 }  // namespace
@@ -31,18 +32,19 @@ void check_cache_pair(const at::Tensor& k_cache, const at::Tensor& v_cache, cons
 void paged_append(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache, const at::Tensor& v_cache,
                   const at::Tensor& slot_mapping) {
   constexpr const char* op = "paged_append";
+  // Guards of a direct call (common/torch_utils.h): gptkernels.paged_append checks its inputs first.
   const DType dtype = float_dtype(k, op, "k");
-  TORCH_CHECK_TYPE(v.scalar_type() == k.scalar_type(), op, ": v must have k's dtype (", k.scalar_type(), "), got ",
+  TORCH_CHECK_TYPE(v.scalar_type() == k.scalar_type(), op, ": v must have k's dtype ", k.scalar_type(), ", got ",
                    v.scalar_type());
-  check_dim(k, 3, op, "k", "(T, Hkv, D)");
-  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), op, ": v must be shaped like k ", k.sizes(), ", got ", v.sizes());
+  check_dim(k, 3, op, "k");
+  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), op, ": k and v shapes differ: ", k.sizes(), " and ", v.sizes());
   check_cache_pair(k_cache, v_cache, op);
   TORCH_CHECK_NOT_IMPLEMENTED(k_cache.scalar_type() == k.scalar_type(), op, ": a ", k_cache.scalar_type(),
                               " cache with ", k.scalar_type(), " k/v has no CUDA kernel (the dtypes must match)");
-  check_size(k, 1, k_cache.size(2), op, "k", "the cache's number of kv heads, k_cache.shape[2]");
-  check_size(k, 2, k_cache.size(3), op, "k", "the cache's head dim, k_cache.shape[3]");
+  check_size(k, 1, k_cache.size(2), op, "k", "kv heads of the cache");
+  check_size(k, 2, k_cache.size(3), op, "k", "head dim of the cache");
   check_index(slot_mapping, 1, op, "slot_mapping", /*allow_int64=*/true);
-  check_size(slot_mapping, 0, k.size(0), op, "slot_mapping", "one slot per token of k");
+  check_size(slot_mapping, 0, k.size(0), op, "slot_mapping", "tokens of k");
   TORCH_CHECK_VALUE(k.size(0) <= INT_MAX, op, ": at most 2^31 - 1 tokens, got ", k.size(0));
 
   check_cuda(k, op, "k");
@@ -81,29 +83,30 @@ std::tuple<at::Tensor, at::Tensor> paged_decode(const at::Tensor& q, const at::T
                                                 const at::Tensor& seq_lens, double softmax_scale,
                                                 std::optional<int64_t> window, int64_t num_splits) {
   constexpr const char* op = "paged_decode";
+  // Guards of a direct call (common/torch_utils.h): gptkernels.paged_decode checks its inputs first.
   const DType dtype = float_dtype(q, op, "q");
-  check_dim(q, 3, op, "q", "(B, Hq, D)");
+  check_dim(q, 3, op, "q");
   check_cache_pair(k_cache, v_cache, op);
-  TORCH_CHECK_TYPE(k_cache.scalar_type() == q.scalar_type(), op, ": k_cache must have q's dtype (",
-                   q.scalar_type(), "), got ", k_cache.scalar_type());
+  TORCH_CHECK_TYPE(k_cache.scalar_type() == q.scalar_type(), op, ": k_cache must have q's dtype ",
+                   q.scalar_type(), ", got ", k_cache.scalar_type());
   check_index(block_table, 2, op, "block_table");
   check_index(seq_lens, 1, op, "seq_lens");
   const int64_t batch = q.size(0), heads_q = q.size(1), head_dim = q.size(2);
   const int64_t heads_kv = k_cache.size(2);
-  check_size(block_table, 0, batch, op, "block_table", "the batch size, q.shape[0]");
-  check_size(seq_lens, 0, batch, op, "seq_lens", "the batch size, q.shape[0]");
-  check_size(k_cache, 3, head_dim, op, "k_cache", "q's head dim");
-  TORCH_CHECK_VALUE(heads_kv >= 1 && heads_q % heads_kv == 0, op, ": the number of heads of q (", heads_q,
-                    ") must be a multiple of the number of heads of k_cache (", heads_kv, ") (GQA/MQA)");
+  check_size(block_table, 0, batch, op, "block_table", "batch");
+  check_size(seq_lens, 0, batch, op, "seq_lens", "batch");
+  check_size(k_cache, 3, head_dim, op, "k_cache", "head dim of q");
+  check_heads(heads_q, heads_kv, op, "k_cache");
+  // The kernel reads 0 as "no window", and a negative one would overflow its position math.
+  TORCH_CHECK_VALUE(!window.has_value() || *window >= 1, op, ": window must be >= 1, got ", window.value_or(0));
+  // The split count is chosen by the public op (gptkernels/_policy.py, one policy for every backend);
+  // the kernel divides the keys by it.
+  TORCH_CHECK_VALUE(num_splits >= 1, op, ": num_splits must be >= 1, got ", num_splits);
   TORCH_CHECK_NOT_IMPLEMENTED(head_dim % 4 == 0 && head_dim <= kDecodeMaxHeadDim, op, ": head dim ", head_dim,
                               " has no CUDA kernel (multiples of 4 up to ", kDecodeMaxHeadDim, ")");
   TORCH_CHECK_NOT_IMPLEMENTED(rows_aligned(k_cache, 4) && rows_aligned(v_cache, 4), op,
-                              ": the caches must have a contiguous head dim and rows aligned to 4 elements for "
-                              "the CUDA kernel, got strides ",
+                              ": the caches need a contiguous head dim and rows aligned to 4 elements, got strides ",
                               k_cache.strides(), " and ", v_cache.strides());
-  TORCH_CHECK_VALUE(!window.has_value() || *window >= 1, op, ": window must be >= 1, got ", window.value_or(0));
-  // The split count is chosen by the public op (gptkernels/_policy.py, one policy for every backend).
-  TORCH_CHECK_VALUE(num_splits >= 1, op, ": num_splits must be >= 1, got ", num_splits);
   const int64_t group = heads_q / heads_kv;
   const int64_t head_chunks = (group + kDecodeMaxGroup - 1) / kDecodeMaxGroup;
   TORCH_CHECK_VALUE(batch <= 65535 && heads_kv * head_chunks <= 65535, op,

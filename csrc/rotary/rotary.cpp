@@ -28,19 +28,18 @@ void rotary_impl(const char* op, const at::Tensor& q, const std::optional<at::Te
                  const at::Tensor& sin, const std::optional<at::Tensor>& positions,
                  const std::optional<at::Tensor>& offsets, int64_t offset, bool interleaved, bool conjugate,
                  const at::Tensor& q_out, const std::optional<at::Tensor>& k_out, bool inplace) {
+  // Guards of a direct call (common/torch_utils.h): gptkernels.apply_rotary checks its inputs first.
   // ---- q, k ----
   const DType dtype = float_dtype(q, op, "q");
-  TORCH_CHECK_VALUE(q.dim() == 3 || q.dim() == 4, op, ": q must be (B, S, H, D) or (T, H, D), got shape ",
-                    q.sizes());
+  TORCH_CHECK_VALUE(q.dim() == 3 || q.dim() == 4, op, ": q must be 3-D or 4-D, got shape ", q.sizes());
   const int64_t lead = q.dim() - 2;  // leading (token) dims: B, S or T
   const int64_t head_dim = q.size(-1);
   if (k.has_value()) {
-    TORCH_CHECK_TYPE(k->scalar_type() == q.scalar_type(), op, ": k must have q's dtype (", q.scalar_type(),
-                     "), got ", k->scalar_type());
+    TORCH_CHECK_TYPE(k->scalar_type() == q.scalar_type(), op, ": k must have q's dtype ", q.scalar_type(),
+                     ", got ", k->scalar_type());
     TORCH_CHECK_VALUE(k->dim() == q.dim() && k->sizes().slice(0, lead) == q.sizes().slice(0, lead) &&
                           k->size(-1) == head_dim,
-                      op, ": k must be shaped like q except for its number of heads, got ", k->sizes(), " and q ",
-                      q.sizes());
+                      op, ": k must be shaped like q but for its heads, got ", k->sizes(), " and ", q.sizes());
   }
   TORCH_CHECK_VALUE(k.has_value() == k_out.has_value(), op, ": k_out must be given exactly when k is");
   if (!inplace) {
@@ -53,24 +52,24 @@ void rotary_impl(const char* op, const at::Tensor& q, const std::optional<at::Te
   }
 
   // ---- cos, sin ----
-  TORCH_CHECK_VALUE(cos.dim() == 2, op, ": cos must be (max_positions, rotary_dim / 2), got shape ", cos.sizes());
+  check_dim(cos, 2, op, "cos");
   TORCH_CHECK_VALUE(sin.sizes() == cos.sizes(), op, ": sin must be shaped like cos ", cos.sizes(), ", got ",
                     sin.sizes());
   const DType cos_dtype = float_dtype(cos, op, "cos");
-  TORCH_CHECK_TYPE(sin.scalar_type() == cos.scalar_type(), op, ": sin must have cos's dtype (", cos.scalar_type(),
-                   "), got ", sin.scalar_type());
+  TORCH_CHECK_TYPE(sin.scalar_type() == cos.scalar_type(), op, ": sin must have cos's dtype ", cos.scalar_type(),
+                   ", got ", sin.scalar_type());
   TORCH_CHECK_NOT_IMPLEMENTED(cos_dtype == DType::kFloat32 || cos_dtype == dtype, op, ": cos/sin of dtype ",
                               cos.scalar_type(), " with q of dtype ", q.scalar_type(),
                               " has no CUDA kernel (cos/sin must be float32 or q's dtype)");
   const int64_t half = cos.size(1);
-  TORCH_CHECK_VALUE(2 * half <= head_dim, op, ": rotary_dim = 2 * cos.shape[1] = ", 2 * half,
-                    " must be <= the head dim ", head_dim);
+  TORCH_CHECK_VALUE(2 * half <= head_dim, op, ": rotary_dim 2 * cos.shape[1] = ", 2 * half, " exceeds the head dim ",
+                    head_dim);
 
   // ---- positions / offsets ----
   if (positions.has_value()) {
     check_index(*positions, lead, op, "positions", /*allow_int64=*/true);
-    TORCH_CHECK_VALUE(positions->sizes() == q.sizes().slice(0, lead), op, ": positions must have shape ",
-                      q.sizes().slice(0, lead), " (q's leading dims), got ", positions->sizes());
+    TORCH_CHECK_VALUE(positions->sizes() == q.sizes().slice(0, lead), op, ": positions must have q's leading dims ",
+                      q.sizes().slice(0, lead), ", got ", positions->sizes());
   }
   if (offsets.has_value()) {
     check_index(*offsets, 1, op, "offset", /*allow_int64=*/true);

@@ -5,10 +5,13 @@ public ops dispatch to either with one lookup (:func:`gptkernels._dispatch.backe
 outputs. There is no ``flash_attn_backward`` here: the CUDA backend is forward-only for attention,
 and :mod:`gptkernels.attention` says so when gradients are needed.
 
-What the CUDA kernels do not support is decided in one place, the C++ checks of csrc/ (they raise
-NotImplementedError, e.g. for float32 attention or a head dim without a compiled kernel); the
-wrappers turn that into :class:`BackendUnavailableError` naming what is unsupported. Shape and dtype
-errors (ValueError / TypeError from C++) pass through unchanged.
+Input checks are the public ops' (gptkernels.attention, rotary, paged): the launchers receive checked
+inputs with resolved defaults. The C++ ops keep only the guards that hold a kernel in bounds when
+``torch.ops.gptkernels_C.*`` is called directly (terse ValueError / TypeError, passed through here),
+and say what the CUDA kernels do not implement (NotImplementedError, e.g. float32 attention or a
+head dim without a compiled kernel), which the wrappers turn into :class:`BackendUnavailableError`:
+that list lives in one place, csrc/. Empty inputs (batch 0, no tokens, no keys) give the empty or
+zero / -inf results the other backends give.
 """
 
 from __future__ import annotations

@@ -11,9 +11,12 @@ checked with lazily mapped 4 GiB buffers.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
+import gptkernels
 from gptkernels import cuda as cuda_backend, reference
 from gptkernels._policy import CPU_NOMINAL_SMS, decode_band
 from gptkernels._policy import num_splits as policy_num_splits
@@ -233,6 +236,173 @@ def test_emulated_kernels_use_64bit_cache_offsets(emu):
 
 def test_emulated_kernels_use_64bit_row_offsets(emu):
     check_64bit_row_offsets(emu, "cpu")
+
+
+# --------------------------------------------------------------------------------------------------
+# The same answer as the triton and torch backends on every input the kernels accept (issue 11's
+# rules): unchecked index values, understated max_seqlen_q, empty inputs
+# --------------------------------------------------------------------------------------------------
+
+
+def _decode_case(lens, rows, *, dtype, window, Hq=4, Hkv=2, D=16, block_size=8, num_blocks=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    kc = randn(num_blocks, block_size, Hkv, D, dtype=dtype, generator=g)
+    vc = randn(num_blocks, block_size, Hkv, D, dtype=dtype, generator=g)
+    q = randn(len(lens), Hq, D, dtype=dtype, generator=g)
+    table = torch.tensor(rows, dtype=torch.int32)
+    return q, kc, vc, table, torch.tensor(lens, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_emulated_paged_decode_seq_lens_past_the_table(emu, monkeypatch, dtype, window, num_splits):
+    """seq_lens longer than the block table holds (3 blocks of 8 = 24 keys): the query stays at
+    position L - 1, as given, and the keys past the table are missing (they contribute nothing), as
+    vLLM / FlashAttention callers read seq_lens; it is not moved to the table's end. With window 5,
+    L = 26 sees keys 21-23 only, L = 30 none, L = 27 keys 22 and 23 of a table with a bad entry
+    before them. The triton and torch backends give the same answer."""
+    monkeypatch.delenv("GPTKERNELS_DEBUG", raising=False)  # the debug checks refuse these lengths
+    lens, rows = [26, 30, 27, 20], [[0, 1, 2], [3, 4, 5], [-1, 5, 3], [2, 0, 4]]
+    q, kc, vc, table, seq_lens = _decode_case(lens, rows, dtype=dtype, window=window)
+    out, lse = emu.paged_decode(q, kc, vc, table, seq_lens, softmax_scale=0.25, window=window,
+                                num_splits=num_splits)
+    r_out, r_lse = reference.paged_decode(q.double(), kc.double(), vc.double(), table, seq_lens,
+                                          softmax_scale=0.25, window=window, return_lse=True)
+    b_out, b_lse = reference.paged_decode(q, kc, vc, table, seq_lens, softmax_scale=0.25, window=window,
+                                          upcast=False, return_lse=True)
+    assert_parity(out, r_out, b_out)
+    assert_parity(lse, r_lse, b_lse.float(), name="lse")
+    if window is not None:  # what the query sees, spelled out: the masking rule, not the reference's code
+        assert torch.isinf(lse[1]).all() and not out[1].any()  # L = 30: its window lies past the table
+        clamped = reference.paged_decode(q.double(), kc.double(), vc.double(), table,
+                                         seq_lens.clamp(max=24), softmax_scale=0.25, window=window)
+        assert (out[0].double() - clamped[0]).abs().max() > 0.05  # not the window of a query moved to 23
+    for backend in ("triton", "torch"):
+        o, l_ = gptkernels.paged_decode(q, kc, vc, table, seq_lens, softmax_scale=0.25, window=window,
+                                        num_splits=num_splits, return_lse=True, backend=backend)
+        assert_parity(o, r_out, b_out, name=f"{backend} out")
+        assert_parity(l_, r_lse, b_lse.float(), name=f"{backend} lse")
+
+
+def test_emulated_flash_attn_clamps_unchecked_bounds(emu, monkeypatch):
+    """cu_seqlens outside the tensors and seqlens_k outside [0, the table's capacity] are clamped
+    (the kernels never read out of bounds), as the triton and torch backends clamp them: the same
+    answer on all three, bottom-right alignment from the clamped lengths."""
+    monkeypatch.delenv("GPTKERNELS_DEBUG", raising=False)
+    torch.manual_seed(0)
+    dt = torch.float16
+    q, k, v = randn(20, 2, 32, dtype=dt), randn(30, 2, 32, dtype=dt), randn(30, 2, 32, dtype=dt)
+    cu_q = torch.tensor([0, 15, 40], dtype=torch.int32)   # ends past Tq = 20
+    cu_k = torch.tensor([-5, 25, 90], dtype=torch.int32)  # starts before 0, ends past Tk = 30
+    varlen = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=40, max_seqlen_k=90)
+    kc, vc = randn(5, 8, 2, 32, dtype=dt), randn(5, 8, 2, 32, dtype=dt)
+    qp = randn(3, 4, 2, 32, dtype=dt)
+    paged = dict(block_table=torch.tensor([[0, 1, 2], [3, 4, 1], [2, 7, -1]], dtype=torch.int32),
+                 seqlens_k=torch.tensor([30, -4, 20], dtype=torch.int32))  # 30 > 3 x 8; -4 -> 0
+    for args, kw in (((q, k, v), varlen), ((qp, kc, vc), paged)):
+        out, lse = emu.flash_attn_forward(*args, **flash_kw(**kw))
+        ref_kw = {n: t for n, t in kw.items() if not n.startswith("max_")}
+        r_out, r_lse = reference.attention(*(t.double() for t in args), causal=True, softmax_scale=0.125,
+                                           return_lse=True, **ref_kw)
+        b_out, b_lse = reference.attention(*args, causal=True, softmax_scale=0.125, upcast=False,
+                                           return_lse=True, **ref_kw)
+        assert_parity(out, r_out, b_out)
+        assert_parity(lse, r_lse, b_lse.float(), name="lse")
+        t_out, t_lse = gptkernels.flash_attn(*args, softmax_scale=0.125, return_lse=True, backend="triton", **kw)
+        assert_parity(t_out, r_out, b_out, name="triton out")
+        assert_parity(t_lse, r_lse, b_lse.float(), name="triton lse")
+
+
+@pytest.mark.parametrize("max_seqlen_q", [0, 1, 64, 200])
+def test_emulated_flash_attn_understated_max_seqlen_q(emu, max_seqlen_q):
+    """max_seqlen_q only sizes the grid: understated (0 included) or overstated, every row of every
+    sequence is computed, bit for bit as with the exact value."""
+    torch.manual_seed(0)
+    lens_q, lens_k = [70, 130, 5], [70, 150, 9]
+    q = randn(sum(lens_q), 2, 32, dtype=torch.float16)
+    k, v = (randn(sum(lens_k), 1, 32, dtype=torch.float16) for _ in range(2))
+    cu = lambda n: torch.tensor([0, *itertools.accumulate(n)], dtype=torch.int32)  # noqa: E731
+    kw = flash_kw(cu_seqlens_q=cu(lens_q), cu_seqlens_k=cu(lens_k), max_seqlen_k=150, window=40)
+    want = emu.flash_attn_forward(q, k, v, **{**kw, "max_seqlen_q": 130})
+    got = emu.flash_attn_forward(q, k, v, **{**kw, "max_seqlen_q": max_seqlen_q})
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    ref_kw = dict(causal=True, window=40, softmax_scale=0.125, cu_seqlens_q=kw["cu_seqlens_q"],
+                  cu_seqlens_k=kw["cu_seqlens_k"])
+    ref = reference.attention(q.double(), k.double(), v.double(), **ref_kw)
+    assert_parity(got[0], ref, reference.attention(q, k, v, upcast=False, **ref_kw))
+
+
+def _empty_cases():
+    """(name, public op call) for every empty input the ops accept: batch 0, no tokens, no keys."""
+    dt, i32 = torch.float16, torch.int32
+    z = lambda *shape: torch.zeros(shape, dtype=dt)  # noqa: E731
+    r = lambda *shape: randn(*shape, dtype=dt)  # noqa: E731
+    cu = lambda *v: torch.tensor(v, dtype=i32)  # noqa: E731
+    cache = r(4, 8, 2, 32)
+    cos, sin = gptkernels.rotary_cos_sin(32, 16, dtype=torch.float32)
+    return [
+        ("flash batch 0", lambda be: gptkernels.flash_attn(z(0, 5, 2, 32), z(0, 5, 2, 32), z(0, 5, 2, 32),
+                                                           return_lse=True, backend=be)),
+        ("flash Sq = 0", lambda be: gptkernels.flash_attn(z(2, 0, 2, 32), r(2, 5, 2, 32), r(2, 5, 2, 32),
+                                                          return_lse=True, backend=be)),
+        ("flash Sk = 0", lambda be: gptkernels.flash_attn(r(2, 5, 2, 32), z(2, 0, 2, 32), z(2, 0, 2, 32),
+                                                          return_lse=True, backend=be)),
+        ("flash Sk = 0 non-causal", lambda be: gptkernels.flash_attn(r(2, 5, 2, 32), z(2, 0, 1, 32), z(2, 0, 1, 32),
+                                                                     causal=False, return_lse=True, backend=be)),
+        ("sdpa L = 0", lambda be: (gptkernels.sdpa(z(2, 2, 0, 32), r(2, 2, 5, 32), r(2, 2, 5, 32),
+                                                   is_causal=True, backend=be),)),
+        ("sdpa S = 0", lambda be: (gptkernels.sdpa(r(2, 2, 5, 32), z(2, 2, 0, 32), z(2, 2, 0, 32), backend=be),)),
+        ("varlen batch 0", lambda be: gptkernels.flash_attn(z(0, 2, 32), z(0, 2, 32), z(0, 2, 32), cu_seqlens_q=cu(0),
+                                                            cu_seqlens_k=cu(0), max_seqlen_q=0, max_seqlen_k=0,
+                                                            return_lse=True, backend=be)),
+        ("varlen T = 0", lambda be: gptkernels.flash_attn(z(0, 2, 32), z(0, 2, 32), z(0, 2, 32), cu_seqlens_q=cu(0, 0),
+                                                          cu_seqlens_k=cu(0, 0), max_seqlen_q=0, max_seqlen_k=0,
+                                                          return_lse=True, backend=be)),
+        ("varlen Tk = 0", lambda be: gptkernels.flash_attn(r(3, 2, 32), z(0, 2, 32), z(0, 2, 32), cu_seqlens_q=cu(0, 3),
+                                                           cu_seqlens_k=cu(0, 0), max_seqlen_q=3, max_seqlen_k=0,
+                                                           return_lse=True, backend=be)),
+        ("paged batch 0", lambda be: gptkernels.flash_attn(z(0, 3, 2, 32), cache, cache,
+                                                           block_table=torch.zeros(0, 2, dtype=i32),
+                                                           seqlens_k=cu(), return_lse=True, backend=be)),
+        ("paged no keys", lambda be: gptkernels.flash_attn(r(2, 3, 2, 32), cache, cache,
+                                                           block_table=torch.zeros(2, 2, dtype=i32),
+                                                           seqlens_k=cu(0, 0), return_lse=True, backend=be)),
+        ("decode batch 0", lambda be: gptkernels.paged_decode(z(0, 2, 32), cache, cache, torch.zeros(0, 2, dtype=i32),
+                                                              cu(), return_lse=True, backend=be)),
+        ("rotary batch 0", lambda be: gptkernels.apply_rotary(z(0, 4, 2, 32), z(0, 4, 1, 32), cos, sin,
+                                                              offset=torch.zeros(0, dtype=torch.int64), backend=be)),
+        ("rotary S = 0", lambda be: gptkernels.apply_rotary(z(2, 0, 2, 32), None, cos, sin, offset=3, backend=be)[:1]),
+        ("rotary T = 0", lambda be: gptkernels.apply_rotary(z(0, 2, 32), z(0, 1, 32), cos, sin,
+                                                            positions=torch.zeros(0, dtype=torch.int64),
+                                                            backend=be)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_empty_cases())))
+def test_emulated_empty_inputs_as_the_other_backends(emu_ops, monkeypatch, case):
+    """Empty inputs through the public ops with backend="cuda" (its launchers on the emulator):
+    the same shapes and values (zeros, lse -inf where no key is seen) as the torch backend."""
+    from gptkernels import _dispatch
+
+    name, call = _empty_cases()[case]
+    want = call("torch")
+    monkeypatch.setattr(cuda_backend, "_OPS", emu_ops)
+    # The public ops refuse backend="cuda" for CPU tensors: a "triton" call (accepted on CPU under
+    # the interpreter) is routed to the cuda launchers instead, which run on the emulator.
+    monkeypatch.setattr(_dispatch, "backend_module", lambda backend: cuda_backend)
+    got = call("triton")
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None), name
+        if w is not None:
+            assert g.shape == w.shape and g.dtype == w.dtype and torch.equal(g, w), name
+
+
+def test_emulated_paged_append_no_tokens(emu):
+    kc = randn(2, 8, 1, 4, dtype=torch.float16)
+    before = kc.clone()
+    emu.paged_append(kc[0, :0], kc[0, :0], kc, kc, torch.zeros(0, dtype=torch.int64))
+    assert torch.equal(kc, before)
 
 
 def test_emulated_ops_compile(emu_ops):

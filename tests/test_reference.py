@@ -247,3 +247,33 @@ def test_outputs_are_contiguous_for_strided_inputs(backend):
     qd = randn(4, 4, 16, generator=g).transpose(0, 1)    # (4 sequences, 4 heads, 16), strided
     out, lse = gptkernels.paged_decode(qd, kc, vc, table, lens, return_lse=True, backend=backend)
     assert out.is_contiguous() and lse.is_contiguous()
+
+
+# --------------------------------------------------------------------------------------------------
+# seq_lens past the block table, with a window reaching into the table (the decode rule)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_paged_decode_window_past_the_table_torch_vs_triton(num_splits):
+    """seq_lens longer than the table holds (3 blocks of 8 = 24 keys) with a window that still
+    overlaps the table: the query stays at L - 1 (it is not moved to the table's end, which would
+    shift its window onto keys it does not see), and only the window's keys the table holds count.
+    torch and triton agree with each other and with that expectation; the cuda backend follows the
+    same rule (tests/test_cuda_emulated.py)."""
+    kc, vc, g = _paged_case(torch.float32)
+    rows, lens, window = [[0, 1, 2], [3, 4, 1]], [26, 27], 5
+    q = randn(2, 4, 16, generator=g)
+    table = torch.tensor(rows, dtype=torch.int32, device=DEVICE)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    got = {be: gptkernels.paged_decode(q, kc, vc, table, seq_lens, window=window, num_splits=num_splits,
+                                       return_lse=True, backend=be) for be in BACKENDS}
+    torch.testing.assert_close(got["triton"], got["torch"], atol=2e-5, rtol=1e-5)
+    for b, L in enumerate(lens):  # keys L - 5 .. L - 1 that lie below 24: 21-23, then 22-23
+        visible = [L - window <= j < 24 for j in range(L)]
+        want_o, want_l = _attend_valid(q[b].cpu(), _gathered(kc, rows[b], L, 8).cpu(),
+                                       _gathered(vc, rows[b], L, 8).cpu(), visible, 1 / math.sqrt(16))
+        assert sum(visible) == 24 - (L - window)
+        for be in BACKENDS:
+            torch.testing.assert_close(got[be][0][b].double().cpu(), want_o, atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(got[be][1][b].double().cpu(), want_l, atol=2e-5, rtol=1e-5)

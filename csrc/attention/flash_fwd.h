@@ -29,9 +29,9 @@ struct FlashFwdParams {
   int batch;
   int num_heads_q;
   int num_heads_kv;
-  int seqlen_q;   // dense: Sq; varlen: max_seqlen_q (sizes the grid)
+  int seqlen_q;   // dense: Sq; varlen: max_seqlen_q clamped to [0, Tq] (sizes the grid only)
   int seqlen_k;   // dense: Sk (unused when varlen or paged)
-  int total_q;    // rows q may address (dense Sq, varlen Tq): masks unchecked cu_seqlens_q values
+  int total_q;    // rows q may address (dense Sq, varlen Tq): cu_seqlens_q values are clamped to it
   int total_k;    // same for k/v (dense Sk, varlen Tk)
 
   const int* cu_seqlens_q;  // (B+1,) or nullptr

@@ -89,12 +89,19 @@ __global__ void __launch_bounds__(kDecodeThreads) paged_decode_kernel(const Page
   const int gid = warp * kKeyGroupsPerWarp + kg;      // key group within the block
 
   // ---- the keys of this split: [s_lo, s_hi) ----
-  // The query sits at position L - 1 and sees keys [max(0, L - W), L) (all L without a window).
-  const int L = max(0, min(p.seq_lens[b], p.max_blocks_per_seq * p.block_size));  // masked to the table
+  // The query sits at position L - 1, L = seq_lens[b] as given (never clamped to the table), and
+  // sees keys [max(0, L - W), L) (all L without a window). Keys past the block table's capacity
+  // are missing: like keys behind a bad table entry they contribute nothing, so the splits cover
+  // [k_lo, k_hi) only. (The Triton kernel and the torch backend follow the same rule.)
+  const int L = max(0, p.seq_lens[b]);
   const int k_lo = p.window > 0 ? max(0, L - p.window) : 0;
-  const int per_split = ceil_div(L - k_lo, p.num_splits);
-  const int s_lo = k_lo + split * per_split;
-  const int s_hi = min(L, s_lo + per_split);
+  const int k_hi = min(L, p.max_blocks_per_seq * p.block_size);
+  const int k_end = max(k_lo, k_hi);  // [k_lo, k_end): the visible keys (none when k_hi <= k_lo)
+  // int64: the split arithmetic may pass 2^31 for a table near the int32 limit
+  const int64_t per_split = (static_cast<int64_t>(k_end - k_lo) + p.num_splits - 1) / p.num_splits;
+  const int64_t lo = k_lo + split * per_split, hi = lo + per_split;
+  const int s_lo = static_cast<int>(lo < k_end ? lo : k_end);
+  const int s_hi = static_cast<int>(hi < k_end ? hi : k_end);
 
   // ---- q, pre-scaled into log2 units (exp(x * scale) == exp2(x * scale * log2 e)) ----
   float qr[G][kElems];

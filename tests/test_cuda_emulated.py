@@ -11,8 +11,6 @@ checked with lazily mapped 4 GiB buffers.
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 
@@ -22,7 +20,7 @@ from gptkernels._policy import CPU_NOMINAL_SMS, decode_band
 from gptkernels._policy import num_splits as policy_num_splits
 from gptkernels._policy import softmax_scale as softmax_scale_default
 from tests.cuda_cases import (ALL_DTYPES, HALF_DTYPES, check_64bit_cache_offsets, check_64bit_row_offsets,
-                              check_append, check_decode, check_flash, check_rotary, flash_kw)
+                              check_append, check_decode, check_flash, check_rotary, cu_seqlens, flash_kw)
 from tests.helpers import assert_parity, randn
 
 
@@ -244,7 +242,7 @@ def test_emulated_kernels_use_64bit_row_offsets(emu):
 # --------------------------------------------------------------------------------------------------
 
 
-def _decode_case(lens, rows, *, dtype, window, Hq=4, Hkv=2, D=16, block_size=8, num_blocks=6, seed=0):
+def _decode_case(lens, rows, *, dtype, Hq=4, Hkv=2, D=16, block_size=8, num_blocks=6, seed=0):
     g = torch.Generator().manual_seed(seed)
     kc = randn(num_blocks, block_size, Hkv, D, dtype=dtype, generator=g)
     vc = randn(num_blocks, block_size, Hkv, D, dtype=dtype, generator=g)
@@ -264,7 +262,7 @@ def test_emulated_paged_decode_seq_lens_past_the_table(emu, monkeypatch, dtype, 
     before them. The triton and torch backends give the same answer."""
     monkeypatch.delenv("GPTKERNELS_DEBUG", raising=False)  # the debug checks refuse these lengths
     lens, rows = [26, 30, 27, 20], [[0, 1, 2], [3, 4, 5], [-1, 5, 3], [2, 0, 4]]
-    q, kc, vc, table, seq_lens = _decode_case(lens, rows, dtype=dtype, window=window)
+    q, kc, vc, table, seq_lens = _decode_case(lens, rows, dtype=dtype)
     out, lse = emu.paged_decode(q, kc, vc, table, seq_lens, softmax_scale=0.25, window=window,
                                 num_splits=num_splits)
     r_out, r_lse = reference.paged_decode(q.double(), kc.double(), vc.double(), table, seq_lens,
@@ -322,8 +320,8 @@ def test_emulated_flash_attn_understated_max_seqlen_q(emu, max_seqlen_q):
     lens_q, lens_k = [70, 130, 5], [70, 150, 9]
     q = randn(sum(lens_q), 2, 32, dtype=torch.float16)
     k, v = (randn(sum(lens_k), 1, 32, dtype=torch.float16) for _ in range(2))
-    cu = lambda n: torch.tensor([0, *itertools.accumulate(n)], dtype=torch.int32)  # noqa: E731
-    kw = flash_kw(cu_seqlens_q=cu(lens_q), cu_seqlens_k=cu(lens_k), max_seqlen_k=150, window=40)
+    kw = flash_kw(cu_seqlens_q=cu_seqlens(lens_q, "cpu"), cu_seqlens_k=cu_seqlens(lens_k, "cpu"), max_seqlen_k=150,
+                  window=40)
     want = emu.flash_attn_forward(q, k, v, **{**kw, "max_seqlen_q": 130})
     got = emu.flash_attn_forward(q, k, v, **{**kw, "max_seqlen_q": max_seqlen_q})
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -156,6 +156,204 @@ def test_split_policy():
 
 
 # --------------------------------------------------------------------------------------------------
+# softcap and ALiBi (issue 19 items 1-2; semantics: gptkernels/reference.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def _slopes(kind, batch, hq, seed=0):
+    """ALiBi slopes: None, (Hq,) (the geometric sequence of the ALiBi paper, 2**(-8 i / Hq)) or
+    (B, Hq) random (as a transposed, non-contiguous view)."""
+    if kind is None:
+        return None
+    if kind == "heads":
+        return (2.0 ** (-8.0 * torch.arange(1, hq + 1) / hq)).to(DEVICE)
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(hq, batch, generator=g) * 0.5).to(DEVICE).t()
+
+
+_MODIFIERS = [(None, "heads"), (5.0, None), (1.0, "batch"), (30.0, "heads")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("softcap, alibi", _MODIFIERS)
+@pytest.mark.parametrize("group", grid([1, 4], [1, 2, 4, 8]))
+def test_decode_softcap_alibi_parity(softcap, alibi, group, dtype):
+    hkv = 2
+    lens = grid([1, 20, 150], [1, 20, 150, 1000, 4099])
+    q, kc, vc, table, lens_t = _paged_case(lens, hkv * group, hkv, 64, 16, dtype, seed=group)
+    slopes = _slopes(alibi, len(lens), hkv * group, seed=group)
+    for window, splits in ((None, 3), (9, 1)):  # split-K; a window, unsplit
+        _check_decode(q, kc, vc, table, lens_t, softcap=softcap, alibi_slopes=slopes, window=window,
+                      num_splits=splits, softmax_scale=0.3)
+        torch_out = paged_decode(q, kc, vc, table, lens_t, softcap=softcap, alibi_slopes=slopes, window=window,
+                                 softmax_scale=0.3, backend="torch")
+        ref = reference.paged_decode(q.double(), kc.double(), vc.double(), table, lens_t, softcap=softcap,
+                                     alibi_slopes=slopes, window=window, softmax_scale=0.3)
+        assert_parity(torch_out, ref, reference.paged_decode(
+            q, kc, vc, table, lens_t, softcap=softcap, alibi_slopes=slopes, window=window, softmax_scale=0.3,
+            upcast=False))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_softcap_alibi_convention(backend):
+    """The convention written out by hand, independently of reference.py: s = scale * q.k, then
+    softcap * tanh(s / softcap), then - slope * (L - 1 - j) (FlashAttention's -slope * |i + Sk - Sq - j|
+    with one query row; vLLM's slope * (j - L + 1)), then softmax."""
+    q, kc, vc, table, lens = _paged_case([13, 6], 4, 2, 32, 8, torch.float32, seed=7)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], device=DEVICE)
+    cap, scale = 2.0, 0.4
+    out, lse = paged_decode(q, kc, vc, table, lens, softmax_scale=scale, softcap=cap, alibi_slopes=slopes,
+                            return_lse=True, backend=backend)
+    for b, n in enumerate(lens.tolist()):
+        K = reference.gather_paged(kc, table[b], n).double().cpu()
+        V = reference.gather_paged(vc, table[b], n).double().cpu()
+        for h in range(4):
+            s = scale * (K[:, h // 2] @ q[b, h].double().cpu())
+            s = cap * torch.tanh(s / cap) - float(slopes[h]) * (n - 1 - torch.arange(n, dtype=torch.float64))
+            p = torch.softmax(s, 0)
+            torch.testing.assert_close(out[b, h].double().cpu(), p @ V[:, h // 2], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(lse[b, h].double().cpu(), torch.logsumexp(s, 0), rtol=1e-5, atol=1e-5)
+    # the reference's building blocks state FlashAttention's formula
+    pos_q, pos_k = torch.tensor([2, 5]), torch.arange(6)
+    bias = reference.alibi_bias(torch.tensor([0.5]), pos_q, pos_k, torch.float64)
+    assert torch.equal(bias[0], -0.5 * (pos_q[:, None] - pos_k[None, :]).abs().double())
+    x = torch.tensor([-100.0, -1.0, 0.0, 3.0, 100.0], dtype=torch.float64)
+    assert torch.equal(reference.softcap_scores(x, 4.0), 4.0 * torch.tanh(x / 4.0))
+    assert reference.softcap_scores(x, None) is x
+
+
+def test_alibi_slopes_of_any_strides_and_fp8():
+    """(B, Hq) slopes as a transposed view and (Hq,) as a strided one read like their contiguous
+    copies; softcap and ALiBi over an fp8 cache."""
+    q, kc, vc, table, lens = _paged_case([33, 7, 60], 8, 2, 64, 8, torch.float32, seed=8)
+    batch_slopes = _slopes("batch", 3, 8, seed=1)
+    head_slopes = torch.stack([_slopes("heads", 3, 8), torch.zeros(8, device=DEVICE)], 1)[:, 0]
+    assert not batch_slopes.is_contiguous() and not head_slopes.is_contiguous()
+    for slopes in (batch_slopes, head_slopes):
+        got = paged_decode(q, kc, vc, table, lens, alibi_slopes=slopes, softcap=3.0, num_splits=2)
+        want = paged_decode(q, kc, vc, table, lens, alibi_slopes=slopes.contiguous(), softcap=3.0, num_splits=2)
+        assert torch.equal(got, want)
+    scales = dict(k_scale=torch.tensor([0.01, 0.02], device=DEVICE), v_scale=torch.tensor(0.01, device=DEVICE))
+    k8, v8 = reference.quantize_fp8(kc, scales["k_scale"]), reference.quantize_fp8(vc, scales["v_scale"])
+    _check_decode(q, k8, v8, table, lens, alibi_slopes=batch_slopes, softcap=3.0, num_splits=3, **scales)
+
+
+@pytest.mark.parametrize("over, exc, match", [
+    (dict(softcap=0.0), ValueError, "paged_decode: softcap must be None or a finite float > 0"),
+    (dict(softcap=-1.0), ValueError, "softcap must be None or a finite float > 0"),
+    (dict(softcap=float("nan")), ValueError, "softcap"),
+    (dict(softcap=float("inf")), ValueError, "softcap"),
+    (dict(softcap="30"), TypeError, "paged_decode: softcap must be None or a float"),
+    (dict(softcap=True), TypeError, "softcap"),
+    (dict(alibi_slopes=lambda a: torch.ones(4, device=DEVICE, dtype=torch.float16)), TypeError,
+     "paged_decode: alibi_slopes must have dtype float32"),
+    (dict(alibi_slopes=lambda a: torch.ones(5, device=DEVICE)), ValueError,
+     r"paged_decode: alibi_slopes must be shaped \(Hq,\) = \(4,\) or \(B, Hq\) = \(2, 4\)"),
+    (dict(alibi_slopes=lambda a: torch.ones(2, 4, 1, device=DEVICE)), ValueError, "alibi_slopes must be shaped"),
+    (dict(alibi_slopes=lambda a: torch.ones(3, 4, device=DEVICE)), ValueError, "alibi_slopes must be shaped"),
+    (dict(alibi_slopes=lambda a: torch.ones(4, device="meta")), ValueError, "alibi_slopes must be on the same device"),
+    (dict(alibi_slopes=[0.5] * 4), TypeError, "alibi_slopes must be a torch.Tensor"),
+])
+def test_softcap_alibi_bad_input(over, exc, match):
+    args, kwargs = _decode_args(**over)
+    with pytest.raises(exc, match=match):
+        paged_decode(**args, **kwargs)
+    with pytest.raises(exc, match=match):
+        paged_decode(**args, **kwargs, backend="torch")
+
+
+def test_cuda_backend_refuses_softcap_and_alibi():
+    from gptkernels import cuda as cuda_backend
+
+    q, kc, vc, table, lens = _paged_case([5, 9], 4, 2, 64, 8, torch.float32)
+    for kw, name in ((dict(softcap=5.0), "softcap"), (dict(alibi_slopes=torch.ones(4, device=DEVICE)), "alibi_slopes")):
+        with pytest.raises(BackendUnavailableError, match=f"paged_decode: backend 'cuda' cannot serve this call: "
+                                                          f"no CUDA kernel for {name}"):
+            cuda_backend.paged_decode(q, kc, vc, table, lens, softmax_scale=0.125, window=None, num_splits=1, **kw)
+
+
+def test_torch_compile_decode_with_options():
+    """fp8 scales, softcap and ALiBi go through the torch.library op (fake implementation included)."""
+    torch._dynamo.reset()
+    q, kc, vc, table, lens = _paged_case([30, 7], 4, 2, 64, 16, torch.float32, seed=2)
+    scales = dict(k_scale=torch.tensor([0.01, 0.02], device=DEVICE), v_scale=torch.tensor(0.01, device=DEVICE))
+    k8, v8 = reference.quantize_fp8(kc, scales["k_scale"]), reference.quantize_fp8(vc, scales["v_scale"])
+    slopes = _slopes("heads", 2, 4)
+
+    def step(q, kc, vc, table, lens, k_scale, v_scale, slopes):
+        return paged_decode(q, kc, vc, table, lens, k_scale=k_scale, v_scale=v_scale, softcap=4.0,
+                            alibi_slopes=slopes, return_lse=True)
+
+    want = step(q, k8, v8, table, lens, scales["k_scale"], scales["v_scale"], slopes)
+    compiled = torch.compile(step, fullgraph=True, backend="inductor" if ON_GPU else "aot_eager")
+    got = compiled(q, k8, v8, table, lens, scales["k_scale"], scales["v_scale"], slopes)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# page sizes 1 to 1024 (issue 19 item 7) on every paged path
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [1, 4, 512, 1024])
+def test_page_sizes(block_size, dtype):
+    lens = [1, 37, block_size + 6] if block_size >= 512 else [1, 37, 130]  # a second page of the long one
+    q, kc, vc, table, lens_t = _paged_case(lens, 4, 2, 32, block_size, dtype, seed=block_size, extra_blocks=1)
+    for splits in (None, 3):  # decode, unsplit and split-K
+        _check_decode(q, kc, vc, table, lens_t, num_splits=splits)
+    _check_decode(q, kc, vc, table, lens_t, window=5, backend="torch")
+    # append: slots across pages, -1 skipped
+    g = torch.Generator().manual_seed(block_size)
+    slots = torch.randperm(kc.shape[0] * block_size, generator=g)[:9].to(DEVICE)
+    slots[2] = -1
+    k, v = randn(9, 2, 32, dtype=dtype, generator=g), randn(9, 2, 32, dtype=dtype, generator=g)
+    got_k, got_v, want_k, want_v = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    paged_append(k, v, got_k, got_v, slots)
+    reference.paged_append(k, v, want_k, want_v, slots)
+    assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+    # paged flash_attn (chunked prefill over the cache: 3 query rows per sequence), both backends
+    qs = randn(3, 3, 4, 32, dtype=dtype, generator=g)
+    ref = reference.attention(qs.double(), kc.double(), vc.double(), block_table=table, seqlens_k=lens_t)
+    base = reference.attention(qs, kc, vc, block_table=table, seqlens_k=lens_t, upcast=False)
+    for backend in ("triton", "torch"):
+        assert_parity(gptkernels.flash_attn(qs, kc, vc, block_table=table, seqlens_k=lens_t, backend=backend),
+                      ref, base)
+
+
+@pytest.mark.parametrize("block_size", [1, 1024])
+def test_page_sizes_through_the_manager(block_size):
+    dtype = DTYPES[0]
+    cache = PagedKVCache(1, 1200 // block_size + 2, block_size, 2, 32, dtype=dtype, device=DEVICE)
+    slots = cache.reserve([0, 1], [40, 3])
+    k, v = randn(43, 2, 32, dtype=dtype), randn(43, 2, 32, dtype=dtype)
+    paged_append(k, v, cache.k_cache[0], cache.v_cache[0], slots)
+    q = randn(2, 4, 32, dtype=dtype)
+    out = paged_decode(q, cache.k_cache[0], cache.v_cache[0], cache.block_table([0, 1]), cache.seq_lens([0, 1]))
+    for b, (lo, hi) in enumerate(((0, 40), (40, 43))):
+        K, V = k[lo:hi][None], v[lo:hi][None]
+        ref = reference.attention(q[b][None, None].double(), K.double(), V.double())[0, 0]
+        base = reference.attention(q[b][None, None], K, V, upcast=False)[0, 0]
+        assert_parity(out[b], ref, base)
+
+
+@pytest.mark.parametrize("block_size", [3, 12, 2048])
+def test_page_size_not_a_power_of_two_from_1_to_1024(block_size):
+    kc, vc = randn(2, block_size, 2, 16), randn(2, block_size, 2, 16)
+    q, table, lens = randn(1, 2, 16), torch.zeros(1, 1, dtype=torch.int32, device=DEVICE), torch.ones(1, dtype=torch.int32, device=DEVICE)
+    match = rf"the block size of .* must be a power of two from 1 to 1024, got {block_size}"
+    with pytest.raises(ValueError, match="paged_decode: " + match):
+        paged_decode(q, kc, vc, table, lens)
+    with pytest.raises(ValueError, match="paged_append: " + match):
+        paged_append(randn(1, 2, 16), randn(1, 2, 16), kc, vc, torch.zeros(1, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(ValueError, match="flash_attn: " + match):
+        gptkernels.flash_attn(q[:, None], kc, vc, block_table=table, seqlens_k=lens)
+    with pytest.raises(ValueError, match=r"PagedKVCache: the block size of the cache \(block_size\)"):
+        PagedKVCache(1, 2, block_size, 2, 16, device=DEVICE)
+
+
+# --------------------------------------------------------------------------------------------------
 # append
 # --------------------------------------------------------------------------------------------------
 

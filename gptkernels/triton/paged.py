@@ -198,8 +198,9 @@ def _paged_decode_kernel(
     # The keys this query sees: [start, L) (causal: all cached tokens; window: the last `window`).
     L = tl.maximum(tl.load(lens_ptr + b), 0)
     start = tl.where(window > 0, tl.maximum(L - window, 0), 0)
-    # Tiles are aligned to absolute positions (a tile of BLOCK_N <= BLOCK_SIZE lies in one page) and
-    # split evenly between the splits; tiles before the window are never visited.
+    # Tiles are aligned to absolute positions and split evenly between the splits; tiles before the
+    # window are never visited. Each key finds its page through its own table entry, so any page
+    # size works (1 to 1024): a tile may span many small pages or be one slice of a large one.
     first = start // BLOCK_N
     n_tiles = tl.cdiv(L, BLOCK_N) - first
     per_split = tl.cdiv(n_tiles, num_splits)

@@ -182,10 +182,14 @@ def attention_bwd_bytes(batch: int, seqlen: int, heads_q: int, heads_kv: int, he
 
 
 def paged_decode_bytes(seq_lens, heads_q: int, heads_kv: int, head_dim: int, elem_bytes: int,
-                       block_size: int, window: int | None = None) -> Count:
-    """paged_decode's minimum: the visible K/V once (:func:`paged_kv_bytes`), q read, out and lse
-    written, the block-table entries of the visible pages and the sequence lengths read (int32)."""
-    kv = paged_kv_bytes(seq_lens, heads_kv, head_dim, elem_bytes, window)
+                       block_size: int, window: int | None = None, kv_elem_bytes: int | None = None) -> Count:
+    """paged_decode's minimum: the visible K/V once (:func:`paged_kv_bytes`, in the cache's element
+    size ``kv_elem_bytes``: 1 for fp8, whose float32 K and V scales per KV head are read too), q read,
+    out and lse written, the block-table entries of the visible pages and the sequence lengths read."""
+    kv_elem = elem_bytes if kv_elem_bytes is None else kv_elem_bytes
+    kv = paged_kv_bytes(seq_lens, heads_kv, head_dim, kv_elem, window)
+    if kv_elem == 1:
+        kv = Count(kv.value + 2 * 4 * heads_kv, kv.formula.split(" (")[0] + " + 2*Hkv*4 (fp8 scales)")
     pages = 0
     for n in seq_lens:
         n = int(n)

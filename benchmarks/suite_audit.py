@@ -153,13 +153,18 @@ def attn_bwd(b, s, hq, hkv, d, *, window=None, deterministic=True) -> Case:
                 useful_flops=F.attention_useful_flops(b, hq, s, s, d, window=window, backward=True))
 
 
-def paged_decode(lens, hq, hkv, d, *, page=16, window=None, family="paged decode", targets=None) -> Case:
+def paged_decode(lens, hq, hkv, d, *, page=16, window=None, fp8=False, family="paged decode",
+                 targets=None) -> Case:
+    """paged_decode over a paged cache (``fp8``: a float8_e4m3fn cache with per-head scales)."""
+    kv_dtype = torch.float8_e4m3fn if fp8 else DTYPE
+
     def build():
         import gptkernels
 
         blocks = sum(-(-n // page) for n in lens)
-        kc = _randn(blocks, page, hkv, d, dtype=DTYPE, seed=1)
-        vc = _randn(blocks, page, hkv, d, dtype=DTYPE, seed=2)
+        kc = _randn(blocks, page, hkv, d, dtype=torch.float32, seed=1).to(kv_dtype)
+        vc = _randn(blocks, page, hkv, d, dtype=torch.float32, seed=2).to(kv_dtype)
+        scales = dict(k_scale=torch.ones(hkv), v_scale=torch.ones(hkv)) if fp8 else {}
         perm = torch.randperm(blocks, generator=torch.Generator().manual_seed(3)).to(torch.int32)
         width = max(-(-n // page) for n in lens)
         table = torch.zeros(len(lens), width, dtype=torch.int32)
@@ -170,14 +175,17 @@ def paged_decode(lens, hq, hkv, d, *, page=16, window=None, family="paged decode
             at += used
         seq_lens = torch.tensor(lens, dtype=torch.int32)
         q = _randn(len(lens), hq, d, dtype=DTYPE)
-        return lambda: gptkernels.paged_decode(q, kc, vc, table, seq_lens, window=window, backend="triton")
+        return lambda: gptkernels.paged_decode(q, kc, vc, table, seq_lens, window=window, backend="triton",
+                                               **scales)
 
     w = f" W={window}" if window else ""
+    w += " fp8" if fp8 else ""
+    kv_elem = 1 if fp8 else ELEM
     return Case(f"paged decode B={len(lens)} ctx={max(lens)} Hq={hq} Hkv={hkv}{w}", family,
                 f"lens={','.join(map(str, lens))} page={page} Hq={hq} Hkv={hkv} D={d}{w}", build,
-                min_bytes=F.paged_decode_bytes(lens, hq, hkv, d, ELEM, page, window),
+                min_bytes=F.paged_decode_bytes(lens, hq, hkv, d, ELEM, page, window, kv_elem_bytes=kv_elem),
                 useful_flops=F.paged_decode_flops(lens, hq, d, window),
-                kv=F.paged_kv_bytes(lens, hkv, d, ELEM, window), kv_args=("kc_ptr", "vc_ptr"),
+                kv=F.paged_kv_bytes(lens, hkv, d, kv_elem, window), kv_args=("kc_ptr", "vc_ptr"),
                 targets=targets or {})
 
 
@@ -252,6 +260,7 @@ def cases() -> list[Case]:
         paged_decode([2048], 8, 2, 128),
         paged_decode([2048], 2, 2, 128),
         paged_decode([2048, 300], 8, 2, 128, window=256),
+        paged_decode([2048], 8, 2, 128, fp8=True),
         paged_append(256, 8, 128),
         rotary(512, 8, 8, 128, 128),
         rotary(1024, 8, 2, 128, 32),

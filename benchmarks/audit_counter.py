@@ -104,7 +104,16 @@ class Recorder:
                     raise NotCountable(f"{kernel}: argument {name} has a negative stride")
                 start = value.data_ptr()
                 args.append(_Arg(name, start, start + span * elem, elem, (kernel, start, span * elem)))
-        args.sort(key=lambda a: a.start)
+        args.sort(key=lambda a: (a.start, -a.end))
+        # arguments that point at the same memory (a dummy standing in for an absent tensor, q and
+        # out in place) are one extent, named by all of them ("lens_ptr/slope_ptr")
+        merged: list[_Arg] = []
+        for a in args:
+            if merged and (merged[-1].start, merged[-1].end) == (a.start, a.end):
+                merged[-1].name += "/" + a.name
+            else:
+                merged.append(a)
+        args = merged
         self._args = args
         self._starts = np.array([a.start for a in args], dtype=np.uint64)
         self._current = Launch(kernel, tuple(grid), meta=meta)

@@ -461,7 +461,7 @@ def _figures(case: Case, launches, kernel_launches, footprint) -> dict:
         fig["op_tile_flops"] = op["tile_flops"]
         fig["flops_x"] = op["tile_flops"] / case.useful_flops.value if op["tile_flops"] else None
     if case.kv is not None:
-        kv = sum(op["loads_by_arg"].get(a, 0) for a in case.kv_args)
+        kv = sum(v for a, v in op["loads_by_arg"].items() if set(a.split("/")) & set(case.kv_args))
         fig["kv_loaded"] = kv
         fig["kv_x"] = kv / case.kv.value
     return fig

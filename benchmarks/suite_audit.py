@@ -363,8 +363,8 @@ def as_on_gpu(sms: int = AUDIT_SMS):
 
 def gpu_configs(kernel, args, kwargs) -> list:
     """The configs ``kernel``'s autotuner would try on a GPU for this launch: its GPU list (kept by
-    ``_config.configs`` as ``.gpu``; the list itself off the interpreter) after its own pruning,
-    with autotuning on (``GPTKERNELS_AUTOTUNE=0`` would keep only the first)."""
+    ``_config.configs`` as ``.gpu``; the list itself off the interpreter) after its own pruning with
+    autotuning on, the one it takes without tuning (``GPTKERNELS_AUTOTUNE=0``) first."""
     from gptkernels.triton._config import INTERPRET
 
     gpu = getattr(kernel.configs, "gpu", None)
@@ -379,9 +379,11 @@ def gpu_configs(kernel, args, kwargs) -> list:
     named = dict(zip(kernel.arg_names, args))
     with mock.patch.dict(os.environ, {"GPTKERNELS_AUTOTUNE": "1"}):
         pruned = prune(list(gpu), named, **kwargs)
+    with mock.patch.dict(os.environ, {"GPTKERNELS_AUTOTUNE": "0"}):
+        untuned = prune(list(gpu), named, **kwargs)[:1]
     if not pruned:
         raise Refused(f"{kernel.fn.__name__}: its pruning left no GPU config for this launch")
-    return list(pruned)
+    return untuned + [c for c in pruned if not any(_same(c, u) for u in untuned)]
 
 
 def config_text(cfg=None, meta: dict | None = None) -> str:

@@ -22,8 +22,8 @@ pytestmark = pytest.mark.skipif(
     torch.cuda.is_available(), reason="the audit counts in the Triton interpreter (CPU runs of the test suite)")
 
 #: (figure, today's bound) per audited case; the figures are ratios to the op's minimum
-#: (benchmarks/formulas.py), for the first config a GPU would try (small shapes, launched as on an
-#: H100/H200 unless a test says otherwise).
+#: (benchmarks/formulas.py), for the config a GPU takes without autotuning (small shapes, launched as
+#: on an H100/H200 unless a test says otherwise).
 BOUNDS = {
     # one 16-row tile per KV head serves its group of 4 query heads: 4x the tile FLOPs (12 padding
     # rows); K/V read once; 4 key splits (as on 132 SMs) add the float32 partials and the merge
@@ -39,10 +39,10 @@ BOUNDS = {
     # multiplies a 16-row tile for 1 row (16x). Target (issue 14 item 3): K/V <= 1.10x for Hq/Hkv in
     # 1..8 (test_attention_decode_kv_target).
     "attention decode": {"kv_x": 4.0, "bytes_x": 4.01, "flops_x": 16.0},
-    # causal S=2048, 128x64 tiles: boundary tiles cost 6% (issue 14 item 4's target <= 1.10x: met);
+    # causal S=2048, 128x128 tiles: boundary tiles cost 6% (issue 14 item 4's target <= 1.10x: met);
     # each query tile re-reads the K/V before it (8.5x: flash attention's design, L2 absorbs some)
     "attention fwd causal": {"flops_x": 1.07, "kv_x": 8.5, "bytes_x": 4.74},
-    # window 256 at S=4096, 128-row query tiles: a tile's band spans 383 keys, 6 key tiles of 64.
+    # window 256 at S=4096, 128x128 tiles: a query tile's band spans 383 keys, 3 key tiles.
     # Target (issue 14 item 4): <= 1.25x with the GPU's config (test_attention_window_target).
     "attention fwd window": {"flops_x": 1.50, "kv_x": 2.91, "bytes_x": 1.95},
     # 7 products per visible pair where 5 are needed (dK/dV and dQ in two kernels): >= 1.4x by design

@@ -38,7 +38,8 @@ TABLE = Table(
 #: ATen ops that launch no kernel on CUDA (allocations, aliasing): views are recognised by schema.
 _NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "alias",
               "lift_fresh", "set_", "resize_", "_unsafe_view", "_reshape_alias", "as_strided",
-              "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size", "_has_compatible_shallow_copy_type"}
+              "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size",
+              "_has_compatible_shallow_copy_type"}
 #: ATen ops that wait for the device (a device-to-host copy), counted apart.
 _SYNC = {"_local_scalar_dense", "item"}
 

@@ -282,8 +282,8 @@ def _audit_md(doc: dict) -> list[str]:
            "*K/V*: K and V bytes loaded / the K/V the op must read; *FLOPs*: `tl.dot` tile FLOPs / useful "
            "FLOPs; *M x N x K*: the mean tensor-core product (its smallest side over all products in brackets; every "
            "product shape and count is in the JSON); sm_90a columns from an offline compile of the "
-           "same launch (ptxas). Each kernel row is one config its autotuner tries on an H100/H200 (the op's "
-           "other kernels at their first config).", ""]
+           "same launch (ptxas). Each kernel row is one config its autotuner tries on an H100/H200, the one it takes "
+           "without autotuning first (the op's other kernels at theirs).", ""]
     kern = [r for r in rows if r.table == "audit"]
     if kern:
         out += ["| case | kernel | config | bytes | K/V | FLOPs | mean M x N x K | atomic B | regs | spill B "

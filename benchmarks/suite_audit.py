@@ -50,8 +50,8 @@ TABLE = Table(
     title="Work audit: bytes and FLOPs of every kernel and GPU config, counted in the Triton interpreter",
     formula="bytes: (loaded + stored + atomic) / op minimum; FLOPs: tile (tl.dot 2*M*N*K) / useful",
     note="Counted exactly in the Triton interpreter (no GPU; no timing). Each row is one kernel with one "
-         "of the configs its autotuner tries on an H100/H200; the op's other kernels run with their first "
-         "config. sm_90a figures from an offline compile of the same launch (registers/spills by ptxas).")
+         "of the configs its autotuner tries on an H100/H200; the op's other kernels run with the config they "
+         "take without autotuning. sm_90a figures from an offline compile of the same launch (registers/spills by ptxas).")
 
 
 @dataclass

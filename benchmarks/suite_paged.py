@@ -6,18 +6,25 @@ and across block sizes 16..256. Blocks are shuffled in the cache (a real allocat
 our backends: torch SDPA per backend on a gathered dense cache (the gather is not timed: it is the
 layout those kernels need), FlexAttention's paged attention (compiled) where it runs, and the eager
 reference. Plus ``paged_append`` writing a 64 x 1k prefill into the cache.
+
+fp8 KV cache (issue 16): the same 64 x 4k decode over a float8_e4m3fn copy of the cache (per-KV-head
+scales, dequantized in the kernel) beside the bf16 cache, each credited with its own K/V bytes (fp8
+reads half): the target is >= 1.7x bf16's speed. And, for the quantization table (quant-ppl),
+:func:`cache_ppl_rows`: the perplexity of the tiny trained checkpoint when the decode steps read an
+fp8 cache (scales calibrated from the prefill, as ``generate`` does) vs a float one.
 """
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 import torch
 
 from . import formulas, peers, timing
 from .checks import compare, exact
-from .harness import Session, free_memory
-from .results import Table
+from .harness import Session, _short, classify, free_memory
+from .results import Row, Table
 
 HQ, HKV, D, BLOCK = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -35,6 +42,11 @@ DECODE_IMPLS = ("gptkernels triton", "gptkernels cuda", "gptkernels torch (eager
                 *(f"torch sdpa {b} (dense cache)" for b in peers.SDPA_BACKENDS), "flexattention paged (compiled)")
 APPEND_IMPLS = ("gptkernels triton", "gptkernels cuda", "gptkernels torch (eager)")
 APPEND_TOKENS = 64 * 1024
+#: fp8 vs bf16 cache: batch 64 x this context (the 64 x 4k decode case of paged-b64, reused), each
+#: cache dtype a case of the table, the Triton kernels (the CUDA backend has no fp8 path).
+FP8_CTX = 4096
+FP8_CASES = ("bf16 cache", "fp8 cache")
+FP8_IMPL = "gptkernels triton"
 
 
 def _decode_impls(batch: int, ctx: int, table: str, quick: bool) -> list[str]:
@@ -59,7 +71,8 @@ def _jobs(quick: bool):
 
 
 def planned_rows(quick: bool) -> int:
-    return sum(len(_decode_impls(b, c, t, quick)) for t, b, c, _, _ in _jobs(quick)) + len(APPEND_IMPLS)
+    return (sum(len(_decode_impls(b, c, t, quick)) for t, b, c, _, _ in _jobs(quick)) + len(APPEND_IMPLS)
+            + len(FP8_CASES))
 
 
 def tables(quick: bool) -> list[Table]:
@@ -72,6 +85,13 @@ def tables(quick: bool) -> list[Table]:
               x="context", **common),
         Table(id="paged-blocks", title=f"paged_decode across block sizes, bf16, batch 64 x context 4096",
               x="block size", **common),
+        Table(id="paged-fp8", suite="paged", x="cache dtype", unit="GB/s", ceiling="copy", plot="bar",
+              title=f"paged_decode over an fp8 (float8_e4m3fn) vs a bf16 cache, bf16 queries, batch 64 x "
+                    f"context {FP8_CTX}, Hq={HQ}, Hkv={HKV}, D={D}, block {BLOCK}",
+              formula=formulas.paged_kv_bytes([1], 1, 1, 1).formula.replace("*elem", "*elem (1 fp8, 2 bf16)"),
+              note="Each cache is credited with its own K/V bytes (fp8 reads half of bf16's); target (issue 16): "
+                   "the fp8 decode >= 1.7x the bf16 decode's speed. fp8 is checked against float64 over the "
+                   "dequantized cache."),
         Table(id="paged-append", suite="paged", title=f"paged_append, bf16, {APPEND_TOKENS} tokens "
               f"(64 x 1k prefill), Hkv={HKV}, D={D}, block {BLOCK}", x="T", unit="GB/s",
               formula=formulas.paged_append_bytes(1, 1, 1, 2).formula, ceiling="copy", plot=None),
@@ -213,6 +233,143 @@ def _decode_fn(impl: str, case: DecodeCase):
     raise ValueError(f"unknown paged decode implementation {impl!r}")
 
 
+def _fp8_sets(case: DecodeCase):
+    """fp8 copies of the case's caches, with per-KV-head scales from their amax (as calibration would
+    pick them), and the reference over the dequantized cache for the first and last sequence."""
+    from gptkernels import reference
+    from gptkernels.kv_cache import fp8_scale
+
+    sets = []
+    for s in case.sets:
+        k_scale = fp8_scale(s.k.view(-1, HKV, D))
+        v_scale = fp8_scale(s.v.view(-1, HKV, D))
+        sets.append(SimpleNamespace(q=s.q, table=s.table, lens=s.lens, k_scale=k_scale, v_scale=v_scale,
+                                    k=reference.quantize_fp8(s.k, k_scale), v=reference.quantize_fp8(s.v, v_scale)))
+    s0, rows = sets[0], case._rows()
+    blocks = s0.table[rows].long().flatten()
+    table = torch.arange(blocks.numel(), device=timing.DEVICE, dtype=torch.int32).view(len(rows), case.nblk)
+    args = (s0.k[blocks], s0.v[blocks], table, s0.lens[rows])
+    scales = dict(k_scale=s0.k_scale, v_scale=s0.v_scale)
+    ref = reference.paged_decode(s0.q[rows].double(), *args, **scales)
+    base = reference.paged_decode(s0.q[rows], *args, upcast=False, **scales)
+    return sets, (lambda out, _s: compare([("out", out[rows], ref, base)]))
+
+
+def _fp8(sess: Session, case: DecodeCase) -> None:
+    """The paged-fp8 rows: the bf16 decode of ``case`` and the same over its fp8 copy."""
+    import gptkernels
+
+    table_id = "paged-fp8"
+    cases = [c for c in FP8_CASES if sess.wanted(table_id, c, FP8_IMPL)]
+    if not cases:
+        return
+    params = dict(case.params)
+    for label in cases:
+        fp8 = label.startswith("fp8")
+        elem = 1 if fp8 else 2
+        common = dict(ours=True, params=dict(params, cache_dtype="float8_e4m3fn" if fp8 else "bfloat16"),
+                      bytes=formulas.paged_kv_bytes([case.ctx] * case.batch, HKV, D, elem).value)
+        try:
+            if fp8:
+                sets, check = _fp8_sets(case)
+                run = (lambda s: gptkernels.paged_decode(s.q, s.k, s.v, s.table, s.lens, k_scale=s.k_scale,
+                                                         v_scale=s.v_scale, backend="triton"))
+            else:
+                sets, check = case.sets, case.check
+                run = (lambda s: gptkernels.paged_decode(s.q, s.k, s.v, s.table, s.lens, backend="triton"))
+        except Exception as e:
+            sess.fail(table_id, label, FP8_IMPL, e, **common)
+            continue
+        with torch.no_grad():
+            row = sess.measure(table_id, label, FP8_IMPL, run=run, sets=sets, check=check, **common)
+        if fp8:
+            bf16 = next((r for r in sess.rows if (r.table, r.case, r.impl) == (table_id, FP8_CASES[0], FP8_IMPL)
+                         and r.status == "ok"), None)
+            if row.status == "ok" and bf16 is not None:
+                row.extra["speedup_vs_bf16"] = bf16.ms / row.ms  # the issue's target: >= 1.7
+            del sets
+            free_memory()
+
+
+# --------------------------------------------------------------------------------------------------
+# Perplexity with an fp8 cache (rows of suite_quant's quant-ppl table)
+# --------------------------------------------------------------------------------------------------
+
+#: Tokens of each held-out window prefilled (the scales are calibrated on them); the rest of the window
+#: (64 of 256) is fed one decode step at a time, each step reading the cache. 8 windows: 512 tokens
+#: scored, the same ones for both caches (decode on the eager CPU backend costs ~10 ms per sequence
+#: and layer, so this stays around a minute there).
+PPL_PREFIX = 192
+CACHE_PPL_WINDOWS = 8
+
+
+@torch.no_grad()
+def cache_perplexity(model, windows: torch.Tensor, *, kv_cache_dtype=None, backend=None, prefix: int = PPL_PREFIX,
+                     batch: int = 16) -> tuple[float, int]:
+    """Perplexity over the tokens after ``prefix`` of each window (W, S), predicted by decode steps over
+    the paged cache (teacher forcing: each step feeds the true token): (perplexity, tokens scored).
+    ``kv_cache_dtype``: None (the model's dtype) or torch.float8_e4m3fn, as ``generate`` takes it."""
+    from gptkernels.generation import PagedDecoder
+    from gptkernels.models.inputs import pack_batch
+
+    total, count = 0.0, 0
+    for i in range(0, windows.shape[0], batch):
+        ids = windows[i:i + batch].to(model.device)
+        b, s = ids.shape
+        packed = pack_batch(model.config, ids[:, :prefix], None, None, op="cache_perplexity", force_packed=True)
+        dec = PagedDecoder(model, [prefix] * b, s - prefix, backend=backend, kv_cache_dtype=kv_cache_dtype)
+        logits = dec.prefill(packed)
+        for t in range(prefix, s):
+            total += float(torch.nn.functional.cross_entropy(logits.float(), ids[:, t], reduction="sum"))
+            count += b
+            if t + 1 < s:
+                logits = dec.step(ids[:, t])
+    return float(torch.exp(torch.tensor(total / count))), count
+
+
+CACHE_PPL_IMPLS = ("float cache, decode", "fp8 e4m3 cache, decode")
+
+
+def cache_ppl_rows(model_path, device: str, dtype: torch.dtype, backend: str | None, windows: torch.Tensor,
+                   case: str) -> list[Row]:
+    """Two quant-ppl rows: the checkpoint at ``model_path`` scoring the tokens after the first
+    PPL_PREFIX of each window through decode steps over a float cache and over an fp8 one
+    (``extra["vs_float_cache"]``: the fp8 perplexity / the float cache's). The first
+    CACHE_PPL_WINDOWS of ``windows``."""
+    from gptkernels.models import from_pretrained
+
+    windows = windows[:CACHE_PPL_WINDOWS]
+
+    dname = str(dtype).replace("torch.", "")
+    rows, base = [], None
+    try:
+        model = from_pretrained(model_path, dtype=dtype, device=device)
+    except Exception as e:
+        return [Row(table="quant-ppl", case=case, impl=impl, status=classify(e), ours=True, message=_short(e))
+                for impl in CACHE_PPL_IMPLS]
+    for impl, cache_dtype in zip(CACHE_PPL_IMPLS, (None, torch.float8_e4m3fn)):
+        params = {"device": device, "dtype": dname, "backend": backend,
+                  "kv_cache_dtype": "float8_e4m3fn" if cache_dtype else dname, "prefix": PPL_PREFIX,
+                  "windows": int(windows.shape[0]), "window": int(windows.shape[1])}
+        try:
+            t0 = time.perf_counter()
+            ppl, tokens = cache_perplexity(model, windows, kv_cache_dtype=cache_dtype, backend=backend)
+            ms = 1e3 * (time.perf_counter() - t0)
+            extra = {"tokens": tokens, "scored": f"tokens {PPL_PREFIX + 1}-{windows.shape[1]} of each window"}
+            if cache_dtype is None:
+                base = ppl
+            elif base is not None:
+                extra["vs_float_cache"] = ppl / base
+            rows.append(Row(table="quant-ppl", case=case, impl=impl, status="ok", ours=True, ms=ms, value=ppl,
+                            params=params, extra=extra))
+        except Exception as e:
+            rows.append(Row(table="quant-ppl", case=case, impl=impl, status=classify(e), ours=True,
+                            message=_short(e), params=params))
+    del model
+    free_memory()
+    return rows
+
+
 def _append(sess: Session) -> None:
     import gptkernels
 
@@ -256,7 +413,9 @@ def run(sess: Session, quick: bool) -> None:
     for table_id, batch, ctx, block, x in _jobs(quick):
         label = str(x)
         names = [n for n in _decode_impls(batch, ctx, table_id, quick) if sess.wanted(table_id, label, n)]
-        if not names:  # none of its rows is in this run's plan: the cache is not even built
+        fp8_here = (table_id, ctx) == ("paged-b64", FP8_CTX) and any(
+            sess.wanted("paged-fp8", c, FP8_IMPL) for c in FP8_CASES)
+        if not names and not fp8_here:  # none of its rows is in this run's plan: the cache is not even built
             continue
         try:
             case = DecodeCase(batch, ctx, block)
@@ -282,6 +441,8 @@ def run(sess: Session, quick: bool) -> None:
             finally:
                 if cleanup is not None:
                     cleanup()
+        if fp8_here:  # the fp8 rows reuse this case's caches (64 x 4k)
+            _fp8(sess, case)
         del case
         free_memory()
     _append(sess)

@@ -145,6 +145,11 @@ def _evaluate(ix: "_Index", window: int, atomic_dq: str) -> list[dict]:
     else:
         out.append(_target(4, what, None, 1.10, None, "", missing="fewer than two block sizes ran",
                            tables=["paged-blocks"]))
+    # ---- issue 16: fp8 paged KV cache (benchmarks/suite_paged.py, table paged-fp8) ---------------------
+    out.append(_ratio_target(ix, 16, "fp8 paged decode 64 x 4k: >= 1.7x the bf16 cache's speed", 1.7,
+                             ("paged-fp8", "fp8 cache", TRITON, lambda r: 1.0 / r.ms),
+                             ("paged-fp8", "bf16 cache", TRITON, lambda r: 1.0 / r.ms),
+                             "{b.ms:.3f} ms bf16 / {a.ms:.3f} ms fp8 = {value:.2f}x"))
     # ---- issue 5: models ------------------------------------------------------------------------------
     for model in ("pythia-1.4b", "gpt2-medium"):
         out.append(_ratio_target(ix, 5, f"{model} decode batch 32: >= 2x HF generate", 2.0,

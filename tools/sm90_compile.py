@@ -60,6 +60,9 @@ def compile_sm90(kernel, row, constexprs, elem="bf16"):
     other strides are 16-divisible."""
     fn = kernel.fn
     consts = dict(constexprs, BLOCK_M=row[0], BLOCK_N=row[1])
+    # constexpr parameters with a default (KV_SCALED, ROW64, TAIL): as a launch that omits them
+    consts.update({p.name: p.default for p in fn.params
+                   if p.is_constexpr and p.has_default and p.name not in consts})
     consts.update({n: 1 for n in fn.arg_names if n.startswith("stride_") and n.endswith("d")})
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):

@@ -16,9 +16,14 @@ Design (details, FLOP/byte predictions and what a GPU session must tune: ``notes
   Both recompute P = exp2(S * log2(e) - lse * log2(e)) from the saved lse.
 * Any strides: q, k, v, dout come with their own strides and are never copied; the index tensors
   (cu_seqlens, seqlens_k, block_table: a few bytes) are made contiguous by the launchers. Offsets
-  that can exceed 2**31 (batch, token, head, cache block, a row of a tile times a row stride) are
-  computed in int64. The batch is grid axis 2, which CUDA caps at 65535: larger batches are
-  launched in chunks.
+  that can exceed 2**31 (batch, token, head, cache block) are computed in int64; so is a row of a
+  tile times a row stride when the launcher finds a stride that needs it (``ROW64``; int32
+  otherwise: the int64 form spilled registers in the sm_90a forward). The batch is grid axis 2,
+  which CUDA caps at 65535: larger batches are launched in chunks.
+* ``max_seqlen_q``/``max_seqlen_k`` size the grids. Dense grids are exact; varlen ones come from the
+  caller (no sync), so a tail launch (``TAIL``: one program per head and sequence, which finds
+  nothing to do when the value was right) computes any rows past them: an understated value costs
+  time, never correctness.
 * Head dims 1..256: the D tile is padded to a power of two (>= 16, the smallest tl.dot) and masked.
 * float32 uses ``input_precision="ieee"`` (TF32 would break fp32 parity on the GPU).
 * Safety: sequence bounds read from cu_seqlens / seqlens_k are clamped to the tensors' extents and a
@@ -35,7 +40,7 @@ import triton
 import triton.language as tl
 
 from .._policy import LOG2E, decode_band, num_splits, sm_count
-from ._config import autotune, configs, next_pow2
+from ._config import INTERPRET, autotune, configs, next_pow2
 from .paged import merge_splits
 
 _LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)  # the same constant, usable inside kernels
@@ -60,6 +65,35 @@ def _visible(pos_q, cols, seqlen_k, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl
         if HAS_WINDOW:
             vis = vis & (cols > pos_q - window)
     return vis
+
+
+@triton.jit
+def _rows(offs, ROW64: tl.constexpr):
+    """Row indices of a tile, ready to multiply by a row stride: int64 when the launcher found a
+    stride for which that product may pass 2**31 (``ROW64``), else int32 (cheaper addressing and
+    fewer registers: the int64 form made the sm_90a forward spill)."""
+    if ROW64:
+        offs = offs.to(tl.int64)
+    return offs
+
+
+@triton.jit
+def _tile_loop(pid, row0, seqlen, BLOCK: tl.constexpr, TAIL: tl.constexpr):
+    """(first row, step, count) of the tiles a program computes along a sequence of ``seqlen`` rows.
+
+    A main launch (grid sized from max_seqlen_*): tile ``pid`` only, a loop of one iteration that
+    compiles to straight code. A tail launch (``TAIL``, after the main one, varlen only): rows from
+    ``row0`` (= the max_seqlen_* the main grid covers) on, strided over its programs, so an
+    understated max_seqlen_* still computes every row; when it was right, nothing is left."""
+    if TAIL:
+        first = row0 + pid * BLOCK
+        step = tl.num_programs(0) * BLOCK
+        count = tl.cdiv(tl.maximum(seqlen - first, 0), step)
+    else:
+        first = pid * BLOCK
+        step = BLOCK
+        count = 1
+    return first, step, count
 
 
 @triton.jit
@@ -159,7 +193,7 @@ def _k_tile_band(n0, seqlen_q, seqlen_k, shift, window, CAUSAL: tl.constexpr,
 @triton.jit
 def _kv_rows(start_n, offs_n, seqlen_k, b, block_table, stride_tb, num_blocks,
              stride_kb, stride_ks, stride_vb, stride_vs,
-             PAGED: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+             PAGED: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, ROW64: tl.constexpr):
     """Where key tile [start_n, start_n + BLOCK_N) lies in K and V, and which rows are real keys.
 
     Returns (k_base, k_rows, v_base, v_rows, ok): a scalar int64 offset plus per-row offsets (int32
@@ -181,14 +215,14 @@ def _kv_rows(start_n, offs_n, seqlen_k, b, block_table, stride_tb, num_blocks,
             in_blk = (start_n % PAGE).to(tl.int64)
             k_base = blk * stride_kb + in_blk * stride_ks
             v_base = blk * stride_vb + in_blk * stride_vs
-            k_rows = offs_n.to(tl.int64) * stride_ks
-            v_rows = offs_n.to(tl.int64) * stride_vs
+            k_rows = _rows(offs_n, ROW64) * stride_ks
+            v_rows = _rows(offs_n, ROW64) * stride_vs
         else:
             # A tile spans several blocks: one table entry per key row.
             blk = tl.load(row + cols // PAGE, mask=ok, other=-1)
             ok = ok & (blk >= 0) & (blk < num_blocks)
             blk = tl.where(ok, blk, 0).to(tl.int64)
-            in_blk = (cols % PAGE).to(tl.int64)
+            in_blk = _rows(cols % PAGE, ROW64)
             k_base = start_n.to(tl.int64) * 0  # the row offsets carry everything
             v_base = k_base
             k_rows = blk * stride_kb + in_blk * stride_ks
@@ -196,8 +230,8 @@ def _kv_rows(start_n, offs_n, seqlen_k, b, block_table, stride_tb, num_blocks,
     else:
         k_base = start_n.to(tl.int64) * stride_ks
         v_base = start_n.to(tl.int64) * stride_vs
-        k_rows = offs_n.to(tl.int64) * stride_ks
-        v_rows = offs_n.to(tl.int64) * stride_vs
+        k_rows = _rows(offs_n, ROW64) * stride_ks
+        v_rows = _rows(offs_n, ROW64) * stride_vs
     return k_base, k_rows, v_base, v_rows, ok
 
 
@@ -320,7 +354,7 @@ def _autotune(table, interp, extra_key=(), reset_to_zero=None, atomic_table=None
 #: Integer arguments whose values vary from call to call: not specialised (Triton would otherwise
 #: compile a variant per "== 1" / "divisible by 16" class of each). Strides stay specialised: a unit
 #: last-dim stride and 16-divisible row strides are what make the loads vectorised and pipelined.
-_VARYING = ["q_len", "kv_len", "group", "window", "num_blocks", "stride_tb", "num_splits"]
+_VARYING = ["q_len", "kv_len", "group", "window", "row0", "num_blocks", "stride_tb", "num_splits"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -335,13 +369,14 @@ def _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, start, end, pos_q, seqlen_k, wi
                offs_n, offs_d,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                PAGED: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
-               BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+               BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ROW64: tl.constexpr):
     d_ok = offs_d[None, :] < HEAD_DIM
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         k_base, k_rows, v_base, v_rows, ok = _kv_rows(start_n, offs_n, seqlen_k, b, block_table,
                                                       stride_tb, num_blocks, stride_kb, stride_ks,
-                                                      stride_vb, stride_vs, PAGED, PAGE, BLOCK_N)
+                                                      stride_vb, stride_vs, PAGED, PAGE, BLOCK_N,
+                                                      ROW64)
         if MASKED or PAGED:
             kv_mask = ok[:, None] & d_ok
         else:
@@ -389,23 +424,26 @@ def _fwd_kernel(
     Opart, Lpart, stride_pb, stride_ps, stride_ph, stride_pp, stride_lpb, stride_lps, stride_lph,
     num_splits,
     K_scale, V_scale, stride_kscale_h, stride_vscale_h,
-    q_len, kv_len, group, qk_scale, window, seq_bucket, band_bucket,
+    q_len, kv_len, group, qk_scale, window, seq_bucket, band_bucket, row0,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_SCALED: tl.constexpr = False,
+    ROW64: tl.constexpr = False, TAIL: tl.constexpr = False,
 ):
     # Causal: the last query tiles have the most keys; launch them first to shorten the tail.
     # SPLIT (flash-decoding, few query tiles): num_splits programs per query tile, each over an
     # equal share of the tile's key band, write a partial (out, lse) that merge_splits combines.
+    # TAIL: the launch after the main one that covers rows past max_seqlen_q (see _tile_loop).
     if SPLIT:
         split = tl.program_id(0) % num_splits
-        grid_m = tl.num_programs(0) // num_splits
-        pid_m = grid_m - 1 - tl.program_id(0) // num_splits
+        pid_m = tl.num_programs(0) // num_splits - 1 - tl.program_id(0) // num_splits
+    elif TAIL:
+        split = 0
+        pid_m = tl.program_id(0)
     else:
         split = 0
-        grid_m = tl.num_programs(0)
-        pid_m = grid_m - 1 - tl.program_id(0)
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)  # int64: h * stride_h passes 2**31 for large strided inputs
     b = tl.program_id(2)
     q_start, seqlen_q, k_start, seqlen_k = _seq_bounds(b, cu_q, cu_k, seqlens_k, q_len, kv_len,
@@ -424,7 +462,7 @@ def _fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    rows64 = offs_m.to(tl.int64)  # int64: row * stride may pass 2**31
+    rows64 = _rows(offs_m, ROW64)
     if PAGED:
         K_head = K + hk * stride_kh
         V_head = V + hk * stride_vh
@@ -433,9 +471,9 @@ def _fwd_kernel(
         K_head = K + b64 * stride_kb + k_tok * stride_ks + hk * stride_kh
         V_head = V + b64 * stride_vb + k_tok * stride_vs + hk * stride_vh
 
-    # max_seqlen_q only sizes the grid: each program strides over the query tiles of its sequence,
-    # so an understated max_seqlen_q still computes every row (fewer programs, each looping).
-    for m0 in range(pid_m * BLOCK_M, seqlen_q, grid_m * BLOCK_M):
+    m_first, m_step, m_count = _tile_loop(pid_m, row0, seqlen_q, BLOCK_M, TAIL)
+    for it in range(0, m_count):
+        m0 = m_first + it * m_step
         rows = m0 + offs_m
         row_ok = rows < seqlen_q
         q_tok = (q_start + m0).to(tl.int64)
@@ -464,17 +502,17 @@ def _fwd_kernel(
                                    window, qk_scale, b, block_table, stride_tb, num_blocks,
                                    stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
                                    offs_n, offs_d, True, CAUSAL, HAS_WINDOW, PAGED, PAGE, HEAD_DIM,
-                                   BLOCK_N, PRECISION)
+                                   BLOCK_N, PRECISION, ROW64)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, lo2, hi2, pos_q, seqlen_k,
                                    window, qk_scale, b, block_table, stride_tb, num_blocks,
                                    stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
                                    offs_n, offs_d, False, CAUSAL, HAS_WINDOW, PAGED, PAGE, HEAD_DIM,
-                                   BLOCK_N, PRECISION)
+                                   BLOCK_N, PRECISION, ROW64)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, lo3, hi3, pos_q, seqlen_k,
                                    window, qk_scale, b, block_table, stride_tb, num_blocks,
                                    stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
                                    offs_n, offs_d, True, CAUSAL, HAS_WINDOW, PAGED, PAGE, HEAD_DIM,
-                                   BLOCK_N, PRECISION)
+                                   BLOCK_N, PRECISION, ROW64)
 
         # Rows that saw no key: l = 0, acc = 0 -> out 0 and lse -inf.
         seen = l_i > 0.0
@@ -501,15 +539,16 @@ def _fwd_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["row0"])
 def _bwd_preprocess(
     Out, DO, DLse, Delta, cu_q,
     stride_ob, stride_os, stride_oh,
     stride_dob, stride_dos, stride_doh, stride_dod,
     stride_lb, stride_lh,
-    q_len,
+    q_len, row0,
     HAS_DLSE: tl.constexpr, VARLEN_Q: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    ROW64: tl.constexpr = False, TAIL: tl.constexpr = False,
 ):
     """delta = rowsum(dO * O) - dlse, laid out like lse (DLse is contiguous like lse)."""
     pid_m = tl.program_id(0)
@@ -518,11 +557,11 @@ def _bwd_preprocess(
     q_start, seqlen_q, _k0, _k1 = _seq_bounds(b, cu_q, cu_q, cu_q, q_len, 0, VARLEN_Q, False, False)
     b64 = b.to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
-    rows64 = offs_m.to(tl.int64)  # int64: row * stride may pass 2**31
+    rows64 = _rows(offs_m, ROW64)
     offs_d = tl.arange(0, BLOCK_D)
-    # max_seqlen_q only sizes the grid: each program strides over the query tiles of its sequence,
-    # so an understated max_seqlen_q still computes every row (fewer programs, each looping).
-    for m0 in range(pid_m * BLOCK_M, seqlen_q, tl.num_programs(0) * BLOCK_M):
+    m_first, m_step, m_count = _tile_loop(pid_m, row0, seqlen_q, BLOCK_M, TAIL)
+    for it in range(0, m_count):
+        m0 = m_first + it * m_step
         row_ok = (m0 + offs_m) < seqlen_q
         mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
         tok = (q_start + m0).to(tl.int64)
@@ -555,7 +594,7 @@ def _dkdv_tiles(dk, dv, k, v, Q_head, DO_head, DQ_head, L_rows, D_rows, start, e
                 stride_dqs, offs_m, offs_d,
                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
-                ATOMIC_DQ: tl.constexpr):
+                ATOMIC_DQ: tl.constexpr, ROW64: tl.constexpr):
     """Accumulate dK, dV of one key tile over the query tiles [start, end) of one query head.
 
     Works on transposed scores (keys x queries) so that dV += P^T dO and dK += dS^T Q are plain dots.
@@ -565,7 +604,7 @@ def _dkdv_tiles(dk, dv, k, v, Q_head, DO_head, DQ_head, L_rows, D_rows, start, e
     instead of 7, but the summation order (and so the last bits of dQ) varies from run to run.
     """
     d_ok = offs_d[None, :] < HEAD_DIM
-    rows64 = offs_m.to(tl.int64)  # int64: row * stride may pass 2**31 for strided inputs
+    rows64 = _rows(offs_m, ROW64)
     for start_m in range(start, end, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows = start_m + offs_m
@@ -602,7 +641,7 @@ def _dkdv_tiles(dk, dv, k, v, Q_head, DO_head, DQ_head, L_rows, D_rows, start, e
 # DQacc is zeroed between autotuning trials (each trial adds into it with ATOMIC_DQ).
 @_autotune(_DKDV_TABLE, _DKDV_INTERP, extra_key=["ATOMIC_DQ"], reset_to_zero=["DQacc"],
            atomic_table=_DKDV_ATOMIC_TABLE)
-@triton.jit(do_not_specialize=_VARYING[:4])
+@triton.jit(do_not_specialize=_VARYING[:5])
 def _bwd_dkdv(
     Q, K, V, DO, Lse, Delta, DK, DV, DQacc,
     cu_q, cu_k,
@@ -613,11 +652,12 @@ def _bwd_dkdv(
     stride_dkb, stride_dks, stride_dkh,
     stride_dqab, stride_dqas, stride_dqah,
     stride_lb, stride_lh,
-    q_len, kv_len, group, qk_scale, sm_scale, window, seq_bucket, band_bucket,
+    q_len, kv_len, group, qk_scale, sm_scale, window, seq_bucket, band_bucket, row0,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     VARLEN_Q: tl.constexpr, PAGED: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROW64: tl.constexpr = False, TAIL: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)  # int64: hk * stride_kh passes 2**31 for large strided inputs
@@ -632,12 +672,12 @@ def _bwd_dkdv(
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    cols64 = offs_n.to(tl.int64)  # int64: row * stride may pass 2**31
+    cols64 = _rows(offs_n, ROW64)
     q_tok = q_start.to(tl.int64)
 
-    # max_seqlen_k only sizes the grid: each program strides over the key tiles of its sequence,
-    # so an understated max_seqlen_k still computes every key's gradient (fewer programs, looping).
-    for n0 in range(pid_n * BLOCK_N, seqlen_k, tl.num_programs(0) * BLOCK_N):
+    n_first, n_step, n_count = _tile_loop(pid_n, row0, seqlen_k, BLOCK_N, TAIL)
+    for it in range(0, n_count):
+        n0 = n_first + it * n_step
         cols = n0 + offs_n
         kv_mask = (cols < seqlen_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
         k_tok = (k_start + n0).to(tl.int64)
@@ -658,21 +698,22 @@ def _bwd_dkdv(
             Q_head = Q + b64 * stride_qb + q_tok * stride_qs + h * stride_qh
             DO_head = DO + b64 * stride_dob + q_tok * stride_dos + h * stride_doh
             DQ_head = DQacc + b64 * stride_dqab + q_tok * stride_dqas + h * stride_dqah
-            L_rows = Lse + b64 * stride_lb + h * stride_lh + q_start
-            D_rows = Delta + b64 * stride_lb + h * stride_lh + q_start
-            dk, dv = _dkdv_tiles(dk, dv, k, v, Q_head, DO_head, DQ_head, L_rows, D_rows, lo, int_lo,
-                                 seqlen_q, seqlen_k, cols, shift, window, qk_scale, stride_qs,
-                                 stride_qd, stride_dos, stride_dod, stride_dqas, offs_m, offs_d,
-                                 True, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_M, PRECISION, ATOMIC_DQ)
-            dk, dv = _dkdv_tiles(dk, dv, k, v, Q_head, DO_head, DQ_head, L_rows, D_rows, int_lo,
-                                 int_hi, seqlen_q, seqlen_k, cols, shift, window, qk_scale,
-                                 stride_qs, stride_qd, stride_dos, stride_dod, stride_dqas, offs_m,
-                                 offs_d, False, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_M, PRECISION,
-                                 ATOMIC_DQ)
-            dk, dv = _dkdv_tiles(dk, dv, k, v, Q_head, DO_head, DQ_head, L_rows, D_rows, int_hi, hi,
-                                 seqlen_q, seqlen_k, cols, shift, window, qk_scale, stride_qs,
-                                 stride_qd, stride_dos, stride_dod, stride_dqas, offs_m, offs_d,
-                                 True, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_M, PRECISION, ATOMIC_DQ)
+            l_off = b64 * stride_lb + h * stride_lh + q_start
+            dk, dv = _dkdv_tiles(dk, dv, k, v, Q_head, DO_head, DQ_head, Lse + l_off,
+                                 Delta + l_off, lo, int_lo, seqlen_q, seqlen_k, cols, shift, window,
+                                 qk_scale, stride_qs, stride_qd, stride_dos, stride_dod, stride_dqas,
+                                 offs_m, offs_d, True, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_M,
+                                 PRECISION, ATOMIC_DQ, ROW64)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, Q_head, DO_head, DQ_head, Lse + l_off,
+                                 Delta + l_off, int_lo, int_hi, seqlen_q, seqlen_k, cols, shift,
+                                 window, qk_scale, stride_qs, stride_qd, stride_dos, stride_dod,
+                                 stride_dqas, offs_m, offs_d, False, CAUSAL, HAS_WINDOW, HEAD_DIM,
+                                 BLOCK_M, PRECISION, ATOMIC_DQ, ROW64)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, Q_head, DO_head, DQ_head, Lse + l_off,
+                                 Delta + l_off, int_hi, hi, seqlen_q, seqlen_k, cols, shift, window,
+                                 qk_scale, stride_qs, stride_qd, stride_dos, stride_dod, stride_dqas,
+                                 offs_m, offs_d, True, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_M,
+                                 PRECISION, ATOMIC_DQ, ROW64)
 
         out_ptrs = (b64 * stride_dkb + k_tok * stride_dks + hk * stride_dkh
                     + cols64[:, None] * stride_dks + offs_d[None, :])
@@ -684,10 +725,11 @@ def _bwd_dkdv(
 def _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, start, end, pos_q, seqlen_k, window, qk_scale,
               stride_ks, stride_kd, stride_vs, stride_vd, offs_n, offs_d,
               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+              ROW64: tl.constexpr):
     """Accumulate dQ of one query tile over the key tiles [start, end)."""
     d_ok = offs_d[None, :] < HEAD_DIM
-    cols64 = offs_n.to(tl.int64)  # int64: row * stride may pass 2**31 for strided inputs
+    cols64 = _rows(offs_n, ROW64)
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
@@ -712,7 +754,7 @@ def _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, start, end, pos_q, seqlen_
 
 
 @_autotune(_DQ_TABLE, _DQ_INTERP)
-@triton.jit(do_not_specialize=_VARYING[:4])
+@triton.jit(do_not_specialize=_VARYING[:5])
 def _bwd_dq(
     Q, K, V, DO, Lse, Delta, DQ,
     cu_q, cu_k,
@@ -722,13 +764,17 @@ def _bwd_dq(
     stride_dob, stride_dos, stride_doh, stride_dod,
     stride_dqb, stride_dqs, stride_dqh,
     stride_lb, stride_lh,
-    q_len, kv_len, group, qk_scale, sm_scale, window, seq_bucket, band_bucket,
+    q_len, kv_len, group, qk_scale, sm_scale, window, seq_bucket, band_bucket, row0,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     VARLEN_Q: tl.constexpr, PAGED: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROW64: tl.constexpr = False, TAIL: tl.constexpr = False,
 ):
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    if TAIL:
+        pid_m = tl.program_id(0)
+    else:
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)  # int64: h * stride_h passes 2**31 for large strided inputs
     b = tl.program_id(2)
     q_start, seqlen_q, k_start, seqlen_k = _seq_bounds(b, cu_q, cu_k, cu_k, q_len, kv_len,
@@ -742,16 +788,16 @@ def _bwd_dq(
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    rows64 = offs_m.to(tl.int64)  # int64: row * stride may pass 2**31
+    rows64 = _rows(offs_m, ROW64)
     k_tok = k_start.to(tl.int64)
     K_head = K + b64 * stride_kb + k_tok * stride_ks + hk * stride_kh
     V_head = V + b64 * stride_vb + k_tok * stride_vs + hk * stride_vh
     L_rows = Lse + b64 * stride_lb + h * stride_lh + q_start
     D_rows = Delta + b64 * stride_lb + h * stride_lh + q_start
 
-    # max_seqlen_q only sizes the grid: each program strides over the query tiles of its sequence,
-    # so an understated max_seqlen_q still computes every row (fewer programs, each looping).
-    for m0 in range(pid_m * BLOCK_M, seqlen_q, tl.num_programs(0) * BLOCK_M):
+    m_first, m_step, m_count = _tile_loop(pid_m, row0, seqlen_q, BLOCK_M, TAIL)
+    for it in range(0, m_count):
+        m0 = m_first + it * m_step
         rows = m0 + offs_m
         mask = (rows < seqlen_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
         q_tok = (q_start + m0).to(tl.int64)
@@ -768,13 +814,13 @@ def _bwd_dq(
                                               HAS_WINDOW, BLOCK_M, BLOCK_N)
         dq = _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, lo, int_lo, pos_q, seqlen_k, window,
                        qk_scale, stride_ks, stride_kd, stride_vs, stride_vd, offs_n, offs_d,
-                       True, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_N, PRECISION)
+                       True, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_N, PRECISION, ROW64)
         dq = _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, int_lo, int_hi, pos_q, seqlen_k,
                        window, qk_scale, stride_ks, stride_kd, stride_vs, stride_vd, offs_n, offs_d,
-                       False, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_N, PRECISION)
+                       False, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_N, PRECISION, ROW64)
         dq = _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, int_hi, hi, pos_q, seqlen_k, window,
                        qk_scale, stride_ks, stride_kd, stride_vs, stride_vd, offs_n, offs_d,
-                       True, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_N, PRECISION)
+                       True, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_N, PRECISION, ROW64)
 
         tl.store(DQ + b64 * stride_dqb + q_tok * stride_dqs + h * stride_dqh
                  + rows64[:, None] * stride_dqs + offs_d[None, :],
@@ -804,6 +850,32 @@ def _contiguous(*index_tensors):
     """Index tensors (cu_seqlens, seqlens_k, block_table) as the kernels read them: contiguous.
     Any strides are accepted (views, expanded tensors); a copy is made only when needed."""
     return tuple(None if t is None else t.contiguous() for t in index_tensors)
+
+
+def _row64(*tensors) -> bool:
+    """Whether a row of a tile (< 256: tiles and pages) times one of these tensors' strides may pass
+    2**31: the kernels then compute row offsets in int64 (``ROW64``; int32 otherwise)."""
+    return any(abs(st) * 256 >= 2**31 for t in tensors if t is not None for st in t.stride())
+
+
+class _Covered:
+    """The grid function of a main launch over ``max_rows`` rows in tiles of ``meta[block]``; it
+    records how many rows the launch covers (``rows``: whole tiles), where a tail launch starts."""
+
+    def __init__(self, max_rows: int, block: str):
+        self.max_rows, self.block, self.rows = max_rows, block, max_rows
+
+    def __call__(self, meta) -> int:
+        tiles = triton.cdiv(self.max_rows, meta[self.block])
+        self.rows = tiles * meta[self.block]
+        return tiles
+
+
+def _tail_config(table, interp, dtype, block_d) -> dict:
+    """Launch options of a tail launch (rows past max_seqlen_*, see _tile_loop): the config
+    GPTKERNELS_AUTOTUNE=0 takes, never autotuned (a tail launch usually has nothing to do)."""
+    row = interp if INTERPRET else table[(dtype == torch.float32, min(max(block_d, 64), 256))][0]
+    return dict(BLOCK_M=row[0], BLOCK_N=row[1], num_warps=row[2], num_stages=row[3])
 
 
 def _block_d(head_dim: int) -> int:
@@ -890,9 +962,10 @@ def flash_attn_forward(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, 
     else:
         opart = lpart = dummy
         sp, slp = (0, 0, 0, 0), (0, 0, 0)
-    for bs in _batch_chunks(batch):
-        grid = lambda meta, n=bs.stop - bs.start: (triton.cdiv(max_q, meta["BLOCK_M"]) * num_splits, hq, n)  # noqa: E731
-        _fwd_kernel[grid](
+    row64 = _row64(q, k, v, out, opart, lpart)
+
+    def launch(kernel, grid, bs, splits, tail, row0=0, **config):
+        kernel[grid](
             q if varlen_q else q[bs], k[bs] if dense_k else k, v[bs] if dense_k else v,
             out if varlen_q else out[bs], lse if varlen_q else lse[bs],
             _cu_chunk(cu_seqlens_q, bs) if varlen_q else dummy,
@@ -900,16 +973,21 @@ def flash_attn_forward(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, 
             seqlens_k[bs] if paged else dummy, block_table[bs] if paged else dummy,
             *sq, *sk, *sv, so[0], so[1], so[2], slb, slh,
             block_table.stride(0) if paged else 0, num_blocks,
-            opart if varlen_q or num_splits == 1 else opart[bs],
-            lpart if varlen_q or num_splits == 1 else lpart[bs], *sp, *slp, num_splits,
+            opart if varlen_q or splits == 1 else opart[bs],
+            lpart if varlen_q or splits == 1 else lpart[bs], *sp, *slp, splits,
             *_kv_scale_args(k_scale, v_scale, dummy),
             q_len, kv_len, group, softmax_scale * LOG2E, window or 0,
-            *_tune_buckets(max_q, max_seqlen_k or kv_len, window),
+            *_tune_buckets(max_q, max_seqlen_k or kv_len, window), row0,
             CAUSAL=causal, HAS_WINDOW=window is not None, BOTTOM_RIGHT=bottom_right,
             VARLEN_Q=varlen_q, VARLEN_K=varlen_k, PAGED=paged, PAGE=page,
             HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), PRECISION=_precision(q.dtype),
-            SPLIT=num_splits > 1, KV_SCALED=k_scale is not None,
+            SPLIT=splits > 1, KV_SCALED=k_scale is not None, ROW64=row64, TAIL=tail, **config,
         )
+
+    covered = _Covered(max_q, "BLOCK_M")
+    for bs in _batch_chunks(batch):
+        grid = lambda meta, n=bs.stop - bs.start: (covered(meta) * num_splits, hq, n)  # noqa: E731
+        launch(_fwd_kernel, grid, bs, num_splits, False)
     if num_splits > 1:
         # every row's splits -> out (rows of q's layout) and lse, which is (B, Hq, Sq) / (Hq, Tq)
         rows = out.view(-1, hq, head_dim)
@@ -917,6 +995,12 @@ def flash_attn_forward(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, 
         merge_splits(opart.view(-1, hq, num_splits, head_dim), lpart.view(-1, hq, num_splits), rows,
                      lse_rows)
         lse.copy_(lse_rows.t() if varlen_q else lse_rows.view(batch, -1, hq).transpose(1, 2))
+    if varlen_q:
+        # max_seqlen_q came from the caller (no sync): rows past it, if any, in a tail launch
+        # (after the merge, which writes every row), one program per head and sequence.
+        config = _tail_config(_FWD_TABLE, _FWD_INTERP, q.dtype, _block_d(head_dim))
+        for bs in _batch_chunks(batch):
+            launch(_fwd_kernel.fn, (1, hq, bs.stop - bs.start), bs, 1, True, covered.rows, **config)
     return out, lse
 
 
@@ -988,6 +1072,10 @@ def flash_attn_backward(dout, dlse, q, k, v, out, lse, *, causal, window, softma
                   PRECISION=_precision(q.dtype))
     scalars = (q_len, kv_len, group, softmax_scale * LOG2E, softmax_scale, window or 0,
                *_tune_buckets(max(max_q, max_k), max_k, window))
+    row64 = _row64(q, k, v, dout, out, dq, dk, dv, dq_acc)
+    # varlen: the max_seqlen_* came from the caller (no sync); rows past them, if any, go to tail
+    # launches (one program per head and sequence, usually with nothing to do; see _tile_loop)
+    passes = [False, True] if varlen else [False]
     for bs in _batch_chunks(batch):
         n = bs.stop - bs.start
         # Varlen tensors are indexed through the (sliced) cu_seqlens; dense ones are sliced.
@@ -995,22 +1083,41 @@ def flash_attn_backward(dout, dlse, q, k, v, out, lse, *, causal, window, softma
         cq = _cu_chunk(cu_q, bs) if varlen else cu_q
         ck = _cu_chunk(cu_k, bs) if varlen else cu_k
         lse_c, delta_c = cut(lse), cut(delta)
-        _bwd_preprocess[(triton.cdiv(max_q, pre_m), hq, n)](
-            cut(out), cut(dout), cut(dlse) if dlse is not None else lse_c, delta_c, cq,
-            so[0], so[1], so[2], *sdo, slb, slh, q_len,
-            HAS_DLSE=dlse is not None, VARLEN_Q=varlen, HEAD_DIM=head_dim, BLOCK_D=block_d,
-            BLOCK_M=pre_m, num_warps=4,
-        )
-        _bwd_dkdv[lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), hkv, n)](
-            cut(q), cut(k), cut(v), cut(dout), lse_c, delta_c, cut(dk), cut(dv),
-            dq_acc if deterministic else cut(dq_acc), cq, ck,
-            *sq, *sk, *sv, *sdo, sdk[0], sdk[1], sdk[2], *sdqa, slb, slh, *scalars, **common,
-            ATOMIC_DQ=not deterministic,
-        )
-        if deterministic:
-            _bwd_dq[lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), hq, n)](
+        for tail in passes:
+            _bwd_preprocess[(1 if tail else triton.cdiv(max_q, pre_m), hq, n)](
+                cut(out), cut(dout), cut(dlse) if dlse is not None else lse_c, delta_c, cq,
+                so[0], so[1], so[2], *sdo, slb, slh, q_len,
+                triton.cdiv(max_q, pre_m) * pre_m if tail else 0,
+                HAS_DLSE=dlse is not None, VARLEN_Q=varlen, HEAD_DIM=head_dim, BLOCK_D=block_d,
+                BLOCK_M=pre_m, ROW64=row64, TAIL=tail, num_warps=4,
+            )
+        covered = _Covered(max_k, "BLOCK_N")
+        for tail in passes:
+            kernel, config = _bwd_dkdv, {}
+            grid = lambda meta: (covered(meta), hkv, n)  # noqa: E731
+            if tail:
+                kernel, grid = _bwd_dkdv.fn, (1, hkv, n)
+                config = _tail_config(_DKDV_TABLE if deterministic else _DKDV_ATOMIC_TABLE,
+                                      _DKDV_INTERP, q.dtype, block_d)
+            kernel[grid](
+                cut(q), cut(k), cut(v), cut(dout), lse_c, delta_c, cut(dk), cut(dv),
+                dq_acc if deterministic else cut(dq_acc), cq, ck,
+                *sq, *sk, *sv, *sdo, sdk[0], sdk[1], sdk[2], *sdqa, slb, slh, *scalars,
+                covered.rows if tail else 0,
+                **common, ATOMIC_DQ=not deterministic, ROW64=row64, TAIL=tail, **config,
+            )
+        covered = _Covered(max_q, "BLOCK_M")
+        for tail in passes if deterministic else ():
+            kernel, config = _bwd_dq, {}
+            grid = lambda meta: (covered(meta), hq, n)  # noqa: E731
+            if tail:
+                kernel, grid = _bwd_dq.fn, (1, hq, n)
+                config = _tail_config(_DQ_TABLE, _DQ_INTERP, q.dtype, block_d)
+            kernel[grid](
                 cut(q), cut(k), cut(v), cut(dout), lse_c, delta_c, cut(dq), cq, ck,
-                *sq, *sk, *sv, *sdo, sdq[0], sdq[1], sdq[2], slb, slh, *scalars, **common,
+                *sq, *sk, *sv, *sdo, sdq[0], sdq[1], sdq[2], slb, slh, *scalars,
+                covered.rows if tail else 0, **common,
+                ROW64=row64, TAIL=tail, **config,
             )
     if not deterministic:
         # the kernels add unscaled dS K; one pass scales and rounds to q's dtype

@@ -91,7 +91,10 @@ def ppl_table(note: str = "") -> Table:
                        "Python-stdlib text: float vs weight-only int8 / int4",
                  formula="exp(mean next-token cross entropy) over non-overlapping 256-token windows",
                  note=note or "The blocks' linear layers (QKV, output, MLP) are quantized while loading "
-                              "(from_pretrained(quantize=...)); embeddings and the tied LM head stay float.")
+                              "(from_pretrained(quantize=...)); embeddings and the tied LM head stay float. "
+                              "The two 'cache, decode' rows score the last 64 tokens of 8 windows through "
+                              "decode steps over a float vs an fp8 (e4m3) paged KV cache whose scales are "
+                              "calibrated on the first 192 (benchmarks/suite_paged.py).")
 
 
 def ppl_rows(device: str, dtype: torch.dtype, backend: str | None, windows: torch.Tensor) -> list[Row]:
@@ -175,7 +178,11 @@ def cpu_tables_and_rows(device: str = "cpu") -> tuple[list[Table], list[Row]]:
     """The parity-sweep part (``make bench`` without a GPU, or ``--parity``): the GEMMs' parity rows
     on ``device`` (the interpreter on CPU) and the checkpoint's perplexity in float32 on the CPU's
     eager backend."""
-    rows = parity_rows(device) + ppl_rows("cpu", torch.float32, "torch", heldout_ids())
+    from .suite_paged import cache_ppl_rows  # fp8 KV cache rows (helper H11's, issue 16)
+
+    windows = heldout_ids()
+    rows = (parity_rows(device) + ppl_rows("cpu", torch.float32, "torch", windows)
+            + cache_ppl_rows(CKPT, "cpu", torch.float32, "torch", windows, "cpu float32, torch backend"))
     return [ppl_table()], rows
 
 
@@ -194,7 +201,7 @@ PPL_GPU_CASE = "cuda float16, default backend"
 
 
 def planned_rows(quick: bool) -> int:
-    return len(GEMM_M) * len(GEMM_IMPLS) + len(FORMATS) + len(FORMATS)
+    return len(GEMM_M) * len(GEMM_IMPLS) + len(FORMATS) + len(FORMATS) + 2  # + 2: float / fp8 cache rows
 
 
 def tables(quick: bool) -> list[Table]:
@@ -379,4 +386,8 @@ def run(sess: Session, quick: bool) -> None:
             sess.fail("quant-ppl", PPL_GPU_CASE, fmt_label(fmt), e, ours=True)
         return
     for row in ppl_rows("cuda", torch.float16, None, windows):
+        sess.add(row)
+    from .suite_paged import cache_ppl_rows  # fp8 KV cache rows (helper H11's, issue 16)
+
+    for row in cache_ppl_rows(CKPT, "cuda", torch.float16, None, windows, PPL_GPU_CASE):
         sess.add(row)

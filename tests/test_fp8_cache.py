@@ -416,6 +416,23 @@ def test_bad_input(op, what, exc, match):
             flash_attn(q[:, None], kc, vc, block_table=table, seqlens_k=lens, **kw)
 
 
+def test_scale_values_checked_under_debug(monkeypatch):
+    """A scale of 0, below 0 or not finite would store inf / NaN: refused under GPTKERNELS_DEBUG=1
+    (checking values needs a sync), on every entry point."""
+    q, kc, vc, table, lens, scales = _bad_case()
+    monkeypatch.setenv("GPTKERNELS_DEBUG", "1")
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        ks = torch.tensor([0.5, bad], device=DEVICE)
+        with pytest.raises(ValueError, match="paged_decode: k_scale must be finite and > 0"):
+            paged_decode(q, kc, vc, table, lens, k_scale=ks, v_scale=scales["v_scale"])
+        with pytest.raises(ValueError, match="paged_append: v_scale must be finite and > 0"):
+            paged_append(randn(2, 2, 16), randn(2, 2, 16), kc, vc, torch.arange(2, device=DEVICE),
+                         k_scale=scales["k_scale"], v_scale=ks)
+        with pytest.raises(ValueError, match="flash_attn: k_scale must be finite and > 0"):
+            flash_attn(q[:, None], kc, vc, block_table=table, seqlens_k=lens, k_scale=ks, v_scale=scales["v_scale"])
+    paged_decode(q, kc, vc, table, lens, **scales)  # good values pass
+
+
 def test_scales_without_a_paged_cache_are_refused():
     q = randn(1, 3, 2, 16)
     with pytest.raises(ValueError, match="flash_attn: k_scale and v_scale are for an fp8 paged cache"):

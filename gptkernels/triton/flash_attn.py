@@ -462,7 +462,7 @@ def _fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    rows64 = _rows(offs_m, ROW64)
+    row_ix = _rows(offs_m, ROW64)
     if PAGED:
         K_head = K + hk * stride_kh
         V_head = V + hk * stride_vh
@@ -478,7 +478,7 @@ def _fwd_kernel(
         row_ok = rows < seqlen_q
         q_tok = (q_start + m0).to(tl.int64)
         Q_tile = Q + b64 * stride_qb + q_tok * stride_qs + h * stride_qh
-        q = tl.load(Q_tile + rows64[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+        q = tl.load(Q_tile + row_ix[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -523,12 +523,12 @@ def _fwd_kernel(
         tile_mask = row_ok[:, None] & d_ok[None, :]
         if SPLIT:  # float32 partials, laid out (B, Sq, Hq, splits, D) / (B, Sq, Hq, splits)
             P_tile = Opart + b64 * stride_pb + q_tok * stride_ps + h * stride_ph + split * stride_pp
-            tl.store(P_tile + rows64[:, None] * stride_ps + offs_d[None, :], out, mask=tile_mask)
+            tl.store(P_tile + row_ix[:, None] * stride_ps + offs_d[None, :], out, mask=tile_mask)
             LP_tile = Lpart + b64 * stride_lpb + q_tok * stride_lps + h * stride_lph + split
-            tl.store(LP_tile + rows64 * stride_lps, lse, mask=row_ok)
+            tl.store(LP_tile + row_ix * stride_lps, lse, mask=row_ok)
         else:
             O_tile = Out + b64 * stride_ob + q_tok * stride_os + h * stride_oh
-            tl.store(O_tile + rows64[:, None] * stride_os + offs_d[None, :],
+            tl.store(O_tile + row_ix[:, None] * stride_os + offs_d[None, :],
                      out.to(Out.dtype.element_ty), mask=tile_mask)
             L_tile = Lse + b64 * stride_lb + h * stride_lh + q_start + m0
             tl.store(L_tile + offs_m, lse, mask=row_ok)
@@ -557,7 +557,7 @@ def _bwd_preprocess(
     q_start, seqlen_q, _k0, _k1 = _seq_bounds(b, cu_q, cu_q, cu_q, q_len, 0, VARLEN_Q, False, False)
     b64 = b.to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
-    rows64 = _rows(offs_m, ROW64)
+    row_ix = _rows(offs_m, ROW64)
     offs_d = tl.arange(0, BLOCK_D)
     m_first, m_step, m_count = _tile_loop(pid_m, row0, seqlen_q, BLOCK_M, TAIL)
     for it in range(0, m_count):
@@ -566,9 +566,9 @@ def _bwd_preprocess(
         mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
         tok = (q_start + m0).to(tl.int64)
         o = tl.load(Out + b64 * stride_ob + tok * stride_os + h * stride_oh
-                    + rows64[:, None] * stride_os + offs_d[None, :], mask=mask, other=0.0)
+                    + row_ix[:, None] * stride_os + offs_d[None, :], mask=mask, other=0.0)
         do = tl.load(DO + b64 * stride_dob + tok * stride_dos + h * stride_doh
-                     + rows64[:, None] * stride_dos + offs_d[None, :] * stride_dod, mask=mask,
+                     + row_ix[:, None] * stride_dos + offs_d[None, :] * stride_dod, mask=mask,
                      other=0.0)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
         l_off = b64 * stride_lb + h * stride_lh + q_start + m0 + offs_m
@@ -604,15 +604,15 @@ def _dkdv_tiles(dk, dv, k, v, Q_head, DO_head, DQ_head, L_rows, D_rows, start, e
     instead of 7, but the summation order (and so the last bits of dQ) varies from run to run.
     """
     d_ok = offs_d[None, :] < HEAD_DIM
-    rows64 = _rows(offs_m, ROW64)
+    row_ix = _rows(offs_m, ROW64)
     for start_m in range(start, end, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows = start_m + offs_m
         mask = (rows < seqlen_q)[:, None] & d_ok
         tok = start_m.to(tl.int64)
-        q = tl.load(Q_head + tok * stride_qs + rows64[:, None] * stride_qs
+        q = tl.load(Q_head + tok * stride_qs + row_ix[:, None] * stride_qs
                     + offs_d[None, :] * stride_qd, mask=mask, other=0.0)
-        do = tl.load(DO_head + tok * stride_dos + rows64[:, None] * stride_dos
+        do = tl.load(DO_head + tok * stride_dos + row_ix[:, None] * stride_dos
                      + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
         lse2, delta = _load_row_stats(L_rows, D_rows, rows, seqlen_q)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
@@ -633,7 +633,7 @@ def _dkdv_tiles(dk, dv, k, v, Q_head, DO_head, DQ_head, L_rows, D_rows, start, e
             # dQ^T = K^T dS^T: the head dim is the long (M) side of the dot, so it takes wgmma
             # (BLOCK_M = 16 rows would not)
             dq_t = tl.dot(tl.trans(k), ds_t.to(k.dtype), input_precision=PRECISION)
-            tl.atomic_add(DQ_head + tok * stride_dqs + rows64[None, :] * stride_dqs + offs_d[:, None],
+            tl.atomic_add(DQ_head + tok * stride_dqs + row_ix[None, :] * stride_dqs + offs_d[:, None],
                           dq_t, mask=tl.trans(mask), sem="relaxed")
     return dk, dv
 
@@ -672,7 +672,7 @@ def _bwd_dkdv(
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    cols64 = _rows(offs_n, ROW64)
+    col_ix = _rows(offs_n, ROW64)
     q_tok = q_start.to(tl.int64)
 
     n_first, n_step, n_count = _tile_loop(pid_n, row0, seqlen_k, BLOCK_N, TAIL)
@@ -682,10 +682,10 @@ def _bwd_dkdv(
         kv_mask = (cols < seqlen_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
         k_tok = (k_start + n0).to(tl.int64)
         k = tl.load(K + b64 * stride_kb + k_tok * stride_ks + hk * stride_kh
-                    + cols64[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=kv_mask,
+                    + col_ix[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=kv_mask,
                     other=0.0)
         v = tl.load(V + b64 * stride_vb + k_tok * stride_vs + hk * stride_vh
-                    + cols64[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=kv_mask,
+                    + col_ix[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=kv_mask,
                     other=0.0)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -716,7 +716,7 @@ def _bwd_dkdv(
                                  PRECISION, ATOMIC_DQ, ROW64)
 
         out_ptrs = (b64 * stride_dkb + k_tok * stride_dks + hk * stride_dkh
-                    + cols64[:, None] * stride_dks + offs_d[None, :])
+                    + col_ix[:, None] * stride_dks + offs_d[None, :])
         tl.store(DK + out_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(DV + out_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -729,7 +729,7 @@ def _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, start, end, pos_q, seqlen_
               ROW64: tl.constexpr):
     """Accumulate dQ of one query tile over the key tiles [start, end)."""
     d_ok = offs_d[None, :] < HEAD_DIM
-    cols64 = _rows(offs_n, ROW64)
+    col_ix = _rows(offs_n, ROW64)
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
@@ -738,9 +738,9 @@ def _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, start, end, pos_q, seqlen_
         else:
             kv_mask = d_ok
         tok = start_n.to(tl.int64)
-        k = tl.load(K_head + tok * stride_ks + cols64[:, None] * stride_ks
+        k = tl.load(K_head + tok * stride_ks + col_ix[:, None] * stride_ks
                     + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(V_head + tok * stride_vs + cols64[:, None] * stride_vs
+        v = tl.load(V_head + tok * stride_vs + col_ix[:, None] * stride_vs
                     + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
@@ -788,7 +788,7 @@ def _bwd_dq(
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    rows64 = _rows(offs_m, ROW64)
+    row_ix = _rows(offs_m, ROW64)
     k_tok = k_start.to(tl.int64)
     K_head = K + b64 * stride_kb + k_tok * stride_ks + hk * stride_kh
     V_head = V + b64 * stride_vb + k_tok * stride_vs + hk * stride_vh
@@ -802,9 +802,9 @@ def _bwd_dq(
         mask = (rows < seqlen_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
         q_tok = (q_start + m0).to(tl.int64)
         q = tl.load(Q + b64 * stride_qb + q_tok * stride_qs + h * stride_qh
-                    + rows64[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=mask, other=0.0)
+                    + row_ix[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=mask, other=0.0)
         do = tl.load(DO + b64 * stride_dob + q_tok * stride_dos + h * stride_doh
-                     + rows64[:, None] * stride_dos + offs_d[None, :] * stride_dod, mask=mask,
+                     + row_ix[:, None] * stride_dos + offs_d[None, :] * stride_dod, mask=mask,
                      other=0.0)
         lse2, delta = _load_row_stats(L_rows, D_rows, rows, seqlen_q)
 
@@ -823,7 +823,7 @@ def _bwd_dq(
                        True, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_N, PRECISION, ROW64)
 
         tl.store(DQ + b64 * stride_dqb + q_tok * stride_dqs + h * stride_dqh
-                 + rows64[:, None] * stride_dqs + offs_d[None, :],
+                 + row_ix[:, None] * stride_dqs + offs_d[None, :],
                  (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
 
 

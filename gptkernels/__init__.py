@@ -5,6 +5,7 @@ Every op takes ``backend=None | "triton" | "cuda" | "torch"``; see :func:`backen
 
 from ._backend import BackendUnavailableError, backends
 from .attention import flash_attn, sdpa
+from .decode import flash_attn_with_kvcache
 from .kv_cache import CacheFullError, PagedKVCache
 from .paged import paged_append, paged_decode
 from .quant import dequantize_int4, dequantize_int8, int4_linear, int8_linear, quantize_int4, quantize_int8
@@ -21,6 +22,7 @@ __all__ = [
     "dequantize_int4",
     "dequantize_int8",
     "flash_attn",
+    "flash_attn_with_kvcache",
     "int4_linear",
     "int8_linear",
     "paged_append",

@@ -19,9 +19,11 @@ import time
 from typing import Optional, Sequence
 
 import torch
+from torch import nn
 
 from ._backend import debug_checks, resolve
 from ._policy import FP8_KV_DTYPES
+from .decode import FUSED_LINEAR_MAX_ROWS
 from .models.common import AttnContext, CausalLM
 from .models.inputs import Batch, pack_batch
 from .kv_cache import PagedKVCache
@@ -48,7 +50,7 @@ class PagedDecoder:
     def __init__(self, model: CausalLM, lengths: Sequence[int], max_new_tokens: int, *,
                  block_size: int = 16, backend: Optional[str] = None,
                  cuda_graph: Optional[bool] = None, compile_step: bool = False,
-                 kv_cache_dtype: Optional[torch.dtype] = None):
+                 kv_cache_dtype: Optional[torch.dtype] = None, fused: Optional[bool] = None):
         cfg = model.config
         self.model, self.backend, self.block_size = model, backend, block_size
         device = model.device
@@ -66,6 +68,7 @@ class PagedDecoder:
         self.steps_left = max(max_new_tokens - 1, 0)  # decode steps the reserved blocks can hold
         # Static step inputs (the CUDA graph reads these addresses).
         self.positions = torch.tensor(self.lengths, dtype=torch.int64, device=device)
+        self.seq_lens = (self.positions + 1).to(torch.int32)  # the keys each step sees (paged_decode's)
         self.tokens = torch.zeros(b, dtype=torch.int64, device=device)
         backend_name = resolve(backend, device, OP)
         if cuda_graph is None:
@@ -74,6 +77,7 @@ class PagedDecoder:
             raise ValueError(f"{OP}: cuda_graph=True needs a CUDA model and a kernel backend (the torch "
                              f"backend syncs with the host), got device {device} and backend {backend_name!r}")
         self.cuda_graph = bool(cuda_graph)
+        self.fused = fused_mode(model, b, backend_name, fused)
         # Opt-in: torch.compile fuses the small per-layer kernels (LayerNorms, residual adds, GELU)
         # around the opaque gptkernels ops; the CUDA graph then captures the compiled step.
         self._step_fn = torch.compile(self._step, fullgraph=True) if compile_step else self._step
@@ -97,10 +101,16 @@ class PagedDecoder:
     def _step(self) -> torch.Tensor:
         """One decode step from the static buffers; device ops only (no host sync)."""
         pos, bs = self.positions, self.block_size
+        if self.fused is not None:  # the fused ops find each token's slot from the table themselves
+            ctx = AttnContext(positions=pos, backend=self.backend, k_cache=self.cache.k_cache,
+                              v_cache=self.cache.v_cache, block_table=self.block_table,
+                              seq_lens=self.seq_lens, fused=self.fused, k_scale=self.cache.k_scale,
+                              v_scale=self.cache.v_scale)
+            return self.model.decode_logits(self.tokens, ctx)
         block = self.block_table.gather(1, (pos // bs)[:, None]).squeeze(1).long()
         ctx = AttnContext(positions=pos, backend=self.backend, k_cache=self.cache.k_cache,
                           v_cache=self.cache.v_cache, slot_mapping=block * bs + pos % bs,
-                          block_table=self.block_table, seq_lens=(pos + 1).to(torch.int32),
+                          block_table=self.block_table, seq_lens=self.seq_lens,
                           k_scale=self.cache.k_scale, v_scale=self.cache.v_scale)
         return self.model.head(self.model.body(self.tokens, ctx))
 
@@ -126,7 +136,8 @@ class PagedDecoder:
             raise ValueError(f"{OP}: this PagedDecoder was sized for max_new_tokens - 1 decode steps; "
                              "all were used (make a new one with a larger max_new_tokens)")
         self.steps_left -= 1
-        self.tokens.copy_(tokens)
+        if tokens is not self.tokens:  # generate's greedy argmax writes into the buffer itself
+            self.tokens.copy_(tokens)
         if self.cuda_graph and self.graph is None:
             self.capture()
         if self.graph is not None:
@@ -135,7 +146,30 @@ class PagedDecoder:
         else:
             out = self._step_fn()
         self.positions.add_(1)
+        self.seq_lens.add_(1)
         return out
+
+
+def fused_mode(model: CausalLM, batch: int, backend: str, fused: Optional[bool]) -> Optional[str]:
+    """How a decode step runs (``AttnContext.fused``): None (the unfused ops), ``"ops"`` or
+    ``"linear"`` (:mod:`gptkernels.models.common`). ``fused=None``: fused on the Triton backend
+    (the fused kernels are Triton's), with ``"linear"`` where every block's projections are plain
+    ``nn.Linear`` layers of one process (no tensor parallelism, no quantization) and the batch is
+    at most ``FUSED_LINEAR_MAX_ROWS`` sequences, else ``"ops"``; unfused otherwise. An fp8 cache is
+    written as paged_append writes it. ``fused=True`` on the CUDA backend is an error."""
+    if fused is not None and not isinstance(fused, bool):
+        raise TypeError(f"{OP}: fused must be None or a bool, got {fused!r}")
+    if fused is None:
+        fused = backend == "triton"
+    if not fused:
+        return None
+    if backend == "cuda":
+        raise ValueError(f"{OP}: fused=True needs the triton or torch backend (the CUDA backend has no fused "
+                         "decode kernels), got backend 'cuda'")
+    plain = model.tp is None and all(type(getattr(blk.attn, n)) is nn.Linear for blk in model.layers for n in
+                                     ("qkv", "out")) and \
+        all(type(getattr(blk.mlp, n)) is nn.Linear for blk in model.layers for n in ("fc_in", "fc_out"))
+    return "linear" if plain and batch <= FUSED_LINEAR_MAX_ROWS else "ops"
 
 
 def _cache_dtype(kv_cache_dtype, model_dtype: torch.dtype) -> torch.dtype:
@@ -222,7 +256,7 @@ def _token_list(name, value, vocab) -> list[int]:
 def generate(model, input_ids, max_new_tokens, attention_mask=None, do_sample=False, temperature=1.0,
              top_k=0, top_p=1.0, repetition_penalty=1.0, eos_token_id=None, pad_token_id=None,
              generator=None, backend=None, *, block_size=16, cuda_graph=None, compile_step=False,
-             kv_cache_dtype=None, stats=None):
+             kv_cache_dtype=None, fused=None, stats=None):
     """Generate up to ``max_new_tokens`` tokens per row; returns (B, S + n) token ids, n <= max_new_tokens.
 
     ``max_new_tokens`` >= 1, as in transformers' generate (the CLI has the same rule).
@@ -252,7 +286,9 @@ def generate(model, input_ids, max_new_tokens, attention_mask=None, do_sample=Fa
 
     Keyword-only extras: ``block_size`` of the paged cache; ``cuda_graph`` (None: on for CUDA models
     with a kernel backend); ``compile_step``: torch.compile the decode step (fuses the small
-    per-layer ops; compiling takes a while, once per shape); ``stats``: a dict that receives timings (seconds, with device syncs at
+    per-layer ops; compiling takes a while, once per shape); ``fused``: run the decode step through
+    the fused kernels of :mod:`gptkernels.decode` (None: on the Triton backend; see
+    :func:`fused_mode`), about half the launches per layer, the same sums; ``stats``: a dict that receives timings (seconds, with device syncs at
     the phase boundaries): ``prefill_s``, ``capture_s``, ``decode_s``, ``prompt_tokens``,
     ``new_tokens``, ``decode_steps``.
     """
@@ -304,33 +340,45 @@ def generate(model, input_ids, max_new_tokens, attention_mask=None, do_sample=Fa
     out[:, :s] = input_ids
 
     dec = PagedDecoder(model, batch.lengths, max_new_tokens, block_size=block_size, backend=backend,
-                       cuda_graph=cuda_graph, compile_step=compile_step, kv_cache_dtype=kv_cache_dtype)
+                       cuda_graph=cuda_graph, compile_step=compile_step, kv_cache_dtype=kv_cache_dtype,
+                       fused=fused)
     logits = dec.prefill(batch)
     t1 = now()
     if dec.cuda_graph and max_new_tokens > 1:
         dec.capture()
     t2 = now()
 
-    padding = None if attention_mask is None else ~attention_mask.bool()  # left padding (checked)
+    # The sampling epilogue: HF's processors in eager torch, written so that a step launches few
+    # small kernels, with the same results bit for bit (notes/models.md, "The sampling epilogue").
+    penalize = repetition_penalty != 1.0
+    if penalize and attention_mask is not None:
+        # The penalty reads each row's ids so far from `out`. Pad ids are not part of a prompt: the
+        # padding columns hold the row's last prompt token (real: left padding is checked, and
+        # penalized anyway, so the set of penalized ids is the same) until the end, once, instead
+        # of being masked at every step.
+        out[:, :s] = torch.where(attention_mask.bool(), input_ids, input_ids[:, -1:])
     eos_t = None if eos is None else torch.tensor(eos, device=device)
     unfinished = torch.ones(b, dtype=torch.bool, device=device)
-    finished_at = torch.full((b,), max_new_tokens - 1, dtype=torch.long, device=device)
     steps = 0
     for step in range(max_new_tokens):
-        scores = process_logits(logits.float(), out[:, : s + step], do_sample=do_sample,
-                                temperature=temperature, top_k=top_k, top_p=top_p,
-                                repetition_penalty=repetition_penalty, padding=padding)
-        if do_sample:
-            nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+        if do_sample or penalize:
+            scores = process_logits(logits.float(), out[:, : s + step], do_sample=do_sample,
+                                    temperature=temperature, top_k=top_k, top_p=top_p,
+                                    repetition_penalty=repetition_penalty)
+            if do_sample:
+                nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+            else:
+                nxt = scores.argmax(-1)
         else:
-            nxt = scores.argmax(-1)
+            # Greedy without a penalty: the float32 cast is exact and order-preserving, so the argmax
+            # of the logits themselves (the first of equal maxima, as before), written straight into
+            # the decoder's token buffer (no cast, no copy).
+            nxt = torch.argmax(logits, -1, out=dec.tokens)
         if model.tp is not None:  # tensor parallel: every rank takes rank 0's tokens (one broadcast)
             nxt = model.tp.broadcast_(nxt)
         if eos_t is not None:
             nxt = torch.where(unfinished, nxt, pad)
-            hit = unfinished & torch.isin(nxt, eos_t)
-            finished_at = torch.where(hit, step, finished_at)
-            unfinished &= ~hit
+            unfinished &= ~torch.isin(nxt, eos_t)  # a finished row's pad changes nothing
         out[:, s + step] = nxt
         if step == max_new_tokens - 1:
             break
@@ -338,7 +386,13 @@ def generate(model, input_ids, max_new_tokens, attention_mask=None, do_sample=Fa
             break
         logits = dec.step(nxt)
         steps += 1
-    n = max_new_tokens if eos_t is None else int(finished_at.max()) + 1
+    if penalize and attention_mask is not None:
+        out[:, :s] = input_ids
+    n = max_new_tokens
+    if eos_t is not None:  # each row stops at its first EOS (after it: pad); the longest row decides
+        hit = torch.isin(out[:, s:], eos_t)
+        first = torch.where(hit.any(1), hit.int().argmax(1), max_new_tokens - 1)
+        n = int(first.max()) + 1
     t3 = now()
     if timing:
         stats.update(prefill_s=t1 - t0, capture_s=t2 - t1, decode_s=t3 - t2,

@@ -484,3 +484,175 @@ def int4_linear(x, qweight, scales, zeros, bias=None, *, group_size=128, upcast=
     """y = x @ dequantize_int4(W)^T (+ bias), like :func:`int8_linear`."""
     dtype = _compute_dtype(x.dtype, upcast)
     return _linear(x, dequantize_int4(qweight, scales, zeros, group_size, dtype), bias, dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# The fused decode step (gptkernels/decode.py): each op is the composition of the unfused ops above
+# --------------------------------------------------------------------------------------------------
+
+
+def paged_slots(block_table: torch.Tensor, pos: torch.Tensor, num_blocks: int, block_size: int) -> torch.Tensor:
+    """Cache slots (int64, shaped like ``pos`` (B, S)) of positions ``pos`` of each sequence's block
+    table row; -1 where the position is negative, past the table or its entry is outside the cache
+    (:func:`paged_append` skips those)."""
+    pos = pos.long()
+    page = torch.div(pos, block_size, rounding_mode="floor")
+    ok = (pos >= 0) & (page < block_table.shape[1])
+    blk = block_table.long().gather(1, torch.where(ok, page, 0))
+    ok = ok & (blk >= 0) & (blk < num_blocks)
+    return torch.where(ok, blk * block_size + pos % block_size, -1)
+
+
+def rotary_append(q, k, v, k_cache, v_cache, block_table, starts, cos=None, sin=None, *,
+                  rotary_starts=None, interleaved=False, q_per_token=True, k_scale=None, v_scale=None,
+                  upcast=True):
+    """Rotary of q and of the new k, and the new k (rotated) and v appended to the paged cache:
+    :func:`apply_rotary` then :func:`paged_append`. Returns the rotated q (q itself without cos/sin).
+
+    q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) with Sk <= Sq. New token i of sequence b goes to
+    position ``starts[b] + i`` of its ``block_table`` row (a slot outside the table or the cache is
+    skipped) and is rotated at ``rotary_starts[b] + i`` (default: ``starts``); q's token i likewise,
+    or at ``rotary_starts[b]`` for every token when ``q_per_token`` is False (FlashAttention's rule
+    without causality). An fp8 cache is written with ``k_scale``/``v_scale`` as :func:`paged_append`
+    writes it."""
+    batch, seqlen, seqlen_new = q.shape[0], q.shape[1], k.shape[1]
+    rstarts = (starts if rotary_starts is None else rotary_starts).long()[:, None]
+    k_new = k
+    if cos is not None:
+        idx = torch.arange(seqlen, device=q.device)[None, :]
+        q_pos = rstarts + idx if q_per_token else rstarts.expand(batch, seqlen)
+        q, _ = apply_rotary(q, None, cos, sin, positions=q_pos, interleaved=interleaved, upcast=upcast)
+        k_new, _ = apply_rotary(k, None, cos, sin, positions=rstarts + idx[:, :seqlen_new],
+                                interleaved=interleaved, upcast=upcast)
+    pos = starts.long()[:, None] + torch.arange(seqlen_new, device=q.device)[None, :]
+    slots = paged_slots(block_table, pos, k_cache.shape[0], k_cache.shape[1]).reshape(-1)
+    paged_append(k_new.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]), k_cache, v_cache, slots,
+                 k_scale=k_scale, v_scale=v_scale)
+    return q
+
+
+def add_layer_norm(x, d1=None, d2=None, weight1=None, bias1=None, weight2=None, bias2=None, *,
+                   eps1=1e-5, eps2=1e-5, num_norms=1, upcast=True):
+    """The residual add and one or two LayerNorms of the sum: returns (h, y1, y2 or None).
+
+    ``h = x + d1``, or ``x + (d1 + d2)``, each add in x's dtype (the residual stream, rounded as the
+    unfused adds round it); ``y_i = layer_norm(h)`` with ``weight_i``/``bias_i`` (None: no affine) and
+    ``eps_i``, computed in float32 (``upcast``; float64 for float64 inputs) or in h's dtype."""
+    h = x if d1 is None else x + (d1 if d2 is None else d1 + d2)
+    dtype = _compute_dtype(h.dtype, upcast)
+
+    def norm(w, b, eps):
+        w = None if w is None else w.to(dtype)
+        b = None if b is None else b.to(dtype)
+        return torch.nn.functional.layer_norm(h.to(dtype), h.shape[-1:], w, b, eps).to(h.dtype)
+
+    y1 = norm(weight1, bias1, eps1)
+    return h, y1, (norm(weight2, bias2, eps2) if num_norms > 1 else None)
+
+
+def fused_linear(x, weight, bias=None, *, norm=None, activation=None, residual=None, cache=None,
+                 upcast=True):
+    """``act(layer_norm(x) @ weight^T + bias) + residual``: x (M, K), weight (N, K) -> (M, N).
+
+    ``norm``: None or (weight, bias, eps) of a LayerNorm over K, its output rounded to x's dtype (as
+    a LayerNorm module's output is); ``activation``: None or a name of
+    ``gptkernels.models.config.ACTIVATIONS``. Math in float32 (``upcast``) or x's dtype, result in
+    x's dtype. ``cache``: None or (k_cache, v_cache, block_table, positions, q_features[, k_scale,
+    v_scale]) for a fused qkv projection: columns ``[q_features, q_features + kv)`` are k, the rest
+    v, appended to the cache at row m's position ``positions[m]`` (:func:`paged_append` through
+    :func:`paged_slots`, an fp8 cache with its scales); then only the q columns are returned."""
+    from .models.config import ACTIVATIONS  # the model's table of activations (no import cycle)
+
+    dtype = _compute_dtype(x.dtype, upcast)
+    h = x
+    if norm is not None:
+        w, b, eps = norm
+        h = torch.nn.functional.layer_norm(x.to(dtype), x.shape[-1:], None if w is None else w.to(dtype),
+                                           None if b is None else b.to(dtype), eps).to(x.dtype)
+    y = h.to(dtype) @ weight.to(dtype).t()
+    if bias is not None:
+        y = y + bias.to(dtype)
+    if activation is not None:
+        y = ACTIVATIONS[activation](y)
+    if residual is not None:
+        y = y + residual.to(dtype)
+    y = y.to(x.dtype)
+    if cache is None:
+        return y
+    k_cache, v_cache, block_table, positions, nq, *scales = cache
+    k_scale, v_scale = scales if scales else (None, None)
+    nkv = (weight.shape[0] - nq) // 2
+    hkv, d = k_cache.shape[2], k_cache.shape[3]
+    slots = paged_slots(block_table, positions.reshape(-1, 1), k_cache.shape[0], k_cache.shape[1]).reshape(-1)
+    paged_append(y[:, nq:nq + nkv].reshape(-1, hkv, d), y[:, nq + nkv:].reshape(-1, hkv, d),
+                 k_cache, v_cache, slots, k_scale=k_scale, v_scale=v_scale)
+    return y[:, :nq].contiguous()
+
+
+def kvcache_pages(k_cache, v_cache, *, block_table=None, cache_seqlens, cache_batch_idx=None,
+                  cache_leftpad=None, block_size=None):
+    """The cache of :func:`flash_attn_with_kvcache` as a paged cache: (k_pages, v_pages,
+    block_table, starts), where ``starts[b]`` counts the tokens sequence b holds before the new ones
+    in its block-table coordinates (``cache_seqlens - cache_leftpad``).
+
+    A paged cache (``block_table`` given) is returned as it is. A dense cache (Bc, S, Hkv, D) is
+    viewed as pages of ``block_size`` rows (S a multiple of it; the view needs stride(0) = S *
+    stride(1)) with row ``cache_batch_idx[b]`` (default b) as sequence b's pages; with
+    ``cache_leftpad`` the pages are single rows and sequence b's table starts at row
+    ``cache_leftpad[b]`` (entries past row S are -1: never read or written)."""
+    starts = cache_seqlens if cache_leftpad is None else cache_seqlens - cache_leftpad
+    if block_table is not None:
+        return k_cache, v_cache, block_table, starts
+    bc, s = k_cache.shape[0], k_cache.shape[1]
+    bs = 1 if cache_leftpad is not None else block_size
+    per_row = s // bs
+    device = k_cache.device
+
+    def pages(c):
+        return c.as_strided((bc * per_row, bs, *c.shape[2:]),
+                            (bs * c.stride(1), c.stride(1), c.stride(2), c.stride(3)), c.storage_offset())
+
+    batch = cache_seqlens.shape[0]
+    rows = torch.arange(batch, device=device) if cache_batch_idx is None else cache_batch_idx.long()
+    j = torch.arange(per_row, device=device)
+    table = rows[:, None] * per_row + j[None, :]
+    if cache_leftpad is not None:
+        lp = cache_leftpad.long()[:, None]
+        table = torch.where(j[None, :] < s - lp, table + lp, -1)
+    return pages(k_cache), pages(v_cache), table.to(torch.int32), starts
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, *,
+                            cache_seqlens, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                            softmax_scale=None, causal=True, window=None, rotary_interleaved=False,
+                            block_size=None, return_lse=False, k_scale=None, v_scale=None, upcast=True):
+    """FlashAttention's ``flash_attn_with_kvcache``, composed: the new k/v (B, Sq, Hkv, D) appended
+    at ``cache_seqlens`` (:func:`rotary_append`, rotary of q and k at their positions when
+    ``rotary_cos`` is given), then attention of q (B, Sq, Hq, D) over each sequence's
+    ``cache_seqlens + Sk`` keys (``cache_seqlens`` without new k/v; minus ``cache_leftpad``, the
+    rows before it being no keys), bottom-right aligned (:func:`paged_decode` for one query row,
+    :func:`attention` with paged keys for more). Rotary positions are the cache's rows:
+    ``cache_seqlens + i`` (with a left-padded cache too, as FlashAttention). ``cache_seqlens`` is a
+    (B,) int tensor; the cache layouts: :func:`kvcache_pages`; an fp8 cache with ``k_scale`` /
+    ``v_scale`` as the paged ops take them."""
+    kp, vp, table, starts = kvcache_pages(k_cache, v_cache, block_table=block_table, cache_seqlens=cache_seqlens,
+                                          cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
+                                          block_size=block_size)
+    seqlen = q.shape[1]
+    if k is not None:
+        q = rotary_append(q, k, v, kp, vp, table, starts, rotary_cos, rotary_sin, rotary_starts=cache_seqlens,
+                          interleaved=rotary_interleaved, q_per_token=causal or window is not None,
+                          k_scale=k_scale, v_scale=v_scale, upcast=upcast)
+        lens = starts + k.shape[1]
+    else:
+        lens = starts
+    lens = lens.to(torch.int32)
+    if seqlen == 1:
+        out, lse = paged_decode(q[:, 0], kp, vp, table, lens, softmax_scale=softmax_scale, window=window,
+                                upcast=upcast, return_lse=True, k_scale=k_scale, v_scale=v_scale)
+        out, lse = out[:, None], lse[:, :, None]
+    else:
+        out, lse = attention(q, kp, vp, causal=causal, window=window, softmax_scale=softmax_scale,
+                             block_table=table, seqlens_k=lens, upcast=upcast, return_lse=True,
+                             k_scale=k_scale, v_scale=v_scale)
+    return (out, lse) if return_lse else out

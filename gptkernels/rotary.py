@@ -115,6 +115,22 @@ def _(q, k, cos, sin, positions, offset_t, offset, interleaved, backend):
 # --------------------------------------------------------------------------------------------------
 
 
+def check_cos_sin(op: str, cos, sin, q: torch.Tensor, head_dim: int, names: tuple[str, str] = ("cos", "sin")) -> None:
+    """cos/sin caches (max_positions, R/2) of one float dtype on q's device, with R <= ``head_dim``
+    (shared with the fused decode ops, :mod:`gptkernels.decode`, whose names for them differ)."""
+    cn, sn = names
+    C.check_tensor(cos, cn, ndim=2, dtypes=P.FLOAT_DTYPES, op=op)
+    C.check_tensor(sin, sn, ndim=2, dtypes=P.FLOAT_DTYPES, op=op)
+    if sin.shape != cos.shape:
+        raise ValueError(f"{op}: {sn} must have {cn}'s shape {tuple(cos.shape)}, got {tuple(sin.shape)}")
+    C.check_same_dtype(op, cn, cos, **{sn: sin})
+    C.check_same_device(op, "q", q, **{cn: cos, sn: sin})
+    half = cos.shape[1]
+    if half < 1 or 2 * half > head_dim:
+        raise ValueError(f"{op}: {cn}/{sn} must be (max_positions, R/2) with rotary dim R <= head dim "
+                         f"{head_dim}, got {cn} shape {tuple(cos.shape)} (R = {2 * half})")
+
+
 def _check_apply_rotary(q, k, cos, sin, positions, offset, interleaved, inplace):
     """Validate an apply_rotary call (everything that needs no device sync; the rest under
     GPTKERNELS_DEBUG=1)."""
@@ -132,16 +148,7 @@ def _check_apply_rotary(q, k, cos, sin, positions, offset, interleaved, inplace)
     head_dim = q.shape[-1]
     C.check_head_dim(OP, "q", head_dim)
 
-    C.check_tensor(cos, "cos", ndim=2, dtypes=P.FLOAT_DTYPES, op=OP)
-    C.check_tensor(sin, "sin", ndim=2, dtypes=P.FLOAT_DTYPES, op=OP)
-    if sin.shape != cos.shape:
-        raise ValueError(f"{OP}: sin must have cos's shape {tuple(cos.shape)}, got {tuple(sin.shape)}")
-    C.check_same_dtype(OP, "cos", cos, sin=sin)
-    C.check_same_device(OP, "q", q, cos=cos, sin=sin)
-    half = cos.shape[1]
-    if half < 1 or 2 * half > head_dim:
-        raise ValueError(f"{OP}: cos/sin must be (max_positions, R/2) with rotary dim R <= head dim "
-                         f"{head_dim}, got cos shape {tuple(cos.shape)} (R = {2 * half})")
+    check_cos_sin(OP, cos, sin, q, head_dim)
     max_pos = cos.shape[0]
 
     for name, flag in (("interleaved", interleaved), ("inplace", inplace)):

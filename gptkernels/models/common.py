@@ -17,6 +17,18 @@ How a forward pass runs attention is described by an :class:`AttnContext`:
   (:func:`gptkernels.paged_append`);
 * decode: hidden states (B, C), one new token per sequence: paged_append, then
   :func:`gptkernels.paged_decode` over the cache.
+
+A decode step may run fused (``AttnContext.fused``, chosen by :class:`gptkernels.generation.PagedDecoder`):
+fewer, larger kernel launches with the same semantics (:mod:`gptkernels.decode`; notes/models.md,
+"Launches per decode step"):
+
+* ``"ops"``: rotary + cache append in one launch, each residual add folded into the LayerNorm
+  that follows it (the sum travels to the next block as a pending delta); works with any Linear
+  layers (tensor-parallel, quantized);
+* ``"linear"``: also each LayerNorm, bias, activation and residual add folded into its GEMM
+  (:func:`gptkernels.decode.fused_linear`), and for models without rotary the cache append into the
+  qkv GEMM: five launches per pre-LN or parallel block (six with rotary). Plain ``nn.Linear`` layers
+  of one process, up to ``FUSED_LINEAR_MAX_ROWS`` sequences.
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import decode as fused_ops
 from ..attention import flash_attn
 from ..paged import paged_append, paged_decode
 from ..rotary import apply_rotary, rotary_cos_sin
@@ -53,6 +66,7 @@ class AttnContext:
     slot_mapping: Optional[torch.Tensor] = None  # int64, one slot per token of this pass
     block_table: Optional[torch.Tensor] = None   # decode: int32 (B, max_blocks)
     seq_lens: Optional[torch.Tensor] = None      # decode: int32 (B,), including the new token
+    fused: Optional[str] = None                  # decode: None, "ops" or "linear" (module docstring)
     # fp8 cache: per-layer float32 (Hkv,) scales, and (prefill) a hook that sets a layer's scales
     # from its K/V before they are appended (PagedKVCache.calibrate_scales)
     k_scale: Optional[list] = None
@@ -114,6 +128,34 @@ class Attention(nn.Module):
         o = ctx.attend(self.layer, q, k, v, softmax_scale=self.softmax_scale, window=self.window)
         return self.out(o.reshape(*lead, -1))
 
+    def forward_fused(self, x: torch.Tensor, ctx: AttnContext, rope, norm=None) -> torch.Tensor:
+        """A fused decode step (``ctx.fused``) up to the out projection: x (B, C) -> (B, H * D).
+
+        The qkv projection (``"linear"``: with the block's LayerNorm ``norm`` folded in, and without
+        rotary also the cache append of k and v), rotary + cache append in one launch, paged decode."""
+        b = x.shape[0]
+        kc, vc = ctx.k_cache[self.layer], ctx.v_cache[self.layer]
+        scales = {}  # an fp8 cache: this layer's scales, as the paged ops take them
+        if ctx.k_scale is not None:
+            scales = dict(k_scale=ctx.k_scale[self.layer], v_scale=ctx.v_scale[self.layer])
+        in_gemm = ctx.fused == "linear" and not self.rotary
+        if ctx.fused == "linear":
+            cache = (kc, vc, ctx.block_table, ctx.positions, *scales.values()) if in_gemm else None
+            qkv = fused_ops.fused_linear(x, self.qkv.weight, self.qkv.bias, norm=norm, cache=cache,
+                                         backend=ctx.backend)
+        else:
+            qkv = self.qkv(x)
+        if in_gemm:
+            q = qkv.view(b, self.num_heads, self.head_dim)
+        else:
+            q, k, v = qkv.view(b, 3, self.num_heads, self.head_dim).unbind(1)
+            cos, sin = rope if self.rotary else (None, None)
+            q = fused_ops.rotary_append(q, k, v, kc, vc, ctx.block_table, ctx.positions, cos, sin,
+                                        backend=ctx.backend, **scales)
+        o = paged_decode(q, kc, vc, ctx.block_table, ctx.seq_lens, softmax_scale=self.softmax_scale,
+                         window=self.window, backend=ctx.backend, **scales)
+        return o.reshape(b, -1)
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -121,6 +163,7 @@ class MLP(nn.Module):
         self.fc_in = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.fc_out = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.act = ACTIVATIONS[cfg.activation]
+        self.activation = cfg.activation  # its name, for the fused decode GEMM's epilogue
 
     def forward(self, x):
         return self.fc_out(self.act(self.fc_in(x)))
@@ -128,6 +171,11 @@ class MLP(nn.Module):
 
 def layer_norm(cfg: ModelConfig, dim: int | None = None) -> nn.LayerNorm:
     return nn.LayerNorm(dim or cfg.hidden_size, eps=cfg.norm_eps, elementwise_affine=cfg.norm_affine)
+
+
+def _ln(norm: nn.LayerNorm) -> tuple:
+    """A LayerNorm module as the fused ops take it: (weight, bias, eps)."""
+    return norm.weight, norm.bias, norm.eps
 
 
 class Block(nn.Module):
@@ -149,7 +197,12 @@ class Block(nn.Module):
         # Tensor parallelism (models/tp.py) puts the one all-reduce of a parallel block here.
         self.reduce = nn.Identity()
 
-    def forward(self, x, ctx: AttnContext, rope):
+    def forward(self, x, ctx: AttnContext, rope, pending=None):
+        """The block's output; in a fused decode step (``ctx.fused``) the pair (h, pending): the
+        output is h plus the deltas in ``pending`` (None, or a tuple of one or two), which the next
+        block's (or the final) LayerNorm adds in its own launch."""
+        if ctx.fused is not None:
+            return self._decode_linear(x, ctx, rope) if ctx.fused == "linear" else self._decode_ops(x, ctx, rope, pending)
         if self.parallel:
             return x + self.reduce(self.attn(self.norm1(x), ctx, rope) + self.mlp(self.norm2(x)))
         if self.norm_before:
@@ -157,6 +210,50 @@ class Block(nn.Module):
             return x + self.mlp(self.norm2(x))
         x = self.norm1(x + self.attn(x, ctx, rope))
         return self.norm2(x + self.mlp(x))
+
+    # ---- fused decode steps (gptkernels.decode; the same sums, fewer launches) --------------------
+
+    def _decode_ops(self, x, ctx: AttnContext, rope, pending):
+        """``"ops"``: each residual add rides on the LayerNorm after it (add_layer_norm); any Linear
+        layers (tensor-parallel ones keep their all-reduce: the sum is reduced before it is added)."""
+        attn, be, deltas = self.attn, ctx.backend, pending or ()
+        if self.parallel:
+            h, n1, n2 = fused_ops.add_layer_norm(x, *deltas, norms=[_ln(self.norm1), _ln(self.norm2)], backend=be)
+            a, m = attn.out(attn.forward_fused(n1, ctx, rope)), self.mlp(n2)
+            # x + reduce(a + m): one pending delta under tensor parallelism, else both (no add here)
+            return h, ((a, m) if isinstance(self.reduce, nn.Identity) else (self.reduce(a + m),))
+        if self.norm_before:
+            h, n1 = fused_ops.add_layer_norm(x, *deltas, norms=[_ln(self.norm1)], backend=be)
+            h, n2 = fused_ops.add_layer_norm(h, attn.out(attn.forward_fused(n1, ctx, rope)),
+                                             norms=[_ln(self.norm2)], backend=be)
+            return h, (self.mlp(n2),)
+        # post-LN: norm1(x + attn(x)), norm2(x + mlp(x)); no delta is left pending
+        _, x = fused_ops.add_layer_norm(x, attn.out(attn.forward_fused(x, ctx, rope)), norms=[_ln(self.norm1)],
+                                        backend=be)
+        _, x = fused_ops.add_layer_norm(x, self.mlp(x), norms=[_ln(self.norm2)], backend=be)
+        return x, None
+
+    def _decode_linear(self, x, ctx: AttnContext, rope):
+        """``"linear"``: every LayerNorm, bias, activation and residual add inside a GEMM
+        (fused_linear); plain nn.Linear layers of one process (PagedDecoder checks)."""
+        attn, mlp, be = self.attn, self.mlp, ctx.backend
+
+        def linear(layer, inp, **kw):
+            return fused_ops.fused_linear(inp, layer.weight, layer.bias, backend=be, **kw)
+
+        if self.parallel:  # x + attn(ln1(x)) + mlp(ln2(x)), added as (x + attn) + mlp
+            o = attn.forward_fused(x, ctx, rope, norm=_ln(self.norm1))
+            f = linear(mlp.fc_in, x, norm=_ln(self.norm2), activation=mlp.activation)
+            return linear(mlp.fc_out, f, residual=linear(attn.out, o, residual=x)), None
+        if self.norm_before:
+            h = linear(attn.out, attn.forward_fused(x, ctx, rope, norm=_ln(self.norm1)), residual=x)
+            f = linear(mlp.fc_in, h, norm=_ln(self.norm2), activation=mlp.activation)
+            return linear(mlp.fc_out, f, residual=h), None
+        _, x = fused_ops.add_layer_norm(linear(attn.out, attn.forward_fused(x, ctx, rope), residual=x),
+                                        norms=[_ln(self.norm1)], backend=be)
+        f = linear(mlp.fc_in, x, activation=mlp.activation)
+        _, x = fused_ops.add_layer_norm(linear(mlp.fc_out, f, residual=x), norms=[_ln(self.norm2)], backend=be)
+        return x, None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,13 +363,22 @@ class CausalLM(nn.Module):
             h = h + self.pos_emb(positions + self.config.position_offset)
         return h
 
-    def body(self, input_ids: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
-        """Token ids (any leading shape matching ``ctx``) -> final hidden states (before the head)."""
+    def body(self, input_ids: torch.Tensor, ctx: AttnContext, final_norm: bool = True) -> torch.Tensor:
+        """Token ids (any leading shape matching ``ctx``) -> final hidden states (before the head;
+        without the final LayerNorm if ``final_norm`` is False)."""
         rope = self.rope(input_ids.device)
         h = self.embed(input_ids, ctx.positions)
+        pending = None
         for layer in self.layers:
-            h = layer(h, ctx, rope)
-        if self.norm_f is not None:
+            if ctx.fused is not None:  # a fused decode step: (h, deltas still to add)
+                h, pending = layer(h, ctx, rope, pending)
+            else:
+                h = layer(h, ctx, rope)
+        if pending and self.norm_f is not None:
+            _, h = fused_ops.add_layer_norm(h, *pending, norms=[_ln(self.norm_f)], backend=ctx.backend)
+        elif pending:
+            h = h + (pending[0] if len(pending) == 1 else pending[0] + pending[1])
+        elif self.norm_f is not None and final_norm:
             h = self.norm_f(h)
         if self.proj_out is not None:
             h = self.proj_out(h)
@@ -280,6 +386,17 @@ class CausalLM(nn.Module):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(h)
+
+    def decode_logits(self, input_ids: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        """A decode step's logits, ``head(body(...))``; in a ``"linear"`` fused step the final
+        LayerNorm rides in the LM head's GEMM when nothing sits between them (no project_out, a
+        plain nn.Linear head)."""
+        if ctx.fused == "linear" and self.norm_f is not None and self.proj_out is None and \
+                type(self.lm_head) is nn.Linear:
+            h = self.body(input_ids, ctx, final_norm=False)
+            return fused_ops.fused_linear(h, self.lm_head.weight, self.lm_head.bias, norm=_ln(self.norm_f),
+                                          backend=ctx.backend)
+        return self.head(self.body(input_ids, ctx))
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, backend=None):
         """Logits (B, S, vocab) for ``input_ids`` (B, S).

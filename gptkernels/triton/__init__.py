@@ -6,9 +6,10 @@ deciding on ``TRITON_INTERPRET``: Triton reads it when the kernels are defined.
 """
 
 from .flash_attn import flash_attn_backward, flash_attn_forward
+from .fused import add_layer_norm, fused_linear, rotary_append
 from .paged import paged_append, paged_decode
 from .quant import int4_linear, int8_linear
 from .rotary import apply_rotary
 
-__all__ = ["apply_rotary", "flash_attn_backward", "flash_attn_forward", "int4_linear", "int8_linear", "paged_append",
-           "paged_decode"]
+__all__ = ["add_layer_norm", "apply_rotary", "flash_attn_backward", "flash_attn_forward", "fused_linear",
+           "int4_linear", "int8_linear", "paged_append", "paged_decode", "rotary_append"]

@@ -17,20 +17,29 @@ import triton.language as tl
 
 from .._policy import sm_count
 from ._config import INTERPRET, next_pow2
+from .paged import _store_row
 
 
 @triton.jit
 def _rotate_heads(x_ptr, o_ptr, x_tok, o_tok, tok_mask, h_lo, h_hi,
                   stride_xh, stride_xd, stride_oh, stride_od, cos, sin,
                   HALF: tl.constexpr, HALF_PAD: tl.constexpr, D: tl.constexpr, PASS_PAD: tl.constexpr,
-                  BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr, COPY_PASS: tl.constexpr):
+                  BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr, COPY_PASS: tl.constexpr,
+                  scale_ptr=None, stride_sh=0, QUANT: tl.constexpr = False):
     """Rotate heads [h_lo, h_hi) of the tokens whose row offsets are x_tok/o_tok ([BT, 1, 1] int64).
-    cos/sin are [BT, 1, HALF_PAD] float32, broadcast over the heads."""
+    cos/sin are [BT, 1, HALF_PAD] float32, broadcast over the heads. ``QUANT``: o is an fp8 KV cache
+    (the fused rotary + append of gptkernels/triton/fused.py): each value is rounded to x's dtype, as
+    the rotation alone would store it, then stored as paged_append stores it (value / the scale of
+    its head, ``scale_ptr + head * stride_sh``)."""
     for h0 in range(h_lo, h_hi, BLOCK_H):
         h = h0 + tl.arange(0, BLOCK_H)[None, :, None]
         row_mask = tok_mask & (h < h_hi)
         x_row = x_ptr + x_tok + h.to(tl.int64) * stride_xh
         o_row = o_ptr + o_tok + h.to(tl.int64) * stride_oh
+        if QUANT:
+            scale = tl.load(scale_ptr + h.to(tl.int64) * stride_sh, mask=h < h_hi, other=1.0)
+        else:
+            scale = 1.0
         if INTERLEAVED:
             # GPT-J: channel 2i pairs with 2i+1. Load the R channels contiguously, split in registers.
             d = tl.arange(0, 2 * HALF_PAD)[None, None, :]
@@ -39,21 +48,31 @@ def _rotate_heads(x_ptr, o_ptr, x_tok, o_tok, tok_mask, h_lo, h_hi,
             a, b = tl.split(tl.reshape(x.to(tl.float32), (x.shape[0], x.shape[1], HALF_PAD, 2)))
             out = tl.join(a * cos - b * sin, b * cos + a * sin)
             out = tl.reshape(out, (x.shape[0], x.shape[1], 2 * HALF_PAD))
-            tl.store(o_row + d * stride_od, out.to(o_ptr.dtype.element_ty), mask=m)
+            _store_rotated(o_row + d * stride_od, out, x_ptr, scale, m, QUANT)
         else:
             # GPT-NeoX: channel i pairs with i + R/2. Two contiguous loads of R/2 channels.
             d = tl.arange(0, HALF_PAD)[None, None, :]
             m = row_mask & (d < HALF)
             a = tl.load(x_row + d * stride_xd, mask=m, other=0.0).to(tl.float32)
             b = tl.load(x_row + (d + HALF) * stride_xd, mask=m, other=0.0).to(tl.float32)
-            tl.store(o_row + d * stride_od, (a * cos - b * sin).to(o_ptr.dtype.element_ty), mask=m)
-            tl.store(o_row + (d + HALF) * stride_od, (b * cos + a * sin).to(o_ptr.dtype.element_ty),
-                     mask=m)
+            _store_rotated(o_row + d * stride_od, a * cos - b * sin, x_ptr, scale, m, QUANT)
+            _store_rotated(o_row + (d + HALF) * stride_od, b * cos + a * sin, x_ptr, scale, m, QUANT)
         if COPY_PASS:
             # Out of place with R < D: channels R..D are copied as raw values (bit for bit).
             dp = 2 * HALF + tl.arange(0, PASS_PAD)[None, None, :]
             mp = row_mask & (dp < D)
-            tl.store(o_row + dp * stride_od, tl.load(x_row + dp * stride_xd, mask=mp), mask=mp)
+            _store_rotated(o_row + dp * stride_od, tl.load(x_row + dp * stride_xd, mask=mp), x_ptr, scale, mp,
+                           QUANT)
+
+
+@triton.jit
+def _store_rotated(ptr, v, x_ptr, scale, mask, QUANT: tl.constexpr):
+    """Store v at ptr in its dtype; an fp8 cache (QUANT) gets v rounded to x's dtype first, then
+    paged_append's value / scale (gptkernels/triton/paged.py, ``_store_row``)."""
+    if QUANT:
+        _store_row(ptr, v.to(x_ptr.dtype.element_ty), scale, mask, True)
+    else:
+        tl.store(ptr, v.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -29,7 +29,8 @@ from .results import Row, Table
 
 TABLE = Table(
     id="audit-launches", suite="audit", x="family", unit="launches",
-    title="Kernel launches per decode step (batch 1, greedy, triton backend; counted on CPU)",
+    title="Kernel launches per decode step (batch 1, greedy, triton backend; counted on CPU): fused (generate's "
+          "default) and unfused",
     formula="per step = launches(generate n+1 tokens) - launches(generate n tokens)",
     note="Triton launches exact; other ops one CUDA kernel per ATen op that is not a view or an allocation "
          "(an estimate of the CUDA run). Tiny random models of each family: the count per layer does not "
@@ -124,8 +125,10 @@ def _counting_launches(model, tally: _Tally):
             h.remove()
 
 
-def count_family(family: str, new_tokens: int = 2, prompt: int = 5) -> dict:
-    """Launches of one decode step (and its share of the generation loop) of the TINY ``family`` model."""
+def count_family(family: str, new_tokens: int = 2, prompt: int = 5, fused: bool | None = None) -> dict:
+    """Launches of one decode step (and its share of the generation loop) of the TINY ``family`` model.
+    ``fused``: generate's decode step through the fused ops (None: its default on the triton backend,
+    fused) or not (False: the unfused ops, the count before issue 14 item 6)."""
     import gptkernels
     from gptkernels.models import TINY, from_config
 
@@ -138,7 +141,7 @@ def count_family(family: str, new_tokens: int = 2, prompt: int = 5) -> dict:
     def counted(n):
         tally = _Tally()
         with as_on_gpu(), torch.no_grad(), _counting_launches(model, tally):
-            gptkernels.generate(model, ids, n, backend="triton")
+            gptkernels.generate(model, ids, n, backend="triton", fused=fused)
         return tally
 
     counted(new_tokens)  # warm-up: anything done once per process (caches, first-use setup)
@@ -177,16 +180,20 @@ FAMILIES = ("gpt2", "gpt-neo", "gpt-neox", "opt")
 
 
 def rows(families=FAMILIES) -> list[Row]:
+    """Per family: the decode step generate runs (fused), then the unfused one (``fused=False``: the
+    count before issue 14 item 6, kept measurable)."""
     out = []
     for fam in families:
-        try:
-            c = count_family(fam)
-        except Exception as e:  # a family that cannot run here gets a row saying why
-            out.append(Row(table=TABLE.id, case=fam, impl="decode step", status="error", ours=True,
-                           message=f"{type(e).__name__}: {str(e)[:300]}"))
-            continue
-        out.append(Row(table=TABLE.id, case=fam, impl="decode step", status="pass", ours=True,
-                       value=float(c["total"]), params={"backend": "triton", "batch": 1}, extra=c))
+        for case, fused in ((fam, None), (f"{fam} unfused", False)):
+            try:
+                c = count_family(fam, fused=fused)
+            except Exception as e:  # a family that cannot run here gets a row saying why
+                out.append(Row(table=TABLE.id, case=case, impl="decode step", status="error", ours=True,
+                               message=f"{type(e).__name__}: {str(e)[:300]}"))
+                continue
+            out.append(Row(table=TABLE.id, case=case, impl="decode step", status="pass", ours=True,
+                           value=float(c["total"]), params={"backend": "triton", "batch": 1, "fused": fused is None},
+                           extra=c))
     return out
 
 

@@ -238,3 +238,44 @@ def weight_only_gemm_bytes(m: int, n: int, k: int, elem_bytes: int, *, int4: boo
         wf = "N*K + N*scale_bytes"
     io = (m * k + m * n + (n if bias else 0)) * elem_bytes
     return Count(float(weights + io), f"{wf} + (M*K + M*N{' + N' if bias else ''})*elem")
+
+
+# ---- the fused decode ops (gptkernels/decode.py) ---------------------------------------------------
+
+
+def rotary_append_bytes(batch: int, heads_q: int, heads_kv: int, head_dim: int, rotary_dim: int,
+                        elem_bytes: int, cache_elem_bytes: int | None = None) -> Count:
+    """rotary_append of one token per sequence: q read and written (rotated out of place), the new k
+    and v read and written to their cache slots (an fp8 cache: 1 byte each, and the two per-head
+    float32 scales), one cos and one sin row (float32) per token, its block-table entry (int32) and
+    its start (int64)."""
+    ce = elem_bytes if cache_elem_bytes is None else cache_elem_bytes
+    value = (2 * batch * heads_q * head_dim + 2 * batch * heads_kv * head_dim) * elem_bytes + \
+        2 * batch * heads_kv * head_dim * ce + 2 * batch * (rotary_dim // 2) * 4 + 12 * batch
+    formula = "(2*B*Hq*D + 2*B*Hkv*D)*elem + 2*B*Hkv*D*cache_elem + 2*B*(R/2)*4 (cos, sin) + 12*B (table, start)"
+    if ce != elem_bytes:
+        value += 2 * heads_kv * 4
+        formula += " + 2*Hkv*4 (fp8 scales)"
+    return Count(float(value), formula)
+
+
+def add_layer_norm_bytes(rows: int, width: int, elem_bytes: int, *, deltas: int, norms: int,
+                         affine: bool = True) -> Count:
+    """add_layer_norm: x and the deltas read, the sum written (with deltas), each norm's output
+    written, each norm's weight and bias read."""
+    streams = 1 + deltas + (1 if deltas else 0) + norms
+    params = 2 * norms * width if affine else 0
+    return Count(float((streams * rows * width + params) * elem_bytes),
+                 f"({streams}*M*C + {2 * norms if affine else 0}*C)*elem")
+
+
+def fused_linear_bytes(m: int, n: int, k: int, elem_bytes: int, *, bias: bool = True, norm: bool = False,
+                       residual: bool = False, cache: bool = False) -> Count:
+    """fused_linear: the weight, x (and the LayerNorm's weight and bias, the bias, the residual) read
+    once, y written once (with the cache append: its k/v columns written to their slots instead,
+    plus each row's position (int64) and block-table entry (int32))."""
+    value = n * k + m * k + m * n + (n if bias else 0) + (2 * k if norm else 0) + (m * n if residual else 0)
+    f = "N*K + M*K + M*N" + (" + N" if bias else "") + (" + 2*K (norm)" if norm else "") + \
+        (" + M*N (residual)" if residual else "")
+    extra, ef = (12 * m, " + 12*M (position, table entry)") if cache else (0, "")
+    return Count(float(value * elem_bytes + extra), f"({f})*elem{ef}")

@@ -242,6 +242,78 @@ def quant_linear(m, n, k, *, int4=False, group_size=128, bias=True) -> Case:
                 useful_flops=F.matmul_flops(m, n, k))
 
 
+def fused_rotary_append(batch, hq, hkv, d, rot, page=16, fp8=False) -> Case:
+    """gptkernels.decode.rotary_append: a decode step's rotary + cache append (one token per sequence),
+    into a cache of the model's dtype or an fp8 one (its scales per KV head)."""
+
+    def build():
+        from gptkernels.decode import rotary_append
+
+        import gptkernels
+
+        blocks = batch * 4
+        kc = torch.zeros(blocks, page, hkv, d, dtype=torch.float8_e4m3fn if fp8 else DTYPE)
+        vc = torch.zeros_like(kc)
+        scales = dict(k_scale=torch.full((hkv,), 0.05), v_scale=torch.full((hkv,), 0.05)) if fp8 else {}
+        q = _randn(batch, hq, d, dtype=DTYPE)
+        k, v = _randn(batch, hkv, d, dtype=DTYPE, seed=1), _randn(batch, hkv, d, dtype=DTYPE, seed=2)
+        table = torch.randperm(blocks, generator=torch.Generator().manual_seed(3))[:blocks].reshape(batch, 4)
+        pos = torch.arange(batch, dtype=torch.int64) * 7 + 5
+        cos, sin = gptkernels.rotary_cos_sin(rot, 4 * page)
+        return lambda: rotary_append(q, k, v, kc, vc, table.to(torch.int32), pos, cos, sin, backend="triton",
+                                     **scales)
+
+    fmt = " fp8 cache" if fp8 else ""
+    return Case(f"fused rotary append B={batch} R={rot}{fmt}", "fused rotary append",
+                f"B={batch} Hq={hq} Hkv={hkv} D={d} R={rot} page={page}{fmt}", build,
+                min_bytes=F.rotary_append_bytes(batch, hq, hkv, d, rot, ELEM, cache_elem_bytes=1 if fp8 else ELEM))
+
+
+def fused_add_layer_norm(rows, width, deltas=2, norms=2) -> Case:
+    """gptkernels.decode.add_layer_norm: a residual add and GPT-NeoX's two LayerNorms of the sum."""
+
+    def build():
+        from gptkernels.decode import add_layer_norm
+
+        x = _randn(rows, width, dtype=DTYPE)
+        ds = [_randn(rows, width, dtype=DTYPE, seed=1 + i) for i in range(deltas)]
+        ln = [(_randn(width, dtype=DTYPE, seed=5 + i), _randn(width, dtype=DTYPE, seed=7 + i), 1e-5)
+              for i in range(norms)]
+        return lambda: add_layer_norm(x, *ds, norms=ln, backend="triton")
+
+    return Case(f"fused add+layernorm M={rows} C={width} deltas={deltas} norms={norms}", "fused add layernorm",
+                f"M={rows} C={width}", build,
+                min_bytes=F.add_layer_norm_bytes(rows, width, ELEM, deltas=deltas, norms=norms))
+
+
+def fused_linear_case(m, n, k, *, norm=True, activation="gelu", residual=False, cache_heads=0) -> Case:
+    """gptkernels.decode.fused_linear: a decode GEMM with its LayerNorm, bias, activation (residual);
+    with ``cache_heads`` a fused q | k | v projection of heads of 64 whose k and v columns go to the
+    paged cache (one token per row)."""
+
+    def build():
+        from gptkernels.decode import fused_linear
+
+        x = _randn(m, k, dtype=DTYPE)
+        w = _randn(n, k, dtype=DTYPE, seed=1)
+        b = _randn(n, dtype=DTYPE, seed=2)
+        ln = (_randn(k, dtype=DTYPE, seed=3), _randn(k, dtype=DTYPE, seed=4), 1e-5) if norm else None
+        r = _randn(m, n, dtype=DTYPE, seed=5) if residual else None
+        cache = None
+        if cache_heads:
+            kc = torch.zeros(4 * m, 16, cache_heads, 64, dtype=DTYPE)
+            table = torch.arange(4 * m, dtype=torch.int32).reshape(m, 4)
+            cache = (kc, torch.zeros_like(kc), table, torch.arange(m, dtype=torch.int64) * 5)
+        return lambda: fused_linear(x, w, b, norm=ln, activation=activation, residual=r, cache=cache,
+                                    backend="triton")
+
+    what = ("LN + " if norm else "") + "GEMM" + (f" + {activation}" if activation else "") + \
+        (" + residual" if residual else "") + (" + k/v to the cache" if cache_heads else "")
+    return Case(f"fused linear M={m} N={n} K={k} ({what})", "fused linear", f"M={m} N={n} K={k} {what}", build,
+                min_bytes=F.fused_linear_bytes(m, n, k, ELEM, norm=norm, residual=residual, cache=bool(cache_heads)),
+                useful_flops=F.matmul_flops(m, n, k))
+
+
 def cases() -> list[Case]:
     """The audit's cases: the shapes of issue 14's table where the interpreter can afford them (the
     ratios depend on the tile counts, not on batch or head count, which are kept small)."""
@@ -268,6 +340,12 @@ def cases() -> list[Case]:
         quant_linear(1, 2048, 2048),
         quant_linear(1, 2048, 2048, int4=True),
         quant_linear(128, 1024, 1024, int4=True),
+        fused_rotary_append(4, 8, 2, 128, 32),
+        fused_add_layer_norm(4, 2048),
+        fused_rotary_append(4, 8, 2, 128, 32, fp8=True),
+        fused_linear_case(1, 2048, 2048),
+        fused_linear_case(1, 2048, 8192, norm=False, activation=None, residual=True),
+        fused_linear_case(1, 3 * 1024, 1024, activation=None, cache_heads=16),
     ]
 
 

@@ -56,10 +56,18 @@ BOUNDS = {
     "int4 decode": {"bytes_x": 1.08, "flops_x": 16.0},
     # M=64: x re-read once per 64-column tile of N (4 tiles)
     "int4 prefill": {"bytes_x": 1.96, "flops_x": 1.0},
-    # launches per layer of a decode step before fusing: gpt-neox 12 (rotary, append, decode + 9 ATen
-    # kernels: 4 GEMMs, 2 LayerNorms, 2 residual adds, GELU). Target (issue 14 item 6): at most half
-    # (6); lower this bound when the fused decode ops land.
-    "launches per layer": {"gpt-neox": 12},
+    # launches per layer of a decode step: gpt-neox 12 before fusing (rotary, append, decode + 9 ATen
+    # kernels: 4 GEMMs, 2 LayerNorms, 2 residual adds, GELU); the fused decode ops (issue 14 item 6):
+    # 4 fused_linear + rotary_append + paged_decode, at most half of each family's unfused count
+    # (test_fused_decode_step_halves_launches)
+    "launches per layer": {"gpt-neox": 6},
+    "fused launches per layer": {"gpt2": 5, "gpt-neo": 5, "gpt-neox": 6, "opt": 5},
+    # q and the new k/v once; the cos/sin rows once per head split
+    "fused rotary append": {"bytes_x": 1.005},
+    "fused add layernorm": {"bytes_x": 1.0},
+    # one 16-row tile for one row (16x); each of the 16 programs re-reads x (from L2) for the
+    # LayerNorm's statistics and its tiles, and the LayerNorm's weights
+    "fused linear": {"bytes_x": 1.25, "flops_x": 16.0},
 }
 
 #: The GPU the split-K policy assumes for the prefill-shaped forward tests: with 8 SMs these one-head
@@ -298,3 +306,32 @@ def test_audit_json_and_its_benchmarks_md_section(tmp_path):
     # the stored audit stays in BENCHMARKS.md when it is regenerated from the other run alone
     md = report.generate([par], out=tmp_path / "B2.md", plots_dir=tmp_path / "r").read_text()
     assert "## Work audit" in md
+
+
+# ---- the fused decode step (issue 14 item 6; gptkernels/decode.py) --------------------------------
+
+
+def test_fused_decode_ops():
+    _within(_rows(sa.fused_rotary_append(4, 8, 2, 64, 16)), "fused rotary append")
+    _within(_rows(sa.fused_rotary_append(4, 8, 2, 64, 16, fp8=True)), "fused rotary append")
+    _within(_rows(sa.fused_add_layer_norm(1, 512)), "fused add layernorm")
+    _within(_rows(sa.fused_linear_case(1, 256, 512)), "fused linear")
+    _within(_rows(sa.fused_linear_case(1, 256, 512, norm=False, activation=None, residual=True)), "fused linear")
+    _within(_rows(sa.fused_linear_case(1, 3 * 128, 256, activation=None, cache_heads=2)), "fused linear")
+
+
+def test_fused_decode_step_halves_launches():
+    """Issue 14 item 6's bound: per layer, the fused decode step (generate's default on the triton
+    backend) launches at most half of the unfused step's kernels (counted the same way), every one of
+    them a Triton kernel, and never waits for the host."""
+    from benchmarks.audit_launches import FAMILIES, count_family
+
+    unfused = {fam: count_family(fam, fused=False) for fam in ("gpt2", "gpt-neox")}
+    assert unfused["gpt2"]["per_layer"] == [11, 11] and unfused["gpt-neox"]["per_layer"] == [12, 12], unfused
+    for fam in FAMILIES:
+        c = _neox_launches() if fam == "gpt-neox" else count_family(fam)
+        assert max(c["per_layer"]) <= BOUNDS["fused launches per layer"][fam], (fam, c)
+        assert c["per_layer"] == c["triton_per_layer"], (fam, c)  # no small ATen kernel left in a layer
+        assert c["syncs"] == 0
+        if fam in unfused:
+            assert max(c["per_layer"]) <= min(unfused[fam]["per_layer"]) // 2, (fam, c, unfused[fam])

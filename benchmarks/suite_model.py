@@ -37,6 +37,15 @@ OURS = ("triton", "cuda")
 HF = "hf transformers (sdpa)"
 HF_OURS = "hf transformers (gptkernels attention)"
 HF_FA2 = "hf transformers (flash_attention_2)"
+#: model-step-variants: the batch-1 decode step of the triton backend with generate's switches that
+#: only a GPU can decide (issue 14 item 6): the fused decode ops (default on) and compile_step (default
+#: off), each on and off. impl -> generate's keywords.
+STEP_VARIANTS = {
+    "triton fused (default)": {},
+    "triton unfused (fused=False)": {"fused": False},
+    "triton fused + compile_step": {"compile_step": True},
+    "triton unfused + compile_step": {"fused": False, "compile_step": True},
+}
 #: model-hf-padded: batch, and prompt lengths drawn from [PADDED_MIN, PROMPT], left-padded to PROMPT
 PADDED_BATCH, PADDED_MIN = 32, 128
 PADDED_IMPLS = (HF, HF_OURS, HF_FA2)
@@ -53,7 +62,7 @@ def impls() -> list[str]:
 def planned_rows(quick: bool) -> int:
     # per model and impl: prefill and decode per batch, and the batch-1 step row
     return len(MODELS) * len(impls()) * (2 * len(BATCHES) + 1) + len(MODELS) * len(PADDED_IMPLS) + \
-        model_tp.planned_rows()
+        len(MODELS) * len(STEP_VARIANTS) + model_tp.planned_rows()
 
 
 def tables(quick: bool) -> list[Table]:
@@ -80,6 +89,12 @@ def tables(quick: bool) -> list[Table]:
                    "gptkernels.hf's calls handed to transformers (0 expected), same_tokens = rows whose "
                    "first 16 new tokens equal sdpa's."),
         model_tp.table(new),
+        Table(id="model-step-variants", suite="model", x="model", unit="ms", plot=None,
+              title="Batch-1 decode step, triton backend: fused decode ops and compile_step on and off",
+              formula="generate's decode-phase time / steps (CUDA graph on)",
+              note="decides generate's defaults on CUDA (issue 14 item 6): fused=None (the fused ops, on) "
+                   "and compile_step=False (off) until these rows say otherwise. extra: x_floor (step / "
+                   "bandwidth floor), greedy_agreement_16 with the default, compile_ms."),
     ]
 
 
@@ -327,6 +342,51 @@ class ModelBench:
             self.sess.add(Row(table="model-step", case=self.name, impl=impl, status="ok", ours=ours, ms=step_ms,
                               bytes=step.value, params=self.params(1), extra=extra, **check))
 
+    # ---- the decode step's switches (model-step-variants) ------------------------------------------
+
+    def run_variants(self) -> None:
+        """The batch-1 decode step of each :data:`STEP_VARIANTS` entry (model-step-variants)."""
+        table = "model-step-variants"
+        first = None  # the default's first 16 greedy tokens
+        for impl in [i for i in STEP_VARIANTS if self.sess.wanted(table, self.name, i)]:
+            if self.sess.budget.exhausted():
+                self.sess.skip(table, self.name, impl, "time budget of the suite spent", ours=True)
+                continue
+            try:
+                row, toks = self._step_variant(impl)
+            except Exception as e:
+                self.sess.fail(table, self.name, impl, e, ours=True, params=self.params(1))
+                continue
+            first = toks if first is None else first
+            row.extra["greedy_agreement_16"] = int((toks == first).int().cumprod(0).sum())
+            self.sess.add(row)
+
+    def _step_variant(self, impl: str):
+        """(the row, the first 16 greedy tokens) of one variant: generate's own decode-phase time per
+        step (graph capture and compilation excluded), against the step's bandwidth floor."""
+        import gptkernels
+
+        c, kw, n, ids = self.cfg, STEP_VARIANTS[impl], self.new, self.prompts[1]
+        if self.ours is None:
+            self.ours = _ours(self.preset, self.hf)
+        with torch.no_grad():
+            compile_ms = timing.wall_median_ms(lambda: gptkernels.generate(self.ours, ids, 8, backend="triton", **kw), 1)
+            toks = gptkernels.generate(self.ours, ids, 16, backend="triton", **kw)[0, PROMPT:]
+            runs = []
+            for _ in range(self.reps):
+                stats = {}
+                gptkernels.generate(self.ours, ids, n, backend="triton", stats=stats, **kw)
+                runs.append(1e3 * stats["decode_s"] / stats["decode_steps"])
+        step_ms = sorted(runs)[len(runs) // 2]
+        step = formulas.decode_step_bytes(self.weight_bytes, c.num_layers, int(PROMPT + n / 2), c.num_heads,
+                                          c.head_dim, 2)
+        extra = {"compile_ms": compile_ms, "generate_kwargs": dict(kw), "step_ms": step_ms}
+        if self.sess.ceilings:
+            floor_ms = step.value / (self.sess.ceilings["copy_gbps"] * 1e9) * 1e3
+            extra.update(floor_ms=floor_ms, x_floor=step_ms / floor_ms)
+        return Row(table="model-step-variants", case=self.name, impl=impl, status="ok", ours=True, ms=step_ms,
+                   bytes=step.value, params=self.params(1), extra=extra), toks
+
     # ---- HF generate with left-padded prompts (model-hf-padded) -----------------------------------
 
     def padded_batch(self):
@@ -418,7 +478,8 @@ def run(sess: Session, quick: bool) -> None:
         sess.table(t)
     for name in MODELS:
         rows = [(table, name if table == "model-step" else f"{name} B={b}", impl)
-                for impl in impls() for table, b in _tags()] + _padded_rows(name)
+                for impl in impls() for table, b in _tags()] + _padded_rows(name) + \
+            [("model-step-variants", name, impl) for impl in STEP_VARIANTS]
         rows = [r for r in rows if sess.wanted(*r)]
         if not rows:  # none of its rows is in the run's plan: the model is not even built
             continue
@@ -442,6 +503,7 @@ def run(sess: Session, quick: bool) -> None:
         for table, label, impl in rows:
             if table == "model-hf-padded":
                 mb.run_padded(impl)
+        mb.run_variants()
         del mb
         free_memory()
     model_tp.run(sess, quick, config(quick)["new"])  # in its own processes, one GPU per rank

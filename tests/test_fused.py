@@ -82,7 +82,7 @@ def test_rotary_append_parity(case, dtype):
     pos = starts[:, None].cpu() + torch.arange(sk)[None, :]
     slots = R.paged_slots(table.cpu(), pos, 12, bs).reshape(-1)
     written[slots[slots >= 0]] = True
-    keep = ~written.reshape(12, bs)
+    keep = (~written.reshape(12, bs)).to(DEVICE)
     assert torch.equal(kc1[keep], kc[keep]) and torch.equal(vc1[keep], vc[keep])
 
 
@@ -246,7 +246,9 @@ def _fa_semantics(q, k_cache, v_cache, k, v, cos, sin, seqlens, batch_idx, leftp
     test_flash_attn_kvcache), in float64 on a dense copy of each sequence's cache: the new k rotated
     at cache_seqlens + i, q at cache_seqlens + i (causal or local) or cache_seqlens, the new rows
     written at cache_seqlens..; the keys [leftpad, cache_seqlens + Sk), key index counted from
-    leftpad, bottom-right alignment. Returns (out, lse, the dense caches after the update)."""
+    leftpad, bottom-right alignment. Returns (out, lse, the dense caches after the update), on the
+    CPU."""
+    q, k_cache, v_cache, k, v, cos, sin = (None if t is None else t.cpu() for t in (q, k_cache, v_cache, k, v, cos, sin))
     b, sq, hq, d = q.shape
     if table is None:
         rows = torch.arange(b) if batch_idx is None else batch_idx.long().cpu()
@@ -353,9 +355,9 @@ def test_flash_attn_with_kvcache_parity(case, dtype):
     kr, vr = kc.double(), vc.double()
     our64, our_lse64 = R.flash_attn_with_kvcache(*_d(q), kr, vr, *_d(k, v, cos, sin), block_size=8,
                                                  return_lse=True, **args)
-    torch.testing.assert_close(our64, ref_out, atol=1e-12, rtol=0)
-    torch.testing.assert_close(our_lse64, ref_lse, atol=1e-12, rtol=0)
-    torch.testing.assert_close(_dense_cache(kr, kw), ref_kc, atol=1e-12, rtol=0)
+    torch.testing.assert_close(our64.cpu(), ref_out, atol=1e-12, rtol=0)
+    torch.testing.assert_close(our_lse64.cpu(), ref_lse, atol=1e-12, rtol=0)
+    torch.testing.assert_close(_dense_cache(kr, kw).cpu(), ref_kc, atol=1e-12, rtol=0)
     # the kernels under the parity rule, the eager computation in the same dtype as the yardstick
     kb, vb = kc.clone(), vc.clone()
     base, base_lse = R.flash_attn_with_kvcache(q, kb, vb, k, v, cos, sin, block_size=8, return_lse=True,

@@ -194,6 +194,28 @@ def test_fused_linear_parity(case, dtype):
     assert_parity(got, ref, base)
 
 
+def test_fused_ops_take_any_strides():
+    """Strided views everywhere (x, weight, bias, LayerNorm weights, residual, deltas): the same bits
+    as from contiguous copies."""
+    g = _gen(28)
+    big = randn(5, 2, 64, generator=g)
+    x = big[:, 1, :48]  # row stride 128
+    w = randn(40, 96, generator=g, scale=0.2)[:, ::2]  # column stride 2
+    vec = randn(3, 96, generator=g)
+    bias, lnw, lnb = vec[0, ::2][:40], vec[1, ::2], vec[2, 1::2]
+    r = randn(40, 5, generator=g).t()
+    with torch.no_grad():
+        got = fused_linear(x, w, bias, norm=(lnw, lnb, 1e-5), activation="gelu", residual=r, backend="triton")
+        want = fused_linear(x.contiguous(), w.contiguous(), bias.contiguous(), activation="gelu", residual=r.contiguous(),
+                            norm=(lnw.contiguous(), lnb.contiguous(), 1e-5), backend="triton")
+        d = x.t().contiguous().t()  # column-major: strides (1, 5)
+        h, y1, y2 = add_layer_norm(x, d, norms=[(lnw, lnb, 1e-5), (lnb, lnw, 1e-5)], backend="triton")
+        h2, z1, z2 = add_layer_norm(x.contiguous(), x.contiguous(), norms=[(lnw.contiguous(), lnb.contiguous(), 1e-5),
+                                    (lnb.contiguous(), lnw.contiguous(), 1e-5)], backend="triton")
+    assert torch.equal(got, want)
+    assert torch.equal(h, h2) and torch.equal(y1, z1) and torch.equal(y2, z2)
+
+
 def test_fused_linear_epilogue_covers_every_activation():
     from gptkernels.triton.fused import ACTIVATION_CODES
 

@@ -197,7 +197,7 @@ def rotary_append(q, k, v, k_cache, v_cache, block_table, starts, cos, sin, *, r
 
 
 @triton.jit
-def _layer_norm_row(h, c_ok, w_ptr, b_ptr, cols, C, eps, AFFINE: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _layer_norm_row(h, c_ok, w_ptr, b_ptr, s_w, s_b, cols, C, eps, AFFINE: tl.constexpr, HAS_BIAS: tl.constexpr):
     """LayerNorm of one row h (float32, its padding lanes 0) over its C valid lanes: biased
     variance, as torch's layer_norm; float32 result."""
     mean = tl.sum(h, axis=0) / C
@@ -205,9 +205,9 @@ def _layer_norm_row(h, c_ok, w_ptr, b_ptr, cols, C, eps, AFFINE: tl.constexpr, H
     rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / C + eps)
     y = diff * rstd
     if AFFINE:
-        y = y * tl.load(w_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)
+        y = y * tl.load(w_ptr + cols * s_w, mask=c_ok, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        y = y + tl.load(b_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)
+        y = y + tl.load(b_ptr + cols * s_b, mask=c_ok, other=0.0).to(tl.float32)
     return y
 
 
@@ -215,7 +215,7 @@ def _layer_norm_row(h, c_ok, w_ptr, b_ptr, cols, C, eps, AFFINE: tl.constexpr, H
 def _add_layer_norm_kernel(
     x_ptr, d1_ptr, d2_ptr, h_ptr, y1_ptr, y2_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
     C, eps1, eps2,
-    s_xm, s_xc, s_d1m, s_d1c, s_d2m, s_d2c, s_hm, s_y1m, s_y2m,
+    s_xm, s_xc, s_d1m, s_d1c, s_d2m, s_d2c, s_hm, s_y1m, s_y2m, s_w1, s_b1, s_w2, s_b2,
     DELTAS: tl.constexpr, NORMS: tl.constexpr, AFFINE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -233,10 +233,10 @@ def _add_layer_norm_kernel(
         h = (h.to(tl.float32) + d.to(tl.float32)).to(dtype)
         tl.store(h_ptr + row * s_hm + cols, h, mask=c_ok)
     hf = h.to(tl.float32)
-    y = _layer_norm_row(hf, c_ok, w1_ptr, b1_ptr, cols, C, eps1, AFFINE, HAS_BIAS)
+    y = _layer_norm_row(hf, c_ok, w1_ptr, b1_ptr, s_w1, s_b1, cols, C, eps1, AFFINE, HAS_BIAS)
     tl.store(y1_ptr + row * s_y1m + cols, y.to(dtype), mask=c_ok)
     if NORMS > 1:
-        y = _layer_norm_row(hf, c_ok, w2_ptr, b2_ptr, cols, C, eps2, AFFINE, HAS_BIAS)
+        y = _layer_norm_row(hf, c_ok, w2_ptr, b2_ptr, s_w2, s_b2, cols, C, eps2, AFFINE, HAS_BIAS)
         tl.store(y2_ptr + row * s_y2m + cols, y.to(dtype), mask=c_ok)
 
 
@@ -257,7 +257,7 @@ def add_layer_norm(x, d1, d2, weight1, bias1, weight2, bias2, *, eps1, eps2, num
         weight1 if weight1 is not None else x, bias1 if bias1 is not None else x,
         weight2 if weight2 is not None else x, bias2 if bias2 is not None else x,
         c, eps1, eps2, x.stride(0), x.stride(1), d1_.stride(0), d1_.stride(1), d2_.stride(0), d2_.stride(1),
-        c, c, c,
+        c, c, c, *(t.stride(0) if t is not None else 0 for t in (weight1, bias1, weight2, bias2)),
         DELTAS=deltas, NORMS=num_norms, AFFINE=weight1 is not None, HAS_BIAS=bias1 is not None,
         BLOCK_C=block_c, num_warps=1 if INTERPRET else min(16, max(1, block_c // 512)),
     )
@@ -302,7 +302,7 @@ def _activation(y, ACT: tl.constexpr):
 def _fused_linear_kernel(
     x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, lnw_ptr, lnb_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, ks_ptr, vs_ptr,
     M, N, K, eps, NQ, NKV, num_blocks, max_blocks,
-    s_xm, s_xk, s_wn, s_wk, s_rm, s_rn, s_ym, s_yn,
+    s_xm, s_xk, s_wn, s_wk, s_rm, s_rn, s_ym, s_yn, s_b, s_lnw, s_lnb,
     s_kcb, s_kct, s_kch, s_kcd, s_vcb, s_vct, s_vch, s_vcd, s_btb, s_btn, s_pos, s_ksh, s_vsh,
     NORM: tl.constexpr, LN_AFFINE: tl.constexpr, LN_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr, HAS_RES: tl.constexpr, CACHE: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -349,15 +349,15 @@ def _fused_linear_kernel(
             # normalised in float32, rounded to the dtype as the LayerNorm's output would be
             xn = (xt.to(tl.float32) - mean[:, None]) * rstd[:, None]
             if LN_AFFINE:
-                xn = xn * tl.load(lnw_ptr + ko, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+                xn = xn * tl.load(lnw_ptr + ko * s_lnw, mask=k_ok, other=0.0).to(tl.float32)[None, :]
             if LN_BIAS:
-                xn = xn + tl.load(lnb_ptr + ko, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+                xn = xn + tl.load(lnb_ptr + ko * s_lnb, mask=k_ok, other=0.0).to(tl.float32)[None, :]
             xt = tl.where(k_ok[None, :], xn, 0.0).to(dtype)
         wt = tl.load(w_ptr + rn[:, None] * s_wn + ko[None, :] * s_wk, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(xt, tl.trans(wt), acc, input_precision=PRECISION)
 
     if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(b_ptr + rn * s_b, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     acc = _activation(acc, ACT)
     if HAS_RES:
         acc += tl.load(r_ptr + rm[:, None] * s_rm + rn[None, :] * s_rn,
@@ -459,7 +459,7 @@ def fused_linear(x, weight, bias, *, norm, activation, residual, cache):
         m, n, k, float(eps), nq, nkv, *c_shape,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         r.stride(0) if residual is not None else 0, r.stride(1) if residual is not None else 0,
-        y.stride(0), y.stride(1), *c_strides,
+        y.stride(0), y.stride(1), *(t.stride(0) if t is not None else 0 for t in (bias, ln_w, ln_b)), *c_strides,
         NORM=norm is not None, LN_AFFINE=ln_w is not None, LN_BIAS=ln_b is not None,
         HAS_BIAS=bias is not None, ACT=ACTIVATION_CODES[activation], HAS_RES=residual is not None,
         CACHE=cache is not None, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, QUANT=k_scale is not None,

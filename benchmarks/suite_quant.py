@@ -47,8 +47,11 @@ def fmt_label(fmt: str | None) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def heldout_ids(path: Path = CKPT, windows: int = PPL_WINDOWS, window: int = PPL_WINDOW) -> torch.Tensor:
-    """(windows, window) token ids of the checkpoint's held-out text (its own tokenizer)."""
+def heldout_ids(path: Path | None = None, windows: int | None = None, window: int = PPL_WINDOW) -> torch.Tensor:
+    """(windows, window) token ids of the checkpoint's held-out text (its own tokenizer); defaults:
+    CKPT and PPL_WINDOWS (read at call time)."""
+    path = CKPT if path is None else path
+    windows = PPL_WINDOWS if windows is None else windows
     from gptkernels.models.loading import find_tokenizer
 
     tok = find_tokenizer(str(path))

@@ -288,6 +288,50 @@ def test_cuda_graph_capture(fmt):
     assert not torch.equal(out, want)
 
 
+_HOPPER_SCRIPT = """
+import json, torch
+from tools.sm90_compile import compile_launch, global_loads, launch_figures, record_launches
+from gptkernels.triton import quant as tq
+for fmt in ("int8", "int4"):
+    for m in (1, 256):
+        x = torch.empty(m, 4096, dtype=torch.bfloat16)
+        if fmt == "int8":
+            launches = record_launches(tq, ("_wo_gemm_kernel",), tq.int8_linear, x,
+                                       torch.empty(4096, 4096, dtype=torch.int8), torch.empty(4096, dtype=torch.bfloat16), None)
+        else:
+            s = torch.empty(4096, 32, dtype=torch.bfloat16)
+            launches = record_launches(tq, ("_wo_gemm_kernel",), tq.int4_linear, x,
+                                       torch.empty(4096, 2048, dtype=torch.uint8), s, s, None, group_size=128)
+        for kernel, args, kwargs in launches:
+            fig = launch_figures(kernel, args, kwargs)
+            llir = compile_launch(kernel, args, kwargs)[0].asm["llir"]
+            x_loads = sorted({size for src, size in global_loads(llir) if src.startswith("x = tl.load")})
+            print(json.dumps(dict(fmt=fmt, m=m, x_loads=x_loads, **fig)))
+"""
+
+
+def test_compiles_for_hopper():
+    """Offline sm_90a compile (Triton's own ptxas, no GPU needed; notes/quant.md has the figures):
+    both formats at a decode (1 row) and a prefill (256 rows) shape, bfloat16: no register spills,
+    tensor cores (mma.sync for the 16-row decode tile, wgmma for the 128-row one), pipelined loads,
+    16-byte vector loads of x."""
+    import json
+    import subprocess
+    import sys
+
+    from tools.sm90_compile import subprocess_env
+
+    proc = subprocess.run([sys.executable, "-c", _HOPPER_SCRIPT], cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(figures) == 4
+    for f in figures:
+        assert f["spill"] == 0, f
+        assert f["wgmma"] if f["m"] == 256 else f["mma_sync"], f
+        assert f["cp_async"] and f["x_loads"] == [16], f
+
+
 # --------------------------------------------------------------------------------------------------
 # Bad input
 # --------------------------------------------------------------------------------------------------

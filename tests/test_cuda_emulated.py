@@ -164,6 +164,34 @@ def test_emulated_paged_append(emu, dtype, slot_dtype, strided):
                  strided=strided)
 
 
+# Page sizes at both ends of what the public ops accept (powers of two 1 to 1024, SPEC.md): the
+# kernels find a key's page as key / block_size and its row as key % block_size (a slot's likewise),
+# nothing tuned to a size. Page 1: every key on its own shuffled page; page 1024: a band and a split
+# that cross a page boundary, and a short sequence whose page is mostly unused (NaN). One dtype: the
+# index math does not depend on it.
+EMU_PAGE_SIZES = [
+    ("decode", dict(lens=[13, 1, 40], Hq=4, Hkv=2, D=32, block_size=1, num_splits=3)),
+    ("decode", dict(lens=[1100, 5], Hq=4, Hkv=2, D=32, block_size=1024, window=700, num_splits=2)),
+    ("flash", dict(Sq=5, lens_k=[33, 5, 70], Hq=2, Hkv=1, D=64, layout="paged", block_size=1)),
+    ("flash", dict(lens_q=[3, 1, 9], lens_k=[40, 9, 9], Hq=2, Hkv=2, D=32, layout="paged_varlen", block_size=1)),
+    ("flash", dict(Sq=17, lens_k=[1100, 17], Hq=2, Hkv=1, D=32, layout="paged", block_size=1024, window=300)),
+    ("append", dict(T=37, Hkv=3, D=24, block_size=1)),
+    ("append", dict(T=37, Hkv=3, D=24, block_size=1024)),
+]
+
+
+@pytest.mark.parametrize("case", range(len(EMU_PAGE_SIZES)),
+                         ids=[f"{op}-page{kw['block_size']}" for op, kw in EMU_PAGE_SIZES])
+def test_emulated_page_sizes_1_and_1024(emu, case):
+    op, kw = EMU_PAGE_SIZES[case]
+    if op == "decode":
+        check_decode(_emu_decode(emu), "cpu", torch.float16, seed=case, **kw)
+    elif op == "flash":
+        check_flash(_emu_flash(emu), "cpu", torch.float16, seed=case, **kw)
+    else:
+        check_append(emu.paged_append, "cpu", torch.float16, seed=case, **kw)
+
+
 def test_emulated_paged_append_skips_slots_outside_the_cache(emu):
     kc = torch.zeros(2, 8, 1, 4)
     k = torch.ones(3, 1, 4)

@@ -156,7 +156,7 @@ def _check_apply_rotary(q, k, cos, sin, positions, offset, interleaved, inplace)
             raise TypeError(f"{OP}: {name} must be a bool, got {flag!r}")
     if inplace:
         for name, t in (("q", q), ("k", k)):
-            if t is None:
+            if t is None or t.numel() == 0:  # nothing is written: any strides will do
                 continue
             expanded = [d for d in range(t.dim()) if t.stride(d) == 0 and t.shape[d] > 1]
             if expanded:
@@ -199,9 +199,17 @@ def _check_apply_rotary(q, k, cos, sin, positions, offset, interleaved, inplace)
 
 
 def _same_view(q: torch.Tensor, k: torch.Tensor | None) -> bool:
-    """``k`` is ``q`` or views exactly the same elements (same memory, shape and strides)."""
-    return k is not None and (k is q or (
-        k.data_ptr() == q.data_ptr() and k.shape == q.shape and k.stride() == q.stride()))
+    """``k`` is ``q`` or views exactly the same elements (same memory, shape and strides).
+
+    Under torch.compile only identity is seen (Dynamo cannot trace data pointer comparisons); two
+    distinct view objects of the same memory are then left to the op, like any aliased pair."""
+    if k is None:
+        return False
+    if k is q:
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    return k.data_ptr() == q.data_ptr() and k.shape == q.shape and k.stride() == q.stride()
 
 
 # --------------------------------------------------------------------------------------------------

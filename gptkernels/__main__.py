@@ -2,6 +2,7 @@
 
     python -m gptkernels generate --model /path/to/checkpoint --prompt "Hello" --max-new-tokens 32
     python -m gptkernels generate --tiny gpt-neox --prompt "1 2 3" --prompt "4 5" --max-new-tokens 8
+    python -m gptkernels generate --model DIR --prompt "Hello" --quantize int4 --kv-cache-dtype float8_e4m3fn
 
 Prints the tokens (and the text when a tokenizer is saved in the checkpoint directory) and tokens/s.
 Without a tokenizer, prompts are token ids separated by spaces or commas. Nothing is downloaded.
@@ -19,7 +20,12 @@ import sys
 
 import torch
 
+from ._policy import FP8_KV_DTYPES
+from .quant import DEFAULT_GROUP_SIZE, FORMATS as QUANT_FORMATS, check_group_size
+
 PROG = "python -m gptkernels"
+#: --kv-cache-dtype: the name -> generate's kv_cache_dtype (auto: None, the model's dtype).
+KV_CACHE_DTYPES = {"auto": None, **{str(d).replace("torch.", ""): d for d in FP8_KV_DTYPES}}
 #: Files that mean a tokenizer is saved in a checkpoint directory (transformers reads them).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
@@ -66,6 +72,18 @@ def _number(kind, *, lo=None, lo_open=False, hi=None, what=None):
     return parse
 
 
+def _group_size(text: str) -> int:
+    """An argparse type: an int group size under gptkernels.quant's rule (check_group_size)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = text  # check_group_size says what it must be
+    try:
+        return check_group_size("--group-size", value)
+    except (TypeError, ValueError) as e:  # "--group-size: group_size must be ..." -> "must be ..."
+        raise argparse.ArgumentTypeError(str(e).split("group_size ", 1)[-1]) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -90,6 +108,16 @@ def _parser() -> argparse.ArgumentParser:
                         "-m gptkernels generate ... --tp N): NCCL with one GPU per rank, gloo on CPU")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    g.add_argument("--quantize", choices=list(QUANT_FORMATS), default=None,
+                   help="weight-only quantization of the blocks' linear layers while loading: int8 (one scale "
+                        "per output channel) or int4 (a scale and zero point per --group-size input channels); "
+                        "embeddings and the LM head stay in --dtype (default: off)")
+    g.add_argument("--group-size", type=_group_size, default=None, metavar="G",
+                   help=f"input channels per int4 scale, a power of two >= 32 dividing the hidden and MLP "
+                        f"widths; with --quantize int4 only (default: {DEFAULT_GROUP_SIZE})")
+    g.add_argument("--kv-cache-dtype", choices=list(KV_CACHE_DTYPES), default="auto",
+                   help="the paged KV cache's dtype: auto (the model's dtype) or float8_e4m3fn (half the "
+                        "bytes per token, scales calibrated on the prompts; triton and torch backends)")
     g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=_number(float, lo=0), default=1.0, metavar="T",
                    help="sampling temperature; 0 means greedy decoding, with or without --do-sample")
@@ -174,6 +202,46 @@ def _have_transformers() -> bool:
     return importlib.util.find_spec("transformers") is not None
 
 
+def _check_quantize_args(args) -> int:
+    """--quantize / --group-size / --kv-cache-dtype that contradict each other or the backend; returns
+    the int4 group size."""
+    if args.group_size is not None and args.quantize != "int4":
+        raise UsageError(f"--group-size {args.group_size} applies to --quantize int4 only")
+    requested = args.backend or os.environ.get("GPTKERNELS_BACKEND") or None
+    if KV_CACHE_DTYPES[args.kv_cache_dtype] is not None and requested == "cuda":
+        source = "--backend cuda" if args.backend else "backend cuda (from $GPTKERNELS_BACKEND)"
+        raise UsageError(f"--kv-cache-dtype {args.kv_cache_dtype}: {source} has no fp8 KV-cache kernels; "
+                         "use --backend triton or torch")
+    return args.group_size if args.group_size is not None else DEFAULT_GROUP_SIZE
+
+
+def _check_quantize_fits(args, group_size: int, cfg) -> None:
+    """int4's group size divides the quantized layers' input widths (before any weight is read)."""
+    from .models.quantize import check_quantize
+
+    flag = f"--quantize {args.quantize}" + (f" --group-size {group_size}" if args.quantize == "int4" else "")
+    try:
+        check_quantize(flag, args.quantize, group_size, cfg)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _quantized_gemms_on(model, backend: str, device: torch.device) -> str | None:
+    """The backend of a quantized model's weight-only GEMMs: the command's, except "cuda", which has
+    none (BackendUnavailableError): then the device's default (Triton on CUDA), named in the summary.
+    None for a float model."""
+    from ._backend import resolve
+    from .models.quantize import QuantLinear
+
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    if not layers:
+        return None
+    gemm = backend if backend != "cuda" else resolve(None, device, "generate")
+    for m in layers:
+        m.backend = gemm
+    return gemm
+
+
 def _check_vocab(flag: str, ids: list[int], vocab: int, text: str | None = None) -> None:
     bad = [t for t in ids if not 0 <= t < vocab]
     if bad:
@@ -183,8 +251,8 @@ def _check_vocab(flag: str, ids: list[int], vocab: int, text: str | None = None)
 
 def _generate(args) -> int:
     from . import generate
-    from .models import TINY, from_config, from_pretrained
-    from .models.loading import find_tokenizer
+    from .models import TINY, from_config, from_hf_config, from_pretrained
+    from .models.loading import find_tokenizer, read_config
 
     device = _device(args.device)
     from .models.tp import init_from_env  # tensor parallel: the group torchrun describes (or none)
@@ -194,17 +262,25 @@ def _generate(args) -> int:
         sys.stdout = open(os.devnull, "w")  # every rank computes the same tokens; rank 0 prints them
     dtype = getattr(torch, args.dtype) if args.dtype else (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
+    group_size = _check_quantize_args(args)
+    kv_cache_dtype = KV_CACHE_DTYPES[args.kv_cache_dtype]
     backend = _backend(args.backend, device)
     greedy = not args.do_sample or args.temperature == 0  # temperature 0: greedy, as transformers users expect
     torch.manual_seed(args.seed)
+    quant = dict(quantize=args.quantize, group_size=group_size)
     if args.model:
         _check_model_dir(args.model)
-        model = from_pretrained(args.model, dtype=dtype, device=device, tp_group=tp_group)
+        if args.quantize:
+            _check_quantize_fits(args, group_size, read_config(os.path.join(args.model, "config.json"))[1])
+        model = from_pretrained(args.model, dtype=dtype, device=device, tp_group=tp_group, **quant)
         tokenizer = find_tokenizer(args.model)
     else:
-        model = from_config(TINY[args.tiny], dtype=dtype, device=device, tp_group=tp_group)
+        if args.quantize:
+            _check_quantize_fits(args, group_size, from_hf_config(TINY[args.tiny]))
+        model = from_config(TINY[args.tiny], dtype=dtype, device=device, tp_group=tp_group, **quant)
         tokenizer = None
     cfg = model.config
+    gemm_backend = _quantized_gemms_on(model, backend, device)
 
     prompts = []
     for text in args.prompt:
@@ -230,7 +306,7 @@ def _generate(args) -> int:
                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, eos_token_id=eos,
                    pad_token_id=pad, generator=gen, backend=backend,
                    cuda_graph=False if args.no_cuda_graph else None, compile_step=args.compile_step,
-                   stats=stats)
+                   kv_cache_dtype=kv_cache_dtype, stats=stats)
     new = out[:, longest:].tolist()
     for i, toks in enumerate(new):
         print(f"[{i}] new tokens: {' '.join(map(str, toks))}")
@@ -241,7 +317,14 @@ def _generate(args) -> int:
     decode = (f"decode {len(new) * steps / stats['decode_s']:.1f} tokens/s" if steps and stats["decode_s"] > 0
               else "no decode step")
     mode = "greedy" if greedy else f"sampling at temperature {args.temperature:g}"
-    print(f"{cfg.family} on {device} ({str(dtype).replace('torch.', '')}, backend {backend}, {mode}): "
+    what = [str(dtype).replace("torch.", "")]
+    if args.quantize:
+        detail = [f"group {group_size}"] if args.quantize == "int4" else []
+        detail += [f"GEMMs on {gemm_backend}"] if gemm_backend != backend else []
+        what.append(f"{args.quantize} weights" + (f" ({', '.join(detail)})" if detail else ""))
+    if kv_cache_dtype is not None:
+        what.append(f"{args.kv_cache_dtype} KV cache")
+    print(f"{cfg.family} on {device} ({', '.join(what)}, backend {backend}, {mode}): "
           f"{stats['new_tokens']} new tokens in {total:.3f} s = {stats['new_tokens'] / total:.1f} tokens/s; "
           f"prefill {stats['prompt_tokens'] / stats['prefill_s']:.1f} tokens/s, {decode}")
     return 0

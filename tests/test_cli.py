@@ -185,3 +185,132 @@ def test_exit_status_from_the_shell(tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "no such directory" in res.stderr
     assert res.stdout == ""
+
+
+# ---- --quantize, --group-size, --kv-cache-dtype -----------------------------------------------------
+
+TINY_CKPT = os.path.join(ROOT, "checkpoints", "tiny-stdlib")
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--group-size", "64"], "--group-size 64 applies to --quantize int4 only"),
+    (["--quantize", "int8", "--group-size", "64"], "--group-size 64 applies to --quantize int4 only"),
+    # the tiny models are 64 wide: int4's default group (128) does not divide them
+    (["--quantize", "int4"], "--quantize int4 --group-size 128: in_features of the quantized layers "
+                             "(hidden_size = 64) must be divisible by group_size (128)"),
+    (["--quantize", "int4", "--group-size", "24"], "argument --group-size: must be a power of two >= 32, got 24"),
+    (["--quantize", "int4", "--group-size", "0"], "argument --group-size: must be a power of two >= 32, got 0"),
+    (["--quantize", "int4", "--group-size", "many"], "argument --group-size: must be an int, got 'many'"),
+    (["--quantize", "int2"], "argument --quantize: invalid choice: 'int2'"),
+    (["--kv-cache-dtype", "fp8"], "argument --kv-cache-dtype: invalid choice: 'fp8'"),
+    # before the backend's availability: the combination is the mistake on any machine
+    (["--kv-cache-dtype", "float8_e4m3fn", "--backend", "cuda"],
+     "--kv-cache-dtype float8_e4m3fn: --backend cuda has no fp8 KV-cache kernels; use --backend triton or torch"),
+])
+def test_quantize_and_cache_mistakes(capsys, argv, expected):
+    line = _mistake(capsys, [*TINY_CPU, "--prompt", "1 2", *argv])
+    assert expected in line, line
+    assert "--debug" not in line  # the CLI's own checks: no traceback to offer
+
+
+def test_fp8_cache_refused_for_a_cuda_backend_from_the_environment(capsys, monkeypatch):
+    monkeypatch.setenv("GPTKERNELS_BACKEND", "cuda")
+    line = _mistake(capsys, ["generate", "--tiny", "gpt2", "--device", "cpu", "--prompt", "1",
+                             "--kv-cache-dtype", "float8_e4m3fn"])
+    assert "backend cuda (from $GPTKERNELS_BACKEND) has no fp8 KV-cache kernels" in line
+
+
+def test_help_shows_quantization_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for text in ("--quantize {int8,int4}", "(default: off)", "--kv-cache-dtype {auto,float8_e4m3fn}",
+                 "(default: auto)", f"(default: {gptkernels.quant.DEFAULT_GROUP_SIZE})"):
+        assert text in out, text
+
+
+@pytest.mark.parametrize("argv,loaded,cache,summary", [
+    (["--quantize", "int8"], dict(quantize="int8", group_size=128), None, "(float32, int8 weights, backend torch"),
+    (["--quantize", "int4", "--group-size", "32", "--kv-cache-dtype", "float8_e4m3fn"],
+     dict(quantize="int4", group_size=32), torch.float8_e4m3fn,
+     "(float32, int4 weights (group 32), float8_e4m3fn KV cache, backend torch"),
+    (["--kv-cache-dtype", "auto"], dict(quantize=None, group_size=128), None, "(float32, backend torch"),
+])
+def test_quantize_and_cache_reach_the_api(capsys, monkeypatch, argv, loaded, cache, summary):
+    """The flags reach from_config and generate as their arguments; the GEMMs run on --backend; the
+    tokens are the API's with the same arguments; the summary says what ran."""
+    from gptkernels import models
+    from gptkernels.models.quantize import QuantLinear
+
+    seen = {}
+    real_from_config, real_generate = models.from_config, gptkernels.generate
+
+    def spy_from_config(*a, **kw):
+        seen["model"] = real_from_config(*a, **kw)
+        seen["load"] = {k: kw.get(k) for k in ("quantize", "group_size")}
+        return seen["model"]
+
+    def spy_generate(*a, **kw):
+        seen["kv_cache_dtype"] = kw.get("kv_cache_dtype")
+        return real_generate(*a, **kw)
+
+    monkeypatch.setattr(models, "from_config", spy_from_config)
+    monkeypatch.setattr(gptkernels, "generate", spy_generate)
+    args = ["generate", "--tiny", "gpt-neox", "--device", "cpu", "--backend", "torch", "--prompt", "5 6 7",
+            "--prompt", "9", "--max-new-tokens", "4"]
+    assert main([*args, *argv]) == 0
+    out = capsys.readouterr().out
+    assert seen["load"] == loaded and seen["kv_cache_dtype"] == cache
+    gemms = [m for m in seen["model"].modules() if isinstance(m, QuantLinear)]
+    assert len(gemms) == (0 if loaded["quantize"] is None else 4 * 2) and all(m.backend == "torch" for m in gemms)
+    assert summary in out.splitlines()[-1], out
+    # the API with the same arguments: the same tokens
+    torch.manual_seed(0)
+    model = real_from_config(TINY["gpt-neox"], quantize=loaded["quantize"], group_size=loaded["group_size"])
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.backend = "torch"
+    ids, mask = torch.tensor([[5, 6, 7], [0, 0, 9]]), torch.tensor([[1, 1, 1], [0, 0, 1]])
+    want = real_generate(model, ids, 4, attention_mask=mask, eos_token_id=None, pad_token_id=0, backend="torch",
+                         kv_cache_dtype=cache)
+    assert _new_tokens(out) == [[str(t) for t in row] for row in want[:, 3:].tolist()]
+
+
+def test_shipped_checkpoint_int4_and_fp8_cache(capsys):
+    """checkpoints/tiny-stdlib (real weights, width 256: int4's default group of 128 fits), int4 and an
+    fp8 cache: the same text as from_pretrained(quantize="int4") + generate(kv_cache_dtype=fp8)."""
+    from gptkernels.models import from_pretrained
+    from gptkernels.models.loading import find_tokenizer
+    from gptkernels.models.quantize import QuantLinear
+
+    assert main(["generate", "--model", TINY_CKPT, "--prompt", "def ", "--max-new-tokens", "6", "--device", "cpu",
+                 "--dtype", "float32", "--backend", "torch", "--quantize", "int4",
+                 "--kv-cache-dtype", "float8_e4m3fn"]) == 0
+    out = capsys.readouterr().out
+    assert "(float32, int4 weights (group 128), float8_e4m3fn KV cache, backend torch, greedy)" in out
+    model = from_pretrained(TINY_CKPT, dtype=torch.float32, quantize="int4")
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.backend = "torch"
+    tok = find_tokenizer(TINY_CKPT)
+    ids = torch.tensor([tok.encode("def ")])
+    want = gptkernels.generate(model, ids, 6, eos_token_id=model.config.eos_token_id, backend="torch",
+                               kv_cache_dtype=torch.float8_e4m3fn)
+    assert f"[0] text: {tok.decode(want[0].tolist())}" in out.splitlines(), out
+
+
+def test_torchrun_tp2_int4_fp8_cache_matches_single_process(capsys):
+    """--tp 2 with --quantize int4 and an fp8 cache: each rank quantizes its slices (int4 groups do
+    not cross them) and calibrates its own KV heads' scales, so the tokens are the single process's."""
+    args = ["generate", "--tiny", "gpt-neox", "--prompt", "5 6 7 8", "--prompt", "9 10", "--max-new-tokens", "5",
+            "--backend", "torch", "--quantize", "int4", "--group-size", "32", "--kv-cache-dtype", "float8_e4m3fn"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "gptkernels", *args, "--tp", "2"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(args) == 0
+    single = capsys.readouterr().out
+    assert len(_new_tokens(single)) == 2
+    assert _new_tokens(proc.stdout) == _new_tokens(single), proc.stdout
+    assert "int4 weights (group 32), float8_e4m3fn KV cache" in proc.stdout.splitlines()[-1]

@@ -1,8 +1,8 @@
 """The benchmark suite's command line (the main job behind ``make bench``).
 
     python -m benchmarks.run --suite {attention,rotary,paged,model,quant,all} [--quick] [--out DIR]
-    python -m benchmarks.run --suite audit   # work counts in the interpreter (also in `all` without a GPU)
     python -m benchmarks.run --smoke --budget SEC [--ceilings FACTS.json]  # make gpu-smoke's rows
+    python -m benchmarks.run --suite audit   # work counts in the interpreter (also in `all` without a GPU)
 
 On a GPU: measure the device's ceilings (bf16 matmul TFLOP/s, device copy GB/s), then every benchmark
 of the chosen suites beside its peers, each checked against the reference before it is timed; write
@@ -109,11 +109,17 @@ def _stamp() -> str:
 
 
 def _choose_interpreter() -> None:
-    """Without a GPU, Triton kernels run in the interpreter: chosen before triton is first imported."""
+    """Without a GPU, Triton kernels run in the interpreter: chosen before triton is first imported
+    (``import gptkernels`` imports it, so gptkernels._backend's rule is read only afterwards).
+
+    The variable is set, not defaulted: without a GPU the interpreter is the only way to run them, and
+    an inherited ``TRITON_INTERPRET=0`` would fail every kernel row. Where triton was imported
+    already (benchmarks.run called in-process), it is too late: the triton rows then say why
+    (gptkernels._backend.interpret_changed / unavailable_reason)."""
     import torch
 
     if not torch.cuda.is_available() and "triton" not in sys.modules:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+        os.environ["TRITON_INTERPRET"] = "1"
 
 
 def run_parity(args) -> int:
@@ -337,7 +343,9 @@ def main(argv=None) -> int:
 
     if not torch.cuda.is_available():
         return run_parity(args)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    from gptkernels._backend import triton_interpret  # a GPU: nothing to choose, triton may be imported
+
+    if triton_interpret():
         print("benchmarks.run: TRITON_INTERPRET is set: unset it to time kernels on the GPU "
               "(or pass --parity)", file=sys.stderr)
         return 2

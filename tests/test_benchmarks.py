@@ -287,12 +287,17 @@ def test_cli_parity_run_passes_and_writes_json(tmp_path, capsys):
 
 
 @pytest.mark.skipif(ON_GPU, reason="the interpreter path is the one a machine without a GPU takes")
-def test_make_bench_without_gpu_runs_kernels_in_the_interpreter(tmp_path):
-    """`make bench` starts with TRITON_INTERPRET unset: the suite must choose the interpreter itself."""
+@pytest.mark.parametrize("inherited", [None, "0"])
+def test_make_bench_without_gpu_runs_kernels_in_the_interpreter(tmp_path, inherited):
+    """`make bench` starts with TRITON_INTERPRET unset: the suite must choose the interpreter itself,
+    before gptkernels imports triton; an inherited TRITON_INTERPRET=0 (which would fail every kernel
+    without a GPU) is overridden."""
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if inherited is not None:
+        env["TRITON_INTERPRET"] = inherited
     proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--suite", "rotary", "--quick",
                            "--out", str(tmp_path), "--no-progress"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -300,6 +305,24 @@ def test_make_bench_without_gpu_runs_kernels_in_the_interpreter(tmp_path):
     doc = results.load(next(tmp_path.glob("parity-*.json")))
     assert [r for r in doc["rows"] if r["status"] == "pass"], proc.stdout
     assert not [r for r in doc["rows"] if r["status"] == "unavailable" and r["params"].get("backend") == "triton"]
+
+
+@pytest.mark.parametrize("value,interpreted", [("1", True), ("true", True), ("Yes", True), ("0", False),
+                                               ("false", False), ("", False)])
+def test_gpu_run_reads_triton_interpret_by_gptkernels_rule(monkeypatch, capsys, value, interpreted):
+    """On a GPU, benchmarks.run refuses to time under the interpreter, judged by the one rule
+    (gptkernels._backend.triton_interpret: what Triton reads), so TRITON_INTERPRET=false times kernels."""
+    import torch
+
+    from gptkernels._backend import triton_interpret
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert triton_interpret() is interpreted
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(run, "run_gpu", lambda args: 0)
+    rc = run.main(["--suite", "rotary", "--no-progress"])
+    err = capsys.readouterr().err
+    assert (rc, "TRITON_INTERPRET is set" in err) == ((2, True) if interpreted else (0, False))
 
 
 def test_cli_arguments():

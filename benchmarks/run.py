@@ -284,6 +284,9 @@ def load_ceilings(path: str) -> dict | None:
     return None
 
 
+TRITON_PREFIX = "gptkernels triton "
+
+
 def summary(doc: dict) -> str:
     """The short table printed last: per table, its largest case, ours beside the best peer; the targets."""
     from . import targets as tg
@@ -313,9 +316,16 @@ def summary(doc: dict) -> str:
             at = {r.impl: r for r in trs if r.case == case}
             peers = [r for r in at.values() if not r.ours and r.status == "ok"]
             best = max(peers, key=lambda r: r.value) if peers else None
-            lines.append(f"{t.id:18s} {case:>20s} {fig(at.get('gptkernels triton'), t.unit):>16s} "
-                         f"{fig(at.get('gptkernels cuda'), t.unit):>16s} {fig(best, t.unit):>16s}  "
-                         f"{best.impl if best else '-'} [{t.unit}]")
+            # tables whose own rows are variants ("gptkernels triton int8", "... int4 (group 128)"):
+            # a line per variant, so each shows its figure
+            ours = {"": (at.get("gptkernels triton"), at.get("gptkernels cuda"))}
+            if "gptkernels triton" not in at:
+                ours = {" " + i[len(TRITON_PREFIX):].split(" (")[0]: (r, None) for i, r in at.items()
+                        if r.ours and i.startswith(TRITON_PREFIX)} or ours
+            for variant, (triton, cuda) in ours.items():
+                lines.append(f"{t.id:18s} {case + variant:>20s} {fig(triton, t.unit):>16s} "
+                             f"{fig(cuda, t.unit):>16s} {fig(best, t.unit):>16s}  "
+                             f"{best.impl if best else '-'} [{t.unit}]")
     ts = doc.get("targets") or []
     if ts:
         lines += ["", f"{'target':78s} {'figure':40s} status", "-" * 130]

@@ -1,4 +1,4 @@
-"""The performance targets of issues 2-6, read off a run's rows: each one's figure, the target, the gap.
+"""The performance targets of issues 2-6 and 16, read off a run's rows: each one's figure, the target, the gap.
 
 Every target names the rows it is computed from; where one of them did not run, the target says so
 ("not measured: ...") instead of guessing.
@@ -150,6 +150,7 @@ def _evaluate(ix: "_Index", window: int, atomic_dq: str) -> list[dict]:
                              ("paged-fp8", "fp8 cache", TRITON, lambda r: 1.0 / r.ms),
                              ("paged-fp8", "bf16 cache", TRITON, lambda r: 1.0 / r.ms),
                              "{b.ms:.3f} ms bf16 / {a.ms:.3f} ms fp8 = {value:.2f}x"))
+    out += _quant_targets(ix)
     # ---- issue 5: models ------------------------------------------------------------------------------
     for model in ("pythia-1.4b", "gpt2-medium"):
         out.append(_ratio_target(ix, 5, f"{model} decode batch 32: >= 2x HF generate", 2.0,
@@ -173,6 +174,46 @@ def _evaluate(ix: "_Index", window: int, atomic_dq: str) -> list[dict]:
         out.append(_ratio_target(ix, 6, f"{label}: cuda at least as fast as triton", 1.0,
                                  (table, case, CUDA, speed), (table, case, TRITON, speed),
                                  "{b.ms:.3f} ms triton / {a.ms:.3f} ms cuda = {value:.2f}x"))
+    return out
+
+
+#: Issue 16's GEMM target: the weight-only GEMM at M <= 16 rows reads its weights at >= this % of the
+#: copy ceiling, counting the weights' bytes (codes, scales, zeros) only.
+GEMM_WEIGHT_PCT, GEMM_MAX_M = 80.0, 16
+#: Issue 16's model target: the pythia-1.4b batch-1 decode step's tokens/s over the bf16 model's.
+DECODE_SPEEDUP = {"int8": 1.6, "int4": 2.3}
+
+
+def gemm_weight_pct(r: Row) -> float:
+    """% of the copy ceiling a quant-gemm row reaches on its weights' bytes alone: its bytes are the
+    weights' + x's (M x K) + y's (M x N), bf16 (suite_quant), so the rest is the weights'."""
+    m, n, k = (r.params[p] for p in ("M", "N", "K"))
+    return r.pct * (r.bytes - 2 * m * (k + n)) / r.bytes
+
+
+def _quant_targets(ix: "_Index") -> list[dict]:
+    """Issue 16's weight-only targets (benchmarks/suite_quant.py: quant-gemm, quant-decode)."""
+    from .suite_quant import DECODE_CASE, GEMM_M, GEMM_IMPLS, decode_impl
+
+    out = []
+    for m in (m for m in GEMM_M if m <= GEMM_MAX_M):
+        for impl in (i for i in GEMM_IMPLS if i.startswith("gptkernels")):
+            r = ix.get("quant-gemm", str(m), impl)
+            what = f"weight-only GEMM {impl.split()[2]} M={m}: >= {GEMM_WEIGHT_PCT:.0f}% of copy on weight bytes"
+            if r is None or r.pct is None or not r.bytes:
+                out.append(_target(16, what, None, GEMM_WEIGHT_PCT, None, "", tables=["quant-gemm"],
+                                   missing=ix.why("quant-gemm", str(m), impl) if r is None else "no copy ceiling"))
+                continue
+            pct = gemm_weight_pct(r)
+            out.append(_target(16, what, pct, GEMM_WEIGHT_PCT, pct >= GEMM_WEIGHT_PCT,
+                               f"{r.value * pct / r.pct:.0f} GB/s of weights = {pct:.0f}% of copy",
+                               tables=["quant-gemm"]))
+    tok_s = (lambda r: r.value)
+    for fmt, need in DECODE_SPEEDUP.items():
+        out.append(_ratio_target(ix, 16, f"{DECODE_CASE} decode step {fmt}: >= {need}x bf16's tokens/s", need,
+                                 ("quant-decode", DECODE_CASE, decode_impl(fmt), tok_s),
+                                 ("quant-decode", DECODE_CASE, decode_impl(None), tok_s),
+                                 "{a.value:.0f} vs {b.value:.0f} tok/s = {value:.2f}x"))
     return out
 
 

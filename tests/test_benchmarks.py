@@ -379,6 +379,55 @@ def test_planned_rows_match_tables():
     assert sum(run.QUICK_BUDGET_S.values()) <= 540  # `make bench` (--quick) ends inside 10 minutes
 
 
+def test_issue16_targets_read_the_quant_and_fp8_rows():
+    """Issue 16's targets off the rows suite_quant and suite_paged write: the GEMM at M <= 16 on its
+    weights' bytes (x and y excluded) vs the copy ceiling, the quantized decode step's tokens/s over
+    bf16's, fp8 vs bf16 paged decode; a row that did not run is 'not measured', and the short table
+    prints every target with its gap."""
+    from benchmarks import suite_quant
+
+    tables = {t.id: t for m in (suite_quant, suite_paged) for t in m.tables(True)}
+    n = k = suite_quant.GEMM_N
+    int8_w, int4_w = n * k + 2 * n, n * k // 2 + 2 * 2 * n * (k // 128)  # codes + bf16 scales (+ zeros)
+    params = dict(M=1, N=n, K=k)
+    rows = [_row("quant-gemm", 1, "gptkernels triton int8", 0.03, bytes=int8_w + 2 * (k + n), params=params,
+                 tables=tables),
+            _row("quant-gemm", 1, "gptkernels triton int4 (group 128)", 0.0135, bytes=int4_w + 2 * (k + n),
+                 params=params, tables=tables),
+            _row("quant-gemm", 16, "gptkernels triton int8", None, status="mismatch", message="y: max error",
+                 params=dict(params, M=16), tables=tables)]
+    for fmt, tok in ((None, 100.0), ("int8", 170.0), ("int4", 200.0)):
+        rows.append(_row("quant-decode", suite_quant.DECODE_CASE, suite_quant.decode_impl(fmt), 1e3 / tok,
+                         value=tok, tables=tables))
+    rows += [_row("paged-fp8", "bf16 cache", "gptkernels triton", 0.42, bytes=2**30, tables=tables),
+             _row("paged-fp8", "fp8 cache", "gptkernels triton", 0.24, bytes=2**29, tables=tables)]
+    ts = {t["what"]: t for t in targets.evaluate(rows)}
+    i8 = ts["weight-only GEMM int8 M=1: >= 80% of copy on weight bytes"]
+    assert i8["value"] == pytest.approx(100 * int8_w / 0.03e-3 / 1e9 / 3000) and i8["met"] is False  # 74.6%
+    i4 = ts["weight-only GEMM int4 M=1: >= 80% of copy on weight bytes"]
+    assert i4["value"] == pytest.approx(100 * int4_w / 0.0135e-3 / 1e9 / 3000) and i4["met"] is True  # 88.0%
+    assert ts["weight-only GEMM int8 M=16: >= 80% of copy on weight bytes"]["figure"].startswith(
+        "not measured: gptkernels triton int8 at quant-gemm 16: mismatch")
+    assert "did not run" in ts["weight-only GEMM int4 M=16: >= 80% of copy on weight bytes"]["figure"]
+    assert not any("M=64" in w for w in ts)  # the target is for M <= 16
+    d8 = ts["pythia-1.4b B=1 decode step int8: >= 1.6x bf16's tokens/s"]
+    d4 = ts["pythia-1.4b B=1 decode step int4: >= 2.3x bf16's tokens/s"]
+    assert (d8["value"], d8["met"]) == (pytest.approx(1.7), True)
+    assert (d4["value"], d4["met"]) == (pytest.approx(2.0), False) and d4["gap"] == pytest.approx(2.3 / 2.0)
+    fp8 = ts["fp8 paged decode 64 x 4k: >= 1.7x the bf16 cache's speed"]
+    assert fp8["value"] == pytest.approx(0.42 / 0.24) and fp8["met"] is True
+    assert {t["issue"] for t in ts.values()} == {16}
+    doc = results.new_document("gpu", ENV, suites=["paged", "quant"], quick=True, ceilings=CEIL,
+                               tables=list(tables.values()), rows=rows, duration_s=1.0,
+                               targets=targets.evaluate(rows))
+    text = run.summary(doc)
+    assert "NOT met: 1.15x short" in text and "targets: 3 met, 2 not met, 2 not measured" in text
+    # a line per variant of our rows (their impl names are not plain "gptkernels triton")
+    lines = {ln.split()[0] + " " + ln[19:39].strip(): ln for ln in text.splitlines() if ln.startswith("quant-")}
+    assert "WRONG" in lines["quant-gemm 16 int8"] and len([k for k in lines if "gemm" in k]) == 1  # largest M
+    assert {"quant-decode pythia-1.4b B=1 bf16", "quant-decode pythia-1.4b B=1 int4"} <= set(lines)
+
+
 def test_targets_only_for_suites_that_ran():
     assert targets.evaluate([]) == []
     rot = [Row(**r) for r in sample_gpu_doc()["rows"] if r["table"] == "rotary"]

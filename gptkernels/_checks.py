@@ -66,6 +66,16 @@ def check_head_dim(op: str, name: str, head_dim: int, max_head_dim: int = MAX_HE
         raise ValueError(f"{op}: head dim of {name} must be between 1 and {max_head_dim}, got {head_dim}")
 
 
+def check_head_dim_stride(op: str, name: str, t) -> None:
+    """The kernels index the head dim (at most 256 elements) in int32, any other dim in int64 where
+    needed: the last dim's stride times its size must stay below 2**31 elements (only an exotic
+    view breaks this, e.g. a transposed tensor with the head dim outermost)."""
+    if t is not None and abs(t.stride(-1)) * t.shape[-1] >= 2**31:
+        raise ValueError(f"{op}: {name} has a last-dim (head dim) stride of {t.stride(-1)} elements: "
+                         f"the kernels need stride x size ({t.shape[-1]}) below 2**31; "
+                         f"pass {name}.contiguous()")
+
+
 def check_gqa(op: str, hq: int, hkv: int, q_name: str = "q", kv_name: str = "k") -> int:
     """Query heads must be a multiple of KV heads; returns the group size Hq // Hkv."""
     if hkv < 1 or hq % hkv != 0:

@@ -221,6 +221,8 @@ def _check_flash_attn(q, k, v, causal, window, softmax_scale, cu_seqlens_q, cu_s
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"{op}: {n['q']} and {n['k']} must have the same head dim, got {q.shape[-1]} and {k.shape[-1]}")
     C.check_head_dim(op, n["q"], q.shape[-1])
+    for name, t in ((n["q"], q), (n["k"], k), (n["v"], v)):
+        C.check_head_dim_stride(op, name, t)
     C.check_gqa(op, q.shape[-2], k.shape[-2], n["q"], n["k"])
     return max_q, max_k
 

@@ -101,6 +101,8 @@ def _check_append(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> Non
     _check_caches(op, k_cache, v_cache, k.dtype, k.device, "k", k_scale, v_scale)
     C.check_dim(op, "k", k, 1, k_cache.shape[2], "k_cache.shape[2], the KV heads of the cache")
     C.check_dim(op, "k", k, 2, k_cache.shape[3], "k_cache.shape[3], the head dim of the cache")
+    for name, t in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
+        C.check_head_dim_stride(op, name, t)
     C.check_index_tensor(op, "slot_mapping", slot_mapping, ndim=1, dtypes=(torch.int64,), device=k.device)
     C.check_dim(op, "slot_mapping", slot_mapping, 0, k.shape[0], "k.shape[0], one slot per token")
     if C.debug_enabled():
@@ -124,6 +126,8 @@ def _check_decode(q, k_cache, v_cache, block_table, seq_lens, softmax_scale, win
     if q.shape[-1] != k_cache.shape[-1]:
         raise ValueError(f"{op}: q and k_cache must have the same head dim, got {q.shape[-1]} and {k_cache.shape[-1]}")
     C.check_head_dim(op, "q", q.shape[-1])
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        C.check_head_dim_stride(op, name, t)
     C.check_gqa(op, q.shape[1], k_cache.shape[2], "q", "k_cache")
     idx = dict(dtypes=(torch.int32,), device=q.device)
     C.check_index_tensor(op, "block_table", block_table, ndim=2, **idx)

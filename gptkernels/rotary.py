@@ -147,6 +147,8 @@ def _check_apply_rotary(q, k, cos, sin, positions, offset, interleaved, inplace)
             raise ValueError(f"{OP}: k must have q's head dim {q.shape[-1]}, got shape {tuple(k.shape)}")
     head_dim = q.shape[-1]
     C.check_head_dim(OP, "q", head_dim)
+    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        C.check_head_dim_stride(OP, name, t)
 
     check_cos_sin(OP, cos, sin, q, head_dim)
     max_pos = cos.shape[0]

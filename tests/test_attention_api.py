@@ -229,6 +229,35 @@ def test_empty_inputs(backend):
             assert all(g.shape == t.shape and not bool(g.any()) for g, t in zip(grads, leaves))
 
 
+def test_head_dim_stride_past_2_31_is_refused():
+    """The kernels index the head dim in int32 (every other dim in int64 where needed): a view whose
+    head-dim stride times the head dim passes 2**31 elements is a ValueError naming it, on every op
+    (shape checks only: meta tensors, nothing is allocated)."""
+    meta = dict(device="meta", dtype=torch.float16)
+    bad = torch.empty_strided((1, 4, 2, 64), (64, 16, 8, 2**25), **meta)
+    q, kv = torch.empty(1, 4, 2, 64, **meta), torch.empty(1, 4, 1, 64, **meta)
+    cache = torch.empty(4, 8, 1, 64, **meta)
+    cos = torch.empty(16, 32, device="meta")
+    match = r"has a last-dim \(head dim\) stride of \d+ elements: the kernels need stride x size"
+    calls = [
+        ("flash_attn: q", lambda: gptkernels.flash_attn(bad, kv, kv)),
+        ("flash_attn: k", lambda: gptkernels.flash_attn(q, bad[:, :, :1], kv)),
+        ("sdpa: value", lambda: gptkernels.sdpa(q.transpose(1, 2), kv.transpose(1, 2),
+                                                bad[:, :, :1].transpose(1, 2), enable_gqa=True)),
+        ("apply_rotary: q", lambda: gptkernels.apply_rotary(bad, None, cos, cos)),
+        ("apply_rotary: cos", lambda: gptkernels.apply_rotary(
+            q, None, torch.empty_strided((16, 32), (1, 2**26), device="meta"), cos)),
+        ("paged_append: k", lambda: gptkernels.paged_append(bad[0, :, :1], kv[0], cache, cache,
+                                                            torch.zeros(4, dtype=torch.int64, device="meta"))),
+        ("paged_decode: k_cache", lambda: gptkernels.paged_decode(
+            q[:, 0], torch.empty_strided((4, 8, 1, 64), (512, 64, 64, 2**25), **meta), cache,
+            torch.zeros(1, 1, dtype=torch.int32, device="meta"), torch.ones(1, dtype=torch.int32, device="meta"))),
+    ]
+    for prefix, call in calls:
+        with pytest.raises(ValueError, match=f"^{prefix} {match}"):
+            call()
+
+
 # --------------------------------------------------------------------------------------------------
 # Autograd and torch.compile
 # --------------------------------------------------------------------------------------------------

@@ -256,7 +256,7 @@ def test_torch_deterministic_mode_overrides(monkeypatch):
 
 def test_gpu_config_choice_without_autotuning():
     # GPTKERNELS_AUTOTUNE=0 (set for every test) takes the first row of the call's bucket; the
-    # atomic-dQ kernel has its own order (its 16 x 64 tile spills least at D = 128).
+    # atomic-dQ kernel has its own list (an unpipelined config that does not spill at D = 128).
     from gptkernels.triton import flash_attn as fa
 
     rows = list(dict.fromkeys(r for t in (fa._DKDV_TABLE, fa._DKDV_ATOMIC_TABLE) for v in t.values() for r in v))
@@ -268,7 +268,7 @@ def test_gpu_config_choice_without_autotuning():
             (cfg,) = prune(cfgs, {"Q": q}, BLOCK_D=d, ATOMIC_DQ=atomic)
             want = table[(False, d)][0]
             assert (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages) == want
-    assert fa._DKDV_ATOMIC_TABLE[(False, 128)][0] != fa._DKDV_TABLE[(False, 128)][0]
+    assert fa._DKDV_ATOMIC_TABLE[(False, 128)] != fa._DKDV_TABLE[(False, 128)]
     # the forward: a 16-row query tile when no sequence has more than 16 query rows
     rows = list(dict.fromkeys(r for t in (fa._FWD_TABLE, fa._FWD_DECODE_TABLE) for v in t.values() for r in v))
     prune = fa._pick(fa._FWD_TABLE, decode_table=fa._FWD_DECODE_TABLE)
@@ -415,6 +415,25 @@ def test_compiles_for_hopper():
     # the atomic-dQ variant adds dS K tiles to float32 dQ with reductions, not compare-and-swap loops
     assert all(r["atomics"] for r in results if r["kernel"] == "dkdv_atomic_dq")
     assert not any(r["atomics"] for r in results if r["kernel"] != "dkdv_atomic_dq")
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_backward_tiles_for_tensor_cores(head_dim):
+    # issue 14 item 5: every config of the dK/dV kernel at D = 64/128 multiplies tiles of at least 64
+    # on every side (S = Q K^T: BLOCK_M x BLOCK_N x D; dV += P^T dO, dK += dS^T Q: BLOCK_N x D x
+    # BLOCK_M; dP = dO V^T; atomic dQ = dS K: BLOCK_M x D x BLOCK_N) on wgmma, without spilling
+    # registers (offline sm_90a compile, ptxas). The atomic-dQ variant's pipelined config spills one
+    # or two registers (notes/attention.md); its unpipelined one none.
+    from tools.sm90_compile import SM90_SHARED, compile_in_subprocess
+
+    results = compile_in_subprocess("--head-dim", str(head_dim), "--all-configs", "--ptxas",
+                                    "--flash-cases", "dkdv", "dkdv_atomic_dq", timeout=600)
+    assert {r["kernel"] for r in results} == {"dkdv", "dkdv_atomic_dq"}
+    for r in results:
+        block_m, block_n = r["config"][:2]
+        assert min(block_m, block_n, head_dim) >= 64 and r["wgmma"] and not r["mma_sync"], r
+        assert r["shared"] <= SM90_SHARED and r["regs"] <= 255, r
+        assert r["spill"] <= (8 if r["kernel"] == "dkdv_atomic_dq" and r["pipelined"] else 0), r
 
 
 # --------------------------------------------------------------------------------------------------

@@ -359,10 +359,13 @@ def compile_in_subprocess(*flags, timeout=600) -> list[dict]:
     return [json.loads(line) for line in proc.stdout.splitlines()]
 
 
-def main_flash(head_dim, dtype, all_configs, ptxas):
-    """The flash-attention kernels at ``head_dim``/``dtype``, from their config tables."""
+def main_flash(head_dim, dtype, all_configs, ptxas, only=None):
+    """The flash-attention kernels at ``head_dim``/``dtype``, from their config tables (``only``:
+    these cases of :func:`cases`)."""
     bucket = (dtype == "fp32", min(max(fa._block_d(head_dim), 64), 256))
     for name, kernel, table, constexprs in cases(head_dim, dtype):
+        if only and name not in only:
+            continue
         rows = table[bucket] if all_configs else table[bucket][:1]
         for row in rows:
             compiled = compile_sm90(kernel, row, constexprs, dtype)
@@ -387,9 +390,11 @@ def main(argv=None):
                     help="default: bf16 (flash), bf16 and fp16 (others)")
     ap.add_argument("--all-configs", action="store_true", help="every listed config, not the first")
     ap.add_argument("--ptxas", action="store_true", help="add ptxas register/spill figures")
+    ap.add_argument("--flash-cases", nargs="+", default=None, metavar="CASE",
+                    help="only these flash cases (the names of cases(): fwd, dkdv, dq, ...)")
     args = ap.parse_args(argv)
     if "flash" in args.kernels:
-        main_flash(args.head_dim or 80, args.dtype or "bf16", args.all_configs, args.ptxas)
+        main_flash(args.head_dim or 80, args.dtype or "bf16", args.all_configs, args.ptxas, args.flash_cases)
     dtypes = (args.dtype,) if args.dtype else ("bf16", "fp16")
     launches = []
     if "paged" in args.kernels:

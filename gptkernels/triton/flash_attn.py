@@ -11,14 +11,16 @@ Design (details, FLOP/byte predictions and what a GPU session must tune: ``notes
   1. ``_bwd_preprocess``: delta = rowsum(dO * O) - dlse (dlse: the gradient flowing into lse).
   2. ``_bwd_dkdv``: one program per (key tile, KV head, sequence) keeps K, V, dK, dV on chip and
      walks the query tiles of the band for every query head of its GQA group, so dK/dV of a KV head
-     sum over the group in registers, with no repeated K/V and no atomics.
+     sum over the group in registers, with no repeated K/V and no atomics. Tiles of 128 query rows x
+     64 keys: all four products are at least 64 on each side at D >= 64 (wgmma).
   3. ``_bwd_dq``: one program per (query tile, query head, sequence) walks the key tiles of the band.
   Both recompute P = exp2(S * log2(e) - lse * log2(e)) from the saved lse.
 * Any strides: q, k, v, dout come with their own strides and are never copied; the index tensors
   (cu_seqlens, seqlens_k, block_table: a few bytes) are made contiguous by the launchers. Offsets
   that can exceed 2**31 (batch, token, head, cache block) are computed in int64; so is a row of a
-  tile times a row stride when the launcher finds a stride that needs it (``ROW64``; int32
-  otherwise: the int64 form spilled registers in the sm_90a forward). The batch is grid axis 2,
+  tile (the dK/dV kernel: a row of the sequence) times a row stride when the launcher finds a
+  stride that needs it (``ROW64``; int32 otherwise: the int64 form spilled registers in the sm_90a
+  forward). The batch is grid axis 2,
   which CUDA caps at 65535: larger batches are launched in chunks.
 * ``max_seqlen_q``/``max_seqlen_k`` size the grids. Dense grids are exact; varlen ones come from the
   caller (no sync), so a tail launch (``TAIL``: one program per head and sequence, which finds
@@ -254,13 +256,16 @@ _FWD_TABLE = {
     (True, 128): [(32, 16, 4, 2)],
     (True, 256): [(16, 16, 4, 1)],
 }
+#: dK/dV: 128 query rows x 64 keys with 8 warps (two warpgroups), so that every product is at least
+#: 64 on each side at D = 64/128 (wgmma) and dK, dV (2 x 64 x D float32) fit in registers without
+#: spills; 128 keys spill at D = 128. D = 256: 32 keys (the only spill-free shape; products of 32).
 _DKDV_TABLE = {
-    (False, 64): [(32, 128, 8, 3), (16, 128, 8, 2), (16, 64, 4, 2)],
-    (False, 128): [(16, 128, 8, 2), (16, 64, 8, 2)],
-    (False, 256): [(16, 32, 8, 2), (16, 64, 8, 2)],
-    (True, 64): [(16, 32, 4, 2)],
-    (True, 128): [(16, 32, 4, 2)],
-    (True, 256): [(16, 16, 4, 1)],
+    (False, 64): [(128, 64, 8, 2), (128, 64, 8, 3)],
+    (False, 128): [(128, 64, 8, 2)],
+    (False, 256): [(128, 32, 8, 2)],
+    (True, 64): [(32, 32, 4, 1)],
+    (True, 128): [(16, 32, 4, 1)],
+    (True, 256): [(16, 16, 8, 1)],
 }
 #: The forward when every sequence has at most 16 query rows (decode, speculative chunks): a 16-row
 #: query tile, so the tensor cores do not multiply 112 padding rows per key (that would make a
@@ -274,13 +279,17 @@ _FWD_DECODE_TABLE = {
     (True, 128): [(16, 32, 4, 2)],
     (True, 256): [(16, 16, 4, 1)],
 }
-#: The same rows for the dK/dV kernel with atomic dQ (``deterministic=False``), reordered by the
-#: offline compile (notes/attention.md): its dQ^T tile adds registers, so at D = 128 the 64-wide key
-#: tile spills least and comes first (the choice without autotuning); 32 x 128 spills at D = 64.
+#: The dK/dV kernel with atomic dQ (``deterministic=False``): its dS K tile (BLOCK_M x D float32)
+#: adds registers: with pipelined query loads (2 stages, the choice without autotuning) ptxas spills
+#: one or two registers (4-8 bytes, outside the tile loop or in its masked branch); unpipelined
+#: (1 stage) nothing (notes/attention.md).
 _DKDV_ATOMIC_TABLE = {
-    **_DKDV_TABLE,
-    (False, 64): [(16, 128, 8, 2), (16, 64, 4, 2)],
-    (False, 128): [(16, 64, 8, 2), (16, 128, 8, 2)],
+    (False, 64): [(128, 64, 8, 2), (128, 64, 8, 1)],
+    (False, 128): [(128, 64, 8, 2), (128, 64, 8, 1)],
+    (False, 256): [(64, 32, 8, 1)],
+    (True, 64): [(16, 32, 4, 1)],
+    (True, 128): [(16, 16, 8, 1)],
+    (True, 256): [(16, 16, 8, 1)],
 }
 _DQ_TABLE = {
     (False, 64): [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
@@ -589,52 +598,57 @@ def _load_row_stats(L_rows, D_rows, rows, seqlen_q):
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, Q_head, DO_head, DQ_head, L_rows, D_rows, start, end, seqlen_q,
-                seqlen_k, cols, shift, window, qk_scale, stride_qs, stride_qd, stride_dos, stride_dod,
-                stride_dqs, offs_m, offs_d,
-                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
-                ATOMIC_DQ: tl.constexpr, ROW64: tl.constexpr):
-    """Accumulate dK, dV of one key tile over the query tiles [start, end) of one query head.
+def _dkdv_tiles(dk, dv, k, v, Q_b, DO_b, DQ_b, L_b, D_b, lo, int_lo, int_hi, hi, group, hk,
+                seqlen_q, seqlen_k, cols, shift, window, qk_scale,
+                stride_qs, stride_qh, stride_qd, stride_dos, stride_doh, stride_dod,
+                stride_dqs, stride_dqh, stride_lh, offs_m, offs_d,
+                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                ROW64: tl.constexpr):
+    """Accumulate dK, dV of one key tile over the query tiles [lo, hi) of every query head of its
+    GQA group: one loop over (head, query tile) pairs (a nested head loop costs ~25 registers in the
+    sm_90a compile, which the 128 x 64 tiles do not have), masked only outside [int_lo, int_hi).
 
-    Works on transposed scores (keys x queries) so that dV += P^T dO and dK += dS^T Q are plain dots.
-    Query rows past the sequence have P = 0 (lse = +inf) and add nothing; key rows past the sequence
-    are never stored, so they need no mask. With ATOMIC_DQ this key tile's share of dQ (dS K,
-    unscaled) is added to the float32 accumulator DQ_head with atomics: 5 tile matmuls per pair
-    instead of 7, but the summation order (and so the last bits of dQ) varies from run to run.
+    Scores in query-major layout (BLOCK_M queries x BLOCK_N keys), so the softmax statistics are per
+    row; P and dS go to the tensor cores transposed (dV += P^T dO, dK += dS^T Q: Triton stages them
+    through shared memory). Query rows past the sequence have P = 0 (lse = +inf) and add nothing;
+    key rows past the sequence are never stored. With ATOMIC_DQ this key tile's share of dQ (dS K,
+    unscaled) is added to the float32 accumulator with atomics: 5 tile products per pair instead of
+    7, but the summation order (and so the last bits of dQ) varies from run to run.
     """
     d_ok = offs_d[None, :] < HEAD_DIM
-    row_ix = _rows(offs_m, ROW64)
-    for start_m in range(start, end, BLOCK_M):
-        start_m = tl.multiple_of(start_m, BLOCK_M)
+    n_tiles = tl.cdiv(hi - lo, BLOCK_M)
+    for it in range(0, group * n_tiles):
+        g = it // n_tiles
+        start_m = tl.multiple_of(lo + (it - g * n_tiles) * BLOCK_M, BLOCK_M)
+        h = hk * group + g
         rows = start_m + offs_m
         mask = (rows < seqlen_q)[:, None] & d_ok
-        tok = start_m.to(tl.int64)
-        q = tl.load(Q_head + tok * stride_qs + row_ix[:, None] * stride_qs
+        # row offsets computed from the loop's rows each time (not hoisted tile offsets): fewer
+        # registers live across the loop
+        row_ix = _rows(rows, ROW64)
+        q = tl.load(Q_b + h * stride_qh + row_ix[:, None] * stride_qs
                     + offs_d[None, :] * stride_qd, mask=mask, other=0.0)
-        do = tl.load(DO_head + tok * stride_dos + row_ix[:, None] * stride_dos
+        do = tl.load(DO_b + h * stride_doh + row_ix[:, None] * stride_dos
                      + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
-        lse2, delta = _load_row_stats(L_rows, D_rows, rows, seqlen_q)
-        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
-        p_t = tl.math.exp2(s_t - lse2[None, :])
-        if MASKED:
-            vis = _visible(rows[None, :] + shift, cols[:, None], seqlen_k, window, CAUSAL, HAS_WINDOW)
-            p_t = tl.where(vis, p_t, 0.0)
+        lse2, delta = _load_row_stats(L_b + h * stride_lh, D_b + h * stride_lh, rows, seqlen_q)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = tl.math.exp2(s - lse2[:, None])
+        if (start_m < int_lo) | (start_m >= int_hi):
+            p = tl.where(_visible(rows[:, None] + shift, cols[None, :], seqlen_k, window, CAUSAL,
+                                  HAS_WINDOW), p, 0.0)
         elif ATOMIC_DQ:
             # Key rows past the sequence (the last key tile's padding) must add nothing to dQ: their
             # zero keys score 0, p = exp2(0 - lse) overflows when lse is very negative, and
-            # inf x 0 in dS^T K would be NaN. (dK/dV rows past the sequence are never stored.)
-            p_t = tl.where((cols < seqlen_k)[:, None], p_t, 0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+            # inf x 0 in dS K would be NaN. (dK/dV rows past the sequence are never stored.)
+            p = tl.where((cols < seqlen_k)[None, :], p, 0.0)
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = (p * (dp - delta[:, None])).to(q.dtype)
+        dk = tl.dot(tl.trans(ds), q, dk, input_precision=PRECISION)
         if ATOMIC_DQ:
-            # dQ^T = K^T dS^T: the head dim is the long (M) side of the dot, so it takes wgmma
-            # (BLOCK_M = 16 rows would not)
-            dq_t = tl.dot(tl.trans(k), ds_t.to(k.dtype), input_precision=PRECISION)
-            tl.atomic_add(DQ_head + tok * stride_dqs + row_ix[None, :] * stride_dqs + offs_d[:, None],
-                          dq_t, mask=tl.trans(mask), sem="relaxed")
+            tl.atomic_add(DQ_b + h * stride_dqh + row_ix[:, None] * stride_dqs + offs_d[None, :],
+                          tl.dot(ds, k, input_precision=PRECISION), mask=mask, sem="relaxed")
     return dk, dv
 
 
@@ -672,15 +686,15 @@ def _bwd_dkdv(
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    col_ix = _rows(offs_n, ROW64)
     q_tok = q_start.to(tl.int64)
+    k_tok = k_start.to(tl.int64)
 
     n_first, n_step, n_count = _tile_loop(pid_n, row0, seqlen_k, BLOCK_N, TAIL)
     for it in range(0, n_count):
         n0 = n_first + it * n_step
         cols = n0 + offs_n
         kv_mask = (cols < seqlen_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
-        k_tok = (k_start + n0).to(tl.int64)
+        col_ix = _rows(cols, ROW64)
         k = tl.load(K + b64 * stride_kb + k_tok * stride_ks + hk * stride_kh
                     + col_ix[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=kv_mask,
                     other=0.0)
@@ -689,36 +703,26 @@ def _bwd_dkdv(
                     other=0.0)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-
         lo, int_lo, int_hi, hi = _k_tile_band(n0, seqlen_q, seqlen_k, shift, window, CAUSAL,
                                               HAS_WINDOW, BLOCK_M, BLOCK_N)
-        # GQA: the query heads of this KV head's group, summed in registers (no atomics, no repeat).
-        for g in range(0, group):
-            h = hk * group + g
-            Q_head = Q + b64 * stride_qb + q_tok * stride_qs + h * stride_qh
-            DO_head = DO + b64 * stride_dob + q_tok * stride_dos + h * stride_doh
-            DQ_head = DQacc + b64 * stride_dqab + q_tok * stride_dqas + h * stride_dqah
-            l_off = b64 * stride_lb + h * stride_lh + q_start
-            dk, dv = _dkdv_tiles(dk, dv, k, v, Q_head, DO_head, DQ_head, Lse + l_off,
-                                 Delta + l_off, lo, int_lo, seqlen_q, seqlen_k, cols, shift, window,
-                                 qk_scale, stride_qs, stride_qd, stride_dos, stride_dod, stride_dqas,
-                                 offs_m, offs_d, True, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_M,
-                                 PRECISION, ATOMIC_DQ, ROW64)
-            dk, dv = _dkdv_tiles(dk, dv, k, v, Q_head, DO_head, DQ_head, Lse + l_off,
-                                 Delta + l_off, int_lo, int_hi, seqlen_q, seqlen_k, cols, shift,
-                                 window, qk_scale, stride_qs, stride_qd, stride_dos, stride_dod,
-                                 stride_dqas, offs_m, offs_d, False, CAUSAL, HAS_WINDOW, HEAD_DIM,
-                                 BLOCK_M, PRECISION, ATOMIC_DQ, ROW64)
-            dk, dv = _dkdv_tiles(dk, dv, k, v, Q_head, DO_head, DQ_head, Lse + l_off,
-                                 Delta + l_off, int_hi, hi, seqlen_q, seqlen_k, cols, shift, window,
-                                 qk_scale, stride_qs, stride_qd, stride_dos, stride_dod, stride_dqas,
-                                 offs_m, offs_d, True, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_M,
-                                 PRECISION, ATOMIC_DQ, ROW64)
-
+        # GQA: the query heads of this KV head's group, summed on chip (no atomics, no repeat).
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q + b64 * stride_qb + q_tok * stride_qs,
+                             DO + b64 * stride_dob + q_tok * stride_dos,
+                             DQacc + b64 * stride_dqab + q_tok * stride_dqas,
+                             Lse + b64 * stride_lb + q_start, Delta + b64 * stride_lb + q_start,
+                             lo, int_lo, int_hi, hi, group, hk, seqlen_q, seqlen_k, cols, shift,
+                             window, qk_scale, stride_qs, stride_qh, stride_qd, stride_dos,
+                             stride_doh, stride_dod, stride_dqas, stride_dqah, stride_lh, offs_m,
+                             offs_d, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_M, PRECISION, ATOMIC_DQ,
+                             ROW64)
+        # the store's row offsets and mask are computed again here rather than kept live through
+        # the loop above (registers)
+        col_ix = _rows(n0 + offs_n, ROW64)
         out_ptrs = (b64 * stride_dkb + k_tok * stride_dks + hk * stride_dkh
                     + col_ix[:, None] * stride_dks + offs_d[None, :])
-        tl.store(DK + out_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
-        tl.store(DV + out_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+        st_mask = (n0 + offs_n < seqlen_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        tl.store(DK + out_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=st_mask)
+        tl.store(DV + out_ptrs, dv.to(DV.dtype.element_ty), mask=st_mask)
 
 
 @triton.jit
@@ -856,6 +860,13 @@ def _row64(*tensors) -> bool:
     """Whether a row of a tile (< 256: tiles and pages) times one of these tensors' strides may pass
     2**31: the kernels then compute row offsets in int64 (``ROW64``; int32 otherwise)."""
     return any(abs(st) * 256 >= 2**31 for t in tensors if t is not None for st in t.stride())
+
+
+def _seq_row64(rows: int, *tensors) -> bool:
+    """Whether a row index within a sequence of up to ``rows`` rows (plus a tile) times one of these
+    tensors' strides may pass 2**31: the dK/dV kernel offsets its query and key rows from the
+    sequence start (loop-variant offsets hoist fewer registers than a tile base plus tile rows)."""
+    return any(abs(st) * (rows + 256) >= 2**31 for t in tensors if t is not None for st in t.stride())
 
 
 class _Covered:
@@ -1072,7 +1083,8 @@ def flash_attn_backward(dout, dlse, q, k, v, out, lse, *, causal, window, softma
                   PRECISION=_precision(q.dtype))
     scalars = (q_len, kv_len, group, softmax_scale * LOG2E, softmax_scale, window or 0,
                *_tune_buckets(max(max_q, max_k), max_k, window))
-    row64 = _row64(q, k, v, dout, out, dq, dk, dv, dq_acc)
+    row64 = _row64(q, k, v, dout, out, dq, dk, dv, dq_acc) or \
+        _seq_row64(max(q_len, kv_len), q, k, v, dout, dk, dv, dq_acc)
     # varlen: the max_seqlen_* came from the caller (no sync); rows past them, if any, go to tail
     # launches (one program per head and sequence, usually with nothing to do; see _tile_loop)
     passes = [False, True] if varlen else [False]

@@ -12,7 +12,7 @@ REQS     := $(VENV)/.installed-$(shell sha1sum requirements.txt | cut -c1-12)
 EDITABLE := $(VENV)/.editable-$(shell sha1sum setup.py | cut -c1-12)
 PROGRESS := python3 tools/progress_filter.py
 
-.PHONY: test bench gpu build-cuda venv clean
+.PHONY: test bench gpu build-cuda venv clean test-triton-latest
 
 venv: $(if $(filter $(VENV)/bin/python,$(PYTHON)),$(EDITABLE))
 
@@ -44,6 +44,15 @@ build-cuda: venv
 # beside failures and errors.
 test: venv build-cuda
 	$(PYTHON) -m pytest tests -rfEs
+
+# The newest Triton's CPU interpreter (CI has 3.8, the GPU image 3.6): paged, varlen, split, decode,
+# append and rotary cases in a subprocess that imports it first. Installed under build/, not into
+# .venv (a ~290 MB download, ~1 GB installed); CI runs it after `make test`.
+TRITON_LATEST ?= 3.9.0
+test-triton-latest: venv
+	test -d build/triton-$(TRITON_LATEST)/triton || \
+		$(PYTHON) -m pip install -q --no-deps --find-links build/triton-wheel --target build/triton-$(TRITON_LATEST) triton==$(TRITON_LATEST)
+	GPTKERNELS_TRITON_LATEST=build/triton-$(TRITON_LATEST) $(PYTHON) -m pytest tests/test_triton_latest.py -q -rfEs
 
 # On a GPU: every benchmark beside its peers (--quick: under 10 minutes), JSON + plots in bench_out/.
 # Without one: the parity sweep of every kernel in the Triton interpreter (timings need a GPU).

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from benchmarks import formulas, gpu_check, parity, report, results, run, targets, timing
-from benchmarks import suite_attention, suite_model, suite_paged, suite_rotary
+from benchmarks import suite_attention, suite_model, suite_paged, suite_quant, suite_rotary
 from benchmarks.checks import Check
 from benchmarks.env import REPO
 from benchmarks.results import Row, Table
@@ -384,8 +384,6 @@ def test_issue16_targets_read_the_quant_and_fp8_rows():
     weights' bytes (x and y excluded) vs the copy ceiling, the quantized decode step's tokens/s over
     bf16's, fp8 vs bf16 paged decode; a row that did not run is 'not measured', and the short table
     prints every target with its gap."""
-    from benchmarks import suite_quant
-
     tables = {t.id: t for m in (suite_quant, suite_paged) for t in m.tables(True)}
     n = k = suite_quant.GEMM_N
     int8_w, int4_w = n * k + 2 * n, n * k // 2 + 2 * 2 * n * (k // 128)  # codes + bf16 scales (+ zeros)
@@ -523,6 +521,11 @@ def _planned(suite: str) -> set[tuple[str, str, str]]:
         for table, b, ctx, _, x in suite_paged._jobs(True):
             rows |= {(table, str(x), i) for i in suite_paged._decode_impls(b, ctx, table, True)}
         rows |= {("paged-append", str(suite_paged.APPEND_TOKENS), i) for i in suite_paged.APPEND_IMPLS}
+        rows |= {("paged-fp8", c, suite_paged.FP8_IMPL) for c in suite_paged.FP8_CASES}
+    elif suite == "quant":
+        rows |= {("quant-gemm", str(m), i) for m in suite_quant.GEMM_M for i in suite_quant.GEMM_IMPLS}
+        rows |= {("quant-decode", suite_quant.DECODE_CASE, suite_quant.decode_impl(f)) for f in suite_quant.FORMATS}
+        rows |= {("quant-ppl", suite_quant.PPL_GPU_CASE, suite_quant.fmt_label(f)) for f in suite_quant.FORMATS}
     elif suite == "rotary":
         rows |= {("rotary", str(t), i) for t in suite_rotary.config(True) for i in suite_rotary.IMPLS}
     else:
@@ -533,8 +536,9 @@ def _planned(suite: str) -> set[tuple[str, str, str]]:
     return rows
 
 
-def _headline(suite: str) -> set[tuple[str, str, str]]:
-    return {(t, c, i) for (t, c), impls in run.SMOKE_HEADLINE[suite].items() for i in impls}
+def _headline(suite: str, plan: dict | None = None) -> set[tuple[str, str, str]]:
+    plan = run.SMOKE_HEADLINE if plan is None else plan
+    return {(t, c, i) for (t, c), impls in plan.get(suite, {}).items() for i in impls}
 
 
 def test_smoke_headline_rows_are_rows_the_suites_have():
@@ -542,6 +546,14 @@ def test_smoke_headline_rows_are_rows_the_suites_have():
     assert list(run.SMOKE_ORDER) == ["attention", "paged", "rotary", "model"] == list(run.SMOKE_HEADLINE)
     for suite in run.SMOKE_ORDER:
         assert _headline(suite) <= _planned(suite), _headline(suite) - _planned(suite)
+    # the second pass opens with issue 16's cheapest rows, none of them a headline row
+    assert list(run.SMOKE_NEXT) == ["paged", "quant"]
+    nxt = _headline("paged", run.SMOKE_NEXT) | _headline("quant", run.SMOKE_NEXT)
+    assert nxt == {("paged-fp8", "bf16 cache", "gptkernels triton"), ("paged-fp8", "fp8 cache", "gptkernels triton"),
+                   ("quant-gemm", "1", "gptkernels triton int8"), ("quant-gemm", "1", "gptkernels triton int4 (group 128)")}
+    for suite in run.SMOKE_NEXT:
+        assert _headline(suite, run.SMOKE_NEXT) <= _planned(suite)
+        assert not _headline(suite, run.SMOKE_NEXT) & _headline(suite)
     assert ("attn-bwd-d128", "16384", run._ATOMIC) in _headline("attention")  # both backwards
     assert ("model-step", "pythia-1.4b", "gptkernels triton") in _headline("model")
     assert not any("flex" in i for s in run.SMOKE_ORDER for _, _, i in _headline(s))  # compiles: second pass
@@ -557,7 +569,12 @@ class _Recorder:
         self.sess.select = select
         self.sess.budget = timing.Budget(budget)
         self.rows = []
-        self.sess.measure = lambda table, case, impl, **kw: self.rows.append((table, case, impl))
+
+        def measure(table, case, impl, **kw):
+            self.rows.append((table, case, impl))
+            return Row(table=table, case=case, impl=impl, status="skipped", message="recorded, not run")
+
+        self.sess.measure = measure
         real_skip = self.sess.skip
         self.skipped = []
 
@@ -576,7 +593,8 @@ def _fake_suites(monkeypatch, built):
         def make(*args):
             built.append((tag, *args))
             return SimpleNamespace(s=args[0], direction=args[-1] if tag == "attn" else None, window=None,
-                                   params={}, flops=1.0, bytes=1.0, sets=[], sk=args[0], check=None)
+                                   params={}, flops=1.0, bytes=1.0, sets=[], sk=args[0], check=None,
+                                   batch=args[0], ctx=args[1] if len(args) > 1 else None)
         return make
 
     monkeypatch.setattr(suite_attention, "Case", fake_case("attn"))
@@ -603,6 +621,30 @@ def test_smoke_first_pass_builds_and_measures_only_the_headline(monkeypatch):
     rec = _Recorder(run.headline_select("attention"))
     suite_attention.run(rec.sess, True)
     assert rec.rows[0] == ("attn-fwd-d128", "16384", "gptkernels triton")
+
+
+def test_smoke_next_rows_build_only_their_cases(monkeypatch):
+    """SMOKE_NEXT's pass: paged builds only the 64 x 4k cache and measures the two fp8-table rows (no
+    other paged row); quant measures the two M = 1 GEMMs and builds no model."""
+    built = []
+    _fake_suites(monkeypatch, built)
+    monkeypatch.setattr(suite_paged, "_fp8_sets", lambda case: ([], None))
+    rec = _Recorder(run.plan_select(run.SMOKE_NEXT, "paged"))
+    suite_paged.run(rec.sess, True)
+    assert rec.rows == [("paged-fp8", "bf16 cache", "gptkernels triton"), ("paged-fp8", "fp8 cache", "gptkernels triton")]
+    assert [b[1:3] for b in built if b[0] == "paged"] == [(64, suite_paged.FP8_CTX)]
+    gemms = []
+    monkeypatch.setattr(timing, "DEVICE", "cpu")
+    monkeypatch.setattr(suite_quant, "GEMM_N", 64)  # the weight the GEMM rows share: small on CPU
+    monkeypatch.setattr(suite_quant, "GEMM_K", 64)
+    monkeypatch.setattr(suite_quant, "_gemm_case", lambda impl, m, w: gemms.append((impl, m)) or (None, [], 1, None))
+    monkeypatch.setattr(suite_quant, "heldout_ids", lambda *a, **k: pytest.fail("perplexity is not in the plan"))
+    import gptkernels.models
+
+    monkeypatch.setattr(gptkernels.models, "from_config", lambda *a, **k: pytest.fail("no model is in the plan"))
+    rec = _Recorder(run.plan_select(run.SMOKE_NEXT, "quant"))
+    suite_quant.run(rec.sess, True)
+    assert set(rec.rows) == _headline("quant", run.SMOKE_NEXT) and len(gemms) == 2 and not rec.skipped
 
 
 def test_smoke_second_pass_runs_the_rest_and_never_starts_a_compile_that_cannot_finish(monkeypatch):
@@ -658,10 +700,46 @@ def test_smoke_model_rows_are_selected_per_table_and_batch(monkeypatch):
     assert set(calls) == _planned("model") - _headline("model")
 
 
+def test_run_smoke_next_rows_skipped_when_the_headline_spent_the_budget(tmp_path, monkeypatch):
+    """The headline overran the whole budget: SMOKE_NEXT's suites are not run (nothing built), their
+    rows are skipped with the reason, and issue 16's targets say 'not measured'."""
+    import time as _time
+    from types import SimpleNamespace
+
+    clock = [0.0]
+    monkeypatch.setattr(run, "time", SimpleNamespace(monotonic=lambda: clock[0], strftime=_time.strftime,
+                                                     gmtime=_time.gmtime))
+
+    def fake(name):
+        def run_suite(sess, quick):
+            assert name != "quant", "the quant suite runs only for SMOKE_NEXT's rows"
+            sess.table(Table(id=name, suite=name, title=name, x="x", unit="ms"))
+            if sess.wanted(name, "head", "gptkernels triton"):
+                sess.add(Row(table=name, case="head", impl="gptkernels triton", status="ok", ours=True, ms=1.0))
+            clock[0] += 300.0 if name == "attention" else 0.0
+        return run_suite
+
+    for name, module in (("attention", suite_attention), ("paged", suite_paged), ("rotary", suite_rotary),
+                         ("model", suite_model), ("quant", suite_quant)):
+        monkeypatch.setattr(module, "run", fake(name))
+    monkeypatch.setattr(run, "SMOKE_HEADLINE", {s: {(s, "head"): ("gptkernels triton",)} for s in run.SMOKE_ORDER})
+    (tmp_path / "facts.json").write_text(json.dumps({"ceilings": {"matmul_tflops": 800.0, "copy_gbps": 4000.0}}))
+    args = run.parse_args(["--smoke", "--budget", "235", "--out", str(tmp_path), "--no-progress", "--no-plots",
+                           "--ceilings", str(tmp_path / "facts.json")])
+    assert run.run_gpu(args) == 0
+    doc = results.load(next(tmp_path.glob("run-*.json")))
+    skipped = {(r["table"], r["case"], r["impl"]) for r in doc["rows"] if r["status"] == "skipped"}
+    assert skipped == {(t, c, i) for s in run.SMOKE_NEXT for (t, c), impls in run.SMOKE_NEXT[s].items() for i in impls}
+    assert all("budget was spent" in r["message"] for r in doc["rows"] if r["status"] == "skipped")
+    issue16 = [t for t in doc["targets"] if t["issue"] == 16]
+    assert len(issue16) == 5 and all(t["met"] is None for t in issue16)  # fp8, GEMM int8/int4 at M = 1, 16
+
+
 def test_run_smoke_two_passes_within_the_budget(tmp_path, monkeypatch):
     """--smoke: pass 1 gives each suite its share of the budget for its headline rows (an overrun
-    comes out of the next share), pass 2 the rest of the budget for the other rows; a headline row
-    skipped for time in pass 1 and measured in pass 2 appears once, measured."""
+    comes out of the next share), pass 2 the rest of the budget, to SMOKE_NEXT's rows first (the quant
+    suite only for them), then the other rows; a headline row skipped for time in pass 1 and measured
+    in pass 2 appears once, measured."""
     import time as _time
     from types import SimpleNamespace
 
@@ -674,7 +752,7 @@ def test_run_smoke_two_passes_within_the_budget(tmp_path, monkeypatch):
         def run_suite(sess, quick):
             sess.table(Table(id=name, suite=name, title=name, x="x", unit="ms"))
             seen.append((name, round(sess.budget.seconds, 3)))
-            for case in ("head", "rest", "late"):
+            for case in ("head", "rest", "late", "next"):
                 if not sess.wanted(name, case, "gptkernels triton"):
                     continue
                 if case == "late" and len(seen) <= 4:  # pass 1: out of time for this one
@@ -685,10 +763,12 @@ def test_run_smoke_two_passes_within_the_budget(tmp_path, monkeypatch):
         return run_suite
 
     for name, module, took in (("attention", suite_attention, 130.0), ("paged", suite_paged, 10.0),
-                               ("rotary", suite_rotary, 5.0), ("model", suite_model, 20.0)):
+                               ("rotary", suite_rotary, 5.0), ("model", suite_model, 20.0),
+                               ("quant", suite_quant, 15.0)):
         monkeypatch.setattr(module, "run", fake(name, took))
     monkeypatch.setattr(run, "SMOKE_HEADLINE", {s: {(s, "head"): ("gptkernels triton",), (s, "late"): ("gptkernels triton",)}
                                                 for s in run.SMOKE_ORDER})
+    monkeypatch.setattr(run, "SMOKE_NEXT", {s: {(s, "next"): ("gptkernels triton",)} for s in ("paged", "quant")})
     monkeypatch.setattr(timing, "measure_ceilings", lambda quick=False: (_ for _ in ()).throw(AssertionError("measured")))
     (tmp_path / "facts.json").write_text(json.dumps({"ceilings": {"matmul_tflops": 800.0, "copy_gbps": 4000.0}}))
     args = run.parse_args(["--smoke", "--budget", "235", "--out", str(tmp_path), "--no-progress", "--no-plots",
@@ -700,9 +780,13 @@ def test_run_smoke_two_passes_within_the_budget(tmp_path, monkeypatch):
     # pass 1: attention its share (110), paged its share less attention's 20 s overrun, ...
     assert seen[0] == ("attention", pytest.approx(shares[0]))
     assert seen[1] == ("paged", pytest.approx(shares[0] + shares[1] - 130.0))
-    # pass 2: what is left of the whole budget after pass 1 (165 s spent)
-    assert seen[4] == ("attention", pytest.approx(235 - 165))
+    # pass 2: what is left of the whole budget after pass 1 (165 s spent): SMOKE_NEXT's suites, then the rest
+    assert seen[4:7] == [("paged", pytest.approx(235 - 165)), ("quant", pytest.approx(235 - 175)),
+                         ("attention", pytest.approx(235 - 190))]
+    assert [name for name, _ in seen[7:]] == ["paged", "rotary", "model"]
     doc = results.load(next(tmp_path.glob("run-*.json")))
     assert doc["ceilings"]["matmul_tflops"] == 800.0 and not doc["plots"]
     keys = [(r["table"], r["case"]) for r in doc["rows"]]
-    assert len(keys) == len(set(keys)) == 12 and all(r["status"] == "ok" for r in doc["rows"])
+    assert len(keys) == len(set(keys)) == 4 * 4 + 1 and all(r["status"] == "ok" for r in doc["rows"])
+    assert keys.index(("quant", "next")) < keys.index(("attention", "rest"))  # before the rest
+    assert {t for t, c in keys if c == "next"} == {"paged", "quant", "attention", "rotary", "model"}

@@ -550,7 +550,8 @@ def test_smoke_headline_rows_are_rows_the_suites_have():
     assert list(run.SMOKE_NEXT) == ["paged", "quant"]
     nxt = _headline("paged", run.SMOKE_NEXT) | _headline("quant", run.SMOKE_NEXT)
     assert nxt == {("paged-fp8", "bf16 cache", "gptkernels triton"), ("paged-fp8", "fp8 cache", "gptkernels triton"),
-                   ("quant-gemm", "1", "gptkernels triton int8"), ("quant-gemm", "1", "gptkernels triton int4 (group 128)")}
+                   ("quant-gemm", "1", "gptkernels triton int8"),
+                   ("quant-gemm", "1", "gptkernels triton int4 (group 128)")}
     for suite in run.SMOKE_NEXT:
         assert _headline(suite, run.SMOKE_NEXT) <= _planned(suite)
         assert not _headline(suite, run.SMOKE_NEXT) & _headline(suite)
@@ -631,7 +632,7 @@ def test_smoke_next_rows_build_only_their_cases(monkeypatch):
     monkeypatch.setattr(suite_paged, "_fp8_sets", lambda case: ([], None))
     rec = _Recorder(run.plan_select(run.SMOKE_NEXT, "paged"))
     suite_paged.run(rec.sess, True)
-    assert rec.rows == [("paged-fp8", "bf16 cache", "gptkernels triton"), ("paged-fp8", "fp8 cache", "gptkernels triton")]
+    assert rec.rows == [("paged-fp8", c, "gptkernels triton") for c in ("bf16 cache", "fp8 cache")]
     assert [b[1:3] for b in built if b[0] == "paged"] == [(64, suite_paged.FP8_CTX)]
     gemms = []
     monkeypatch.setattr(timing, "DEVICE", "cpu")

@@ -4,7 +4,8 @@
     python -m benchmarks.report bench_out/run-*.json  # merge runs (e.g. suites run in separate calls),
                                                       # store them as benchmarks/results/latest.json
 
-It writes the device, date and commit, the ceilings, the targets of issues 2-6 with the gap to each,
+It writes the device, date and commit, the ceilings, the performance targets (:mod:`benchmarks.targets`:
+attention, rotary, paged decode, fp8 cache, models, CUDA vs Triton, quantization) with the gap to each,
 every table (figure and % of the device ceiling, the flop/byte formula next to it), the plots
 (regenerated from the JSON into benchmarks/results/), and every correctness check's figures.
 """

@@ -415,11 +415,13 @@ def test_compiles_for_hopper():
     from tools.sm90_compile import SM90_SHARED, compile_in_subprocess
 
     results = compile_in_subprocess(timeout=900)
-    assert {r["kernel"] for r in results} == {"fwd", "fwd_split", "fwd_decode", "fwd_paged", "dkdv",
-                                              "dkdv_atomic_dq", "dq"}
+    assert {r["kernel"] for r in results} == {"fwd", "fwd_split", "fwd_decode", "fwd_packed", "fwd_paged",
+                                              "dkdv", "dkdv_atomic_dq", "dq"}
     for r in results:
-        # the decode tile (16 query rows) is below wgmma's 64: Ampere-style mma.sync tensor cores
-        assert (r["mma_sync"] if r["kernel"] == "fwd_decode" else r["wgmma"]) and r["pipelined"], r
+        # the decode tile (16 query rows, also packed GQA rows) is below wgmma's 64: Ampere-style
+        # mma.sync tensor cores
+        decode = r["kernel"] in ("fwd_decode", "fwd_packed")
+        assert (r["mma_sync"] if decode else r["wgmma"]) and r["pipelined"], r
         assert r["shared"] <= SM90_SHARED, r
     # the atomic-dQ variant adds dS K tiles to float32 dQ with reductions, not compare-and-swap loops
     assert all(r["atomics"] for r in results if r["kernel"] == "dkdv_atomic_dq")
@@ -716,11 +718,95 @@ def test_split_heuristic():
     assert fa._fwd_num_splits(4, 32, 4096, 4096, None, cpu) == 1  # 1024 programs already
 
 
+# --------------------------------------------------------------------------------------------------
+# Short queries with GQA: a group's query heads packed into one query tile (PACK_GQA)
+# --------------------------------------------------------------------------------------------------
+
+# (batch, Sq, Sk, Hq, Hkv, D, causal, window): Sq <= 16 or group x Sq <= 128, group > 1
+_PACKED_SMALL = [
+    (2, 1, 200, 8, 1, 64, True, None),       # decode, group 8
+    (1, 3, 150, 6, 2, 80, True, 40),         # a speculative chunk, group 3 (not a power of two), window
+    (1, 16, 70, 16, 2, 64, True, None),      # 16 rows x group 8 = 128 packed rows
+    (2, 5, 5, 4, 2, 128, False, None),
+    (1, 20, 33, 4, 1, 32, True, None),       # group x Sq = 80
+    (1, 9, 4, 2, 1, 16, True, None),         # Sq > Sk: rows that see nothing
+]
+_PACKED_FULL = _PACKED_SMALL + [
+    (b, sq, sk, g * hkv, hkv, d, causal, w)
+    for b, (sq, sk) in ((1, (1, 1)), (3, (1, 4096)), (2, (4, 1000)), (1, (16, 16)), (1, (32, 300)))
+    for g, hkv in ((2, 4), (4, 2), (8, 1))
+    for d in (64, 128, 256)
+    for causal, w in ((True, None), (True, 256), (False, None))
+    if g * sq <= 128 or sq <= 16
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", grid(_PACKED_SMALL, _PACKED_FULL), ids=str)
+def test_packed_gqa(case, dtype):
+    # The forward reads each K/V tile once per group; the backward (not packed) runs from its lse.
+    from gptkernels.triton import flash_attn as fa
+
+    b, sq, sk, hq, hkv, d, causal, window = case
+    assert fa._pack_gqa(hq // hkv, sq)
+    q, k, v = randn(b, sq, hq, d, dtype=dtype), randn(b, sk, hkv, d, dtype=dtype), randn(b, sk, hkv, d, dtype=dtype)
+    check_attention(q, k, v, causal=causal, window=window, grad=True, with_dlse=dtype == torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("splits", [1, 3])
+def test_packed_gqa_varlen_paged_split(splits, dtype, monkeypatch):
+    # Packed tiles with varlen queries and keys (empty sequences too), paged keys, and key splits
+    # (flash-decoding: the partials of packed rows go where the rows' heads are).
+    from gptkernels.triton import flash_attn as fa
+
+    if splits > 1:
+        monkeypatch.setattr(fa, "_fwd_num_splits", lambda *args: splits)
+    lq, lk = (1, 7, 0, 2), (90, 33, 5, 0)
+    q = randn(sum(lq), 8, 64, dtype=dtype)
+    k, v = randn(sum(lk), 2, 64, dtype=dtype), randn(sum(lk), 2, 64, dtype=dtype)
+    check_attention(q, k, v, causal=True, window=20, cu_seqlens_q=_cu(lq), cu_seqlens_k=_cu(lk),
+                    max_seqlen_q=max(lq), max_seqlen_k=max(lk), grad=True)
+    # understated max_seqlen_q: the tail launch covers the packed rows past it
+    check_attention(q, k, v, causal=True, cu_seqlens_q=_cu(lq), cu_seqlens_k=_cu(lk),
+                    max_seqlen_q=2, max_seqlen_k=max(lk))
+    k_cache, v_cache, table, seqlens = _paged_cache([250, 7, 90], 16, 2, 64, dtype)
+    check_attention(randn(3, 2, 8, 64, dtype=dtype), k_cache, v_cache, causal=True, block_table=table,
+                    seqlens_k=seqlens)
+    check_attention(randn(3, 1, 6, 64, dtype=dtype), k_cache, v_cache, causal=True, window=50,
+                    block_table=table, seqlens_k=seqlens)
+
+
+def test_pack_gqa_choice():
+    # Packed: GQA with few query rows. Not packed: one head per KV head, or long queries (full tiles).
+    from gptkernels.triton import flash_attn as fa
+
+    assert fa._pack_gqa(4, 1) and fa._pack_gqa(8, 16) and fa._pack_gqa(32, 16) and fa._pack_gqa(2, 64)
+    assert not fa._pack_gqa(1, 1) and not fa._pack_gqa(4, 64) and not fa._pack_gqa(2, 2048)
+
+
 def test_no_keys_at_all():
     q = randn(2, 7, 2, 64)
     k = v = randn(2, 0, 1, 64)
     out, lse = gptkernels.flash_attn(q, k, v, return_lse=True, backend=BACKEND)
     assert torch.equal(out, torch.zeros_like(out)) and bool(torch.isneginf(lse).all())
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_varlen_tokens_outside_cu_seqlens(deterministic):
+    # Tokens past cu_seqlens_*[-1] (a buffer padded beyond its sequences) belong to no sequence:
+    # out 0 and lse -inf as a row that sees no key, and zero gradients, as the torch backend gives
+    # (they were left unwritten: a dQ of 1e28 came back in those rows).
+    cu = _cu((3, 2))
+    leaves = [torch.empty(9, h, 16, device=DEVICE).normal_().requires_grad_() for h in (2, 1, 1)]
+    out, lse = gptkernels.flash_attn(*leaves, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=3, max_seqlen_k=3,
+                                     return_lse=True, deterministic=deterministic, backend=BACKEND)
+    (out.sum() + lse[:, :5].sum()).backward()
+    assert torch.equal(out[5:], torch.zeros_like(out[5:])) and bool(torch.isneginf(lse[:, 5:]).all())
+    for t in leaves:
+        assert torch.equal(t.grad[5:], torch.zeros_like(t.grad[5:]))
+    want = reference.attention(*(t.detach() for t in leaves), cu_seqlens_q=cu, cu_seqlens_k=cu, return_lse=True)
+    assert torch.equal(want[0][5:], out[5:].detach()) and torch.equal(want[1][:, 5:], lse[:, 5:].detach())
 
 
 @pytest.mark.skipif(not FULL_GRID, reason="needs a CUDA GPU (none is visible): too slow for the CPU "

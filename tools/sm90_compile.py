@@ -108,6 +108,9 @@ def cases(head_dim=80, elem="bf16"):
         ("fwd", fa._fwd_kernel, fa._FWD_TABLE, dict(fwd, VARLEN_K=True, PAGE=1, SPLIT=False)),
         ("fwd_split", fa._fwd_kernel, fa._FWD_TABLE, dict(fwd, VARLEN_K=True, PAGE=1, SPLIT=True)),
         ("fwd_decode", fa._fwd_kernel, fa._FWD_DECODE_TABLE, dict(fwd, VARLEN_K=True, PAGE=1, SPLIT=True)),
+        # a GQA group's query heads packed into the 16-row decode tile (flash_attn with few rows)
+        ("fwd_packed", fa._fwd_kernel, fa._FWD_DECODE_TABLE, dict(fwd, VARLEN_K=True, PAGE=1, SPLIT=True,
+                                                                  PACK_GQA=True)),
         ("fwd_paged", fa._fwd_kernel, fa._FWD_TABLE, dict(fwd, VARLEN_K=False, PAGED=True, PAGE=16,
                                                           SPLIT=False)),
         ("dkdv", fa._bwd_dkdv, fa._DKDV_TABLE, dict(common, ATOMIC_DQ=False)),

@@ -6,7 +6,11 @@ Design (details, FLOP/byte predictions and what a GPU session must tune: ``notes
   folded into the scale, lse is converted back to natural log at the end). The key loop covers only
   the tiles that intersect the causal / window band and is split in three: masked boundary tiles
   before the band interior, unmasked interior tiles, masked boundary tiles after it. Causal attention
-  therefore does about half the work of full attention and a window W does O(S * W).
+  therefore does about half the work of full attention and a window W does O(S * W); a narrow
+  window takes tiles of at most 64 so that boundary tiles waste at most 1.25x (``_fit_rows``).
+  With few query rows and GQA (``PACK_GQA``: decode, speculative chunks) one program serves a KV
+  head: its query tile holds the rows of every query head of the group, so K/V are read once per
+  group, not once per query head.
 * Backward, FlashAttention-2 style without atomics (deterministic):
   1. ``_bwd_preprocess``: delta = rowsum(dO * O) - dlse (dlse: the gradient flowing into lse).
   2. ``_bwd_dkdv``: one program per (key tile, KV head, sequence) keeps K, V, dK, dV on chip and
@@ -99,6 +103,16 @@ def _tile_loop(pid, row0, seqlen, BLOCK: tl.constexpr, TAIL: tl.constexpr):
 
 
 @triton.jit
+def _row_off(di, g, stride_s, stride_h, PACK_GQA: tl.constexpr):
+    """Offsets of a forward tile's rows from its first row: di tokens on, and with PACK_GQA g heads
+    on (a packed tile's rows are (query, head) pairs)."""
+    off = di * stride_s
+    if PACK_GQA:
+        off += g * stride_h
+    return off
+
+
+@triton.jit
 def _seq_bounds(b, cu_q, cu_k, seqlens_k, q_len, kv_len,
                 VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, PAGED: tl.constexpr):
     """(q_start, seqlen_q, k_start, seqlen_k) of sequence b.
@@ -137,9 +151,16 @@ def _q_tile_band(m0, seqlen_q, seqlen_k, shift, window, CAUSAL: tl.constexpr,
     [lo, hi) holds every visible key; [int_lo, int_hi) (BLOCK_N-aligned) the tiles in which every
     valid query row sees every key, which need no mask. Query row i sits at p = i + shift.
     """
-    zero = m0 * 0
-    p_lo = m0 + shift
-    p_hi = tl.minimum(m0 + BLOCK_M, seqlen_q) - 1 + shift
+    return _pos_band(m0 + shift, tl.minimum(m0 + BLOCK_M, seqlen_q) - 1 + shift, seqlen_k, window,
+                     CAUSAL, HAS_WINDOW, BLOCK_N)
+
+
+@triton.jit
+def _pos_band(p_lo, p_hi, seqlen_k, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """_q_tile_band of the query rows at positions p_lo..p_hi (a packed GQA tile's rows are the
+    positions of several heads)."""
+    zero = p_lo * 0
     if CAUSAL:
         hi = tl.minimum(tl.maximum(p_hi + 1, 0), seqlen_k)
         int_hi = (tl.minimum(tl.maximum(p_lo + 1, 0), seqlen_k) // BLOCK_N) * BLOCK_N
@@ -323,10 +344,33 @@ def _autotune_configs(tables, interp) -> list[triton.Config]:
 ENV_AUTOTUNE = "GPTKERNELS_AUTOTUNE"
 
 
-def _pick(table, atomic_table=None, decode_table=None):
+def _fit_rows(rows, seq_bucket, band_bucket, pack, window):
+    """The rows of a config list that suit the launch's shape (all of them if none does).
+
+    * A packed GQA launch (``pack``): query tiles of at least ``seq_bucket`` rows (its query heads x
+      query rows, up to 128), the shortest such: every query row of a KV head in one tile, so K/V
+      are read once per group, with the least padding.
+    * A window of ``band_bucket`` keys (``window``): tiles no longer than a quarter of it on either
+      side (64 at least): a query tile's band spans W + BLOCK_M - 1 keys, rounded out to key tiles,
+      so the tile FLOPs stay within (W + max(BLOCK_M, BLOCK_N)) / W <= 1.25x the useful ones.
+    """
+    if pack:
+        fit = [r for r in rows if r[0] >= min(seq_bucket, 128)]
+        fit = [r for r in fit if r[0] == min((f[0] for f in fit), default=0)]
+        # 64-key tiles first: with 128 packed rows the 128-key tile spills (offline compile)
+        fit = sorted(fit, key=lambda r: r[1] != 64)
+    elif window:
+        fit = [r for r in rows if max(r[0], r[1]) <= max(band_bucket // 4, 64)]
+    else:
+        fit = rows
+    return fit or rows
+
+
+def _pick(table, atomic_table=None, decode_table=None, shaped=False):
     """early_config_prune: keep the configs listed for this call's dtype and head-dim bucket (from
-    ``atomic_table`` when the launch has ATOMIC_DQ=True, from ``decode_table`` when no sequence has
-    more than 16 query rows)."""
+    ``atomic_table`` when the launch has ATOMIC_DQ=True, from ``decode_table`` when no program has
+    more than 16 query rows), in the table's order; ``shaped``: those that suit a packed GQA or
+    windowed launch (:func:`_fit_rows`)."""
 
     def prune(cfgs, named_args, **kwargs):
         if len(cfgs) == 1:
@@ -338,11 +382,13 @@ def _pick(table, atomic_table=None, decode_table=None):
         elif decode_table is not None and named_args["seq_bucket"] <= 16:
             tbl = decode_table
         rows = tbl[(named_args["Q"].dtype == torch.float32, min(max(block_d, 64), 256))]
+        if shaped:
+            rows = _fit_rows(rows, named_args["seq_bucket"], named_args["band_bucket"],
+                             kwargs.get("PACK_GQA", False), kwargs.get("HAS_WINDOW", False))
         if os.environ.get(ENV_AUTOTUNE, "1") == "0":
             rows = rows[:1]
-        wanted = set(rows)
-        return [c for c in cfgs
-                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+        by_row = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c for c in cfgs}
+        return [by_row[r] for r in rows if r in by_row]
 
     return prune
 
@@ -353,10 +399,12 @@ def _pick(table, atomic_table=None, decode_table=None):
 _TUNE_KEY = ["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "PAGED", "VARLEN_Q", "seq_bucket", "band_bucket"]
 
 
-def _autotune(table, interp, extra_key=(), reset_to_zero=None, atomic_table=None, decode_table=None):
+def _autotune(table, interp, extra_key=(), reset_to_zero=None, atomic_table=None, decode_table=None,
+              shaped=False):
     tables = [t for t in (table, atomic_table, decode_table) if t is not None]
     return autotune(configs=_autotune_configs(tables, interp), key=_TUNE_KEY + list(extra_key),
-                    prune_configs_by={"early_config_prune": _pick(table, atomic_table, decode_table)},
+                    prune_configs_by={"early_config_prune": _pick(table, atomic_table, decode_table,
+                                                                  shaped)},
                     reset_to_zero=reset_to_zero)
 
 
@@ -419,7 +467,8 @@ def _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, start, end, pos_q, seqlen_k, wi
     return acc, l_i, m_i
 
 
-@_autotune(_FWD_TABLE, _FWD_INTERP, extra_key=["SPLIT"], decode_table=_FWD_DECODE_TABLE)
+@_autotune(_FWD_TABLE, _FWD_INTERP, extra_key=["SPLIT", "PACK_GQA"], decode_table=_FWD_DECODE_TABLE,
+           shaped=True)
 @triton.jit(do_not_specialize=_VARYING)
 def _fwd_kernel(
     Q, K, V, Out, Lse,
@@ -438,8 +487,11 @@ def _fwd_kernel(
     VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_SCALED: tl.constexpr = False,
-    ROW64: tl.constexpr = False, TAIL: tl.constexpr = False,
+    ROW64: tl.constexpr = False, TAIL: tl.constexpr = False, PACK_GQA: tl.constexpr = False,
 ):
+    # PACK_GQA (few query rows, GQA): one program per KV head (grid axis 1) whose query tile holds
+    # the rows of every query head of the group, row r = query i * group + head g: each K/V tile is
+    # loaded once per group instead of once per query head (as the paged decode does).
     # Causal: the last query tiles have the most keys; launch them first to shorten the tail.
     # SPLIT (flash-decoding, few query tiles): num_splits programs per query tile, each over an
     # equal share of the tile's key band, write a partial (out, lse) that merge_splits combines.
@@ -453,7 +505,6 @@ def _fwd_kernel(
     else:
         split = 0
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)  # int64: h * stride_h passes 2**31 for large strided inputs
     b = tl.program_id(2)
     q_start, seqlen_q, k_start, seqlen_k = _seq_bounds(b, cu_q, cu_k, seqlens_k, q_len, kv_len,
                                                        VARLEN_Q, VARLEN_K, PAGED)
@@ -461,7 +512,15 @@ def _fwd_kernel(
         shift = seqlen_k - seqlen_q
     else:
         shift = seqlen_k * 0
-    hk = h // group
+    # h: the (first) query head of the program; int64: h * stride_h passes 2**31 for large strides
+    if PACK_GQA:
+        hk = tl.program_id(1).to(tl.int64)
+        h = hk * group
+        n_rows = seqlen_q * group  # rows are (query, head) pairs
+    else:
+        h = tl.program_id(1).to(tl.int64)
+        hk = h // group
+        n_rows = seqlen_q
     v_scale = 1.0
     if KV_SCALED:  # fp8 paged cache: its KV head's K scale folds into the scores, V's into the output
         qk_scale = qk_scale * tl.load(K_scale + hk * stride_kscale_h)
@@ -471,7 +530,6 @@ def _fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    row_ix = _rows(offs_m, ROW64)
     if PAGED:
         K_head = K + hk * stride_kh
         V_head = V + hk * stride_vh
@@ -480,22 +538,36 @@ def _fwd_kernel(
         K_head = K + b64 * stride_kb + k_tok * stride_ks + hk * stride_kh
         V_head = V + b64 * stride_vb + k_tok * stride_vs + hk * stride_vh
 
-    m_first, m_step, m_count = _tile_loop(pid_m, row0, seqlen_q, BLOCK_M, TAIL)
+    m_first, m_step, m_count = _tile_loop(pid_m, row0, n_rows, BLOCK_M, TAIL)
     for it in range(0, m_count):
         m0 = m_first + it * m_step
-        rows = m0 + offs_m
-        row_ok = rows < seqlen_q
-        q_tok = (q_start + m0).to(tl.int64)
+        rows = m0 + offs_m  # tile rows: queries, or (query, head) pairs with PACK_GQA
+        row_ok = rows < n_rows
+        if PACK_GQA:
+            i0 = m0 // group  # the tile's first query
+            qi = rows // group  # each row's query (at position qi + shift) and head h + g
+            di = _rows(qi - i0, ROW64)
+            g = _rows(rows - qi * group, ROW64)
+        else:
+            i0 = m0
+            qi = rows
+            di = _rows(offs_m, ROW64)
+            g = di  # unused (_row_off ignores it)
+        q_tok = (q_start + i0).to(tl.int64)
         Q_tile = Q + b64 * stride_qb + q_tok * stride_qs + h * stride_qh
-        q = tl.load(Q_tile + row_ix[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        q = tl.load(Q_tile + _row_off(di, g, stride_qs, stride_qh, PACK_GQA)[:, None]
+                    + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        pos_q = rows + shift
-        lo, int_lo, int_hi, hi = _q_tile_band(m0, seqlen_q, seqlen_k, shift, window, CAUSAL,
-                                              HAS_WINDOW, BLOCK_M, BLOCK_N)
+        pos_q = qi + shift
+        # the band of the tile's positions: its first query's to its last row's
+        p_last = tl.minimum(m0 + BLOCK_M, n_rows) - 1
+        if PACK_GQA:
+            p_last = p_last // group
+        lo, int_lo, int_hi, hi = _pos_band(i0 + shift, p_last + shift, seqlen_k, window, CAUSAL,
+                                           HAS_WINDOW, BLOCK_N)
         if SPLIT:
             # This split's whole tiles of the band [lo, hi), intersected with the three loops'
             # ranges (lo and every share are BLOCK_N-aligned, so the loops' tile alignment holds).
@@ -532,15 +604,16 @@ def _fwd_kernel(
         tile_mask = row_ok[:, None] & d_ok[None, :]
         if SPLIT:  # float32 partials, laid out (B, Sq, Hq, splits, D) / (B, Sq, Hq, splits)
             P_tile = Opart + b64 * stride_pb + q_tok * stride_ps + h * stride_ph + split * stride_pp
-            tl.store(P_tile + row_ix[:, None] * stride_ps + offs_d[None, :], out, mask=tile_mask)
+            tl.store(P_tile + _row_off(di, g, stride_ps, stride_ph, PACK_GQA)[:, None]
+                     + offs_d[None, :], out, mask=tile_mask)
             LP_tile = Lpart + b64 * stride_lpb + q_tok * stride_lps + h * stride_lph + split
-            tl.store(LP_tile + row_ix * stride_lps, lse, mask=row_ok)
+            tl.store(LP_tile + _row_off(di, g, stride_lps, stride_lph, PACK_GQA), lse, mask=row_ok)
         else:
             O_tile = Out + b64 * stride_ob + q_tok * stride_os + h * stride_oh
-            tl.store(O_tile + row_ix[:, None] * stride_os + offs_d[None, :],
+            tl.store(O_tile + _row_off(di, g, stride_os, stride_oh, PACK_GQA)[:, None] + offs_d[None, :],
                      out.to(Out.dtype.element_ty), mask=tile_mask)
-            L_tile = Lse + b64 * stride_lb + h * stride_lh + q_start + m0
-            tl.store(L_tile + offs_m, lse, mask=row_ok)
+            L_tile = Lse + b64 * stride_lb + h * stride_lh + q_start + i0
+            tl.store(L_tile + _row_off(di, g, 1, stride_lh, PACK_GQA), lse, mask=row_ok)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -757,7 +830,7 @@ def _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, start, end, pos_q, seqlen_
     return dq
 
 
-@_autotune(_DQ_TABLE, _DQ_INTERP)
+@_autotune(_DQ_TABLE, _DQ_INTERP, shaped=True)
 @triton.jit(do_not_specialize=_VARYING[:5])
 def _bwd_dq(
     Q, K, V, DO, Lse, Delta, DQ,
@@ -936,13 +1009,16 @@ def flash_attn_forward(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, 
         cu_seqlens_q, cu_seqlens_k, seqlens_k, block_table)
     hq, head_dim = q.shape[-2], q.shape[-1]
     group = hq // k.shape[-2]
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if varlen_q:
         # max_seqlen_q sizes the grid only (the kernel loops over longer sequences): >= 1 program
         batch, q_len, max_q = cu_seqlens_q.numel() - 1, q.shape[0], max(max_seqlen_q, 1)
-        lse = torch.empty((hq, q.shape[0]), dtype=torch.float32, device=q.device)
+        # tokens past cu_seqlens_q[-1] belong to no sequence and no program writes them: they read
+        # as a row that sees no key (out 0, lse -inf), as on every backend (no host sync to find them)
+        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.full((hq, q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
     else:
         batch, q_len, max_q = q.shape[0], q.shape[1], q.shape[1]
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty((batch, hq, q.shape[1]), dtype=torch.float32, device=q.device)
     if paged:
         page, num_blocks = k.shape[1], k.shape[0]
@@ -964,7 +1040,9 @@ def flash_attn_forward(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, 
     so = _tok_strides(out, varlen_q)
     slb, slh = _lse_strides(q, varlen_q)
     dense_k = not (paged or varlen_k)
-    num_splits = _fwd_num_splits(batch, hq, max_q, max_seqlen_k or kv_len, window, q.device)
+    pack = _pack_gqa(group, max_q)
+    heads, tile_rows = (hq // group, max_q * group) if pack else (hq, max_q)  # grid axis 1, rows
+    num_splits = _fwd_num_splits(batch, heads, max_q, max_seqlen_k or kv_len, window, q.device, tile_rows)
     if num_splits > 1:  # float32 partial results per split, rows laid out like q's
         opart = torch.empty((*q.shape[:-1], num_splits, head_dim), dtype=torch.float32, device=q.device)
         lpart = torch.empty((*q.shape[:-1], num_splits), dtype=torch.float32, device=q.device)
@@ -973,7 +1051,7 @@ def flash_attn_forward(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, 
     else:
         opart = lpart = dummy
         sp, slp = (0, 0, 0, 0), (0, 0, 0)
-    row64 = _row64(q, k, v, out, opart, lpart)
+    row64 = _row64(q, k, v, out, opart, lpart) or (pack and _pack_row64(q, out, lse, opart, lpart))
 
     def launch(kernel, grid, bs, splits, tail, row0=0, **config):
         kernel[grid](
@@ -988,16 +1066,17 @@ def flash_attn_forward(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, 
             lpart if varlen_q or splits == 1 else lpart[bs], *sp, *slp, splits,
             *_kv_scale_args(k_scale, v_scale, dummy),
             q_len, kv_len, group, softmax_scale * LOG2E, window or 0,
-            *_tune_buckets(max_q, max_seqlen_k or kv_len, window), row0,
+            *_tune_buckets(tile_rows, max_seqlen_k or kv_len, window), row0,
             CAUSAL=causal, HAS_WINDOW=window is not None, BOTTOM_RIGHT=bottom_right,
             VARLEN_Q=varlen_q, VARLEN_K=varlen_k, PAGED=paged, PAGE=page,
             HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), PRECISION=_precision(q.dtype),
-            SPLIT=splits > 1, KV_SCALED=k_scale is not None, ROW64=row64, TAIL=tail, **config,
+            SPLIT=splits > 1, KV_SCALED=k_scale is not None, ROW64=row64, TAIL=tail,
+            PACK_GQA=pack, **config,
         )
 
-    covered = _Covered(max_q, "BLOCK_M")
+    covered = _Covered(tile_rows, "BLOCK_M")
     for bs in _batch_chunks(batch):
-        grid = lambda meta, n=bs.stop - bs.start: (covered(meta) * num_splits, hq, n)  # noqa: E731
+        grid = lambda meta, n=bs.stop - bs.start: (covered(meta) * num_splits, heads, n)  # noqa: E731
         launch(_fwd_kernel, grid, bs, num_splits, False)
     if num_splits > 1:
         # every row's splits -> out (rows of q's layout) and lse, which is (B, Hq, Sq) / (Hq, Tq)
@@ -1011,7 +1090,7 @@ def flash_attn_forward(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, 
         # (after the merge, which writes every row), one program per head and sequence.
         config = _tail_config(_FWD_TABLE, _FWD_INTERP, q.dtype, _block_d(head_dim))
         for bs in _batch_chunks(batch):
-            launch(_fwd_kernel.fn, (1, hq, bs.stop - bs.start), bs, 1, True, covered.rows, **config)
+            launch(_fwd_kernel.fn, (1, heads, bs.stop - bs.start), bs, 1, True, covered.rows, **config)
     return out, lse
 
 
@@ -1024,12 +1103,39 @@ def _kv_scale_args(k_scale, v_scale, dummy):
             v_scale.stride(0) if v_scale.dim() else 0)
 
 
-def _fwd_num_splits(batch: int, hq: int, max_q: int, max_k: int, window, device) -> int:
+def _fwd_num_splits(batch: int, heads: int, max_q: int, max_k: int, window, device,
+                    rows: int | None = None) -> int:
     """Key splits for the forward (flash-decoding): more than one only when the query tiles alone
     leave the GPU idle (decode, short chunks) and the band each row sees is long. The paged decode's
-    policy (gptkernels._policy), with (sequences x query tiles) x query heads as its programs."""
-    q_tiles = triton.cdiv(max_q, 128)  # the largest BLOCK_M: never more splits than needed
-    return num_splits(batch * q_tiles * hq, decode_band(max_k, window, max_q), sm_count(device))
+    policy (gptkernels._policy), with (sequences x query tiles) x grid heads as its programs:
+    ``heads`` programs per sequence of ``rows`` tile rows (default ``max_q``; with PACK_GQA, KV
+    heads of group x max_q rows)."""
+    # the largest BLOCK_M: never more splits than needed
+    q_tiles = triton.cdiv(max_q if rows is None else rows, 128)
+    return num_splits(batch * q_tiles * heads, decode_band(max_k, window, max_q), sm_count(device))
+
+
+#: The short-query path packs a GQA group's query heads into the query tile (PACK_GQA) when every
+#: sequence has at most this many query rows (decode, speculative chunks) ...
+PACK_MAX_Q = 16
+#: ... or when the group's rows fill at most one query tile of the largest BLOCK_M.
+PACK_MAX_ROWS = 128
+
+
+def _pack_gqa(group: int, max_q: int) -> bool:
+    """Whether the forward packs the query heads of a GQA group into its query tiles: with few query
+    rows, so that each K/V tile is loaded once per group and not once per query head (the query
+    tiles of one head would be mostly padding anyway). Longer queries keep one program per query
+    head: their tiles are full and L2 absorbs the repeated K/V reads."""
+    return 1 < group <= 256 and (max_q <= PACK_MAX_Q or group * max_q <= PACK_MAX_ROWS)
+
+
+def _pack_row64(*tensors) -> bool:
+    """Whether a packed tile's row offset, (query - first query) x token stride + head x head stride
+    with both factors below 256 (``_row64``'s bound), may pass 2**31 as a sum (a bound from each
+    tensor's two largest strides)."""
+    return any(256 * sum(sorted(abs(st) for st in t.stride())[-2:]) >= 2**31 for t in tensors
+               if t is not None)
 
 
 def flash_attn_backward(dout, dlse, q, k, v, out, lse, *, causal, window, softmax_scale,
@@ -1045,9 +1151,12 @@ def flash_attn_backward(dout, dlse, q, k, v, out, lse, *, causal, window, softma
     cu_seqlens_q, cu_seqlens_k = _contiguous(cu_seqlens_q, cu_seqlens_k)
     hq, hkv, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
     group = hq // hkv
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    # varlen: tokens outside cu_seqlens_* belong to no sequence and no program writes their rows:
+    # their gradient is 0 (zero-filled, as the torch backend gives; no host sync to find them)
+    alloc = torch.zeros if varlen else torch.empty
+    dq = alloc(q.shape, dtype=q.dtype, device=q.device)
+    dk = alloc(k.shape, dtype=k.dtype, device=k.device)
+    dv = alloc(v.shape, dtype=v.dtype, device=v.device)
     if varlen:
         batch, q_len, kv_len = cu_seqlens_q.numel() - 1, q.shape[0], k.shape[0]
         # the max_seqlen_* size the grids only (the kernels loop over longer sequences): >= 1 program

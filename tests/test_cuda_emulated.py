@@ -424,6 +424,16 @@ def test_emulated_empty_inputs_as_the_other_backends(emu_ops, monkeypatch, case)
             assert g.shape == w.shape and g.dtype == w.dtype and torch.equal(g, w), name
 
 
+def test_emulated_varlen_tokens_outside_cu_seqlens(emu):
+    """Tokens past cu_seqlens_q[-1] belong to no sequence: out 0 and lse -inf, as on the other
+    backends (the launcher zero-fills; no program writes them)."""
+    cu = cu_seqlens([3, 2], "cpu")
+    q, k, v = randn(9, 2, 32, dtype=torch.float16), randn(9, 1, 32, dtype=torch.float16), randn(9, 1, 32, dtype=torch.float16)
+    out, lse = emu.flash_attn_forward(q, k, v, **flash_kw(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=3,
+                                                          max_seqlen_k=3))
+    assert torch.equal(out[5:], torch.zeros_like(out[5:])) and bool(torch.isneginf(lse[:, 5:]).all())
+
+
 def test_emulated_paged_append_no_tokens(emu):
     kc = randn(2, 8, 1, 4, dtype=torch.float16)
     before = kc.clone()

@@ -1,9 +1,12 @@
 // gptkernels_C::flash_attn_fwd: input checks, output allocation, FlashFwdParams, launch.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <climits>
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -119,9 +122,12 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at:
   const OptTensor cu_k = varlen_k ? OptTensor(cu_seqlens_k->contiguous()) : std::nullopt;
   const OptTensor table = paged ? OptTensor(block_table->contiguous()) : std::nullopt;
   const OptTensor lens_k = paged ? OptTensor(seqlens_k->contiguous()) : std::nullopt;
-  at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous
-  at::Tensor lse = varlen_q ? at::empty({heads_q, q.size(0)}, q.options().dtype(at::kFloat))
-                            : at::empty({batch, heads_q, q.size(1)}, q.options().dtype(at::kFloat));
+  // contiguous. Varlen: tokens outside cu_seqlens_q (padding after its last offset) are written by
+  // no program; they read as a row that sees no key (out 0, lse -inf), as on every backend.
+  at::Tensor out = varlen_q ? at::zeros(q.sizes(), q.options()) : at::empty(q.sizes(), q.options());
+  at::Tensor lse = varlen_q
+      ? at::full({heads_q, q.size(0)}, -std::numeric_limits<float>::infinity(), q.options().dtype(at::kFloat))
+      : at::empty({batch, heads_q, q.size(1)}, q.options().dtype(at::kFloat));
   if (q.numel() == 0) return {out, lse};
 
   FlashFwdParams p{};

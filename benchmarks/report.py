@@ -28,9 +28,8 @@ LATEST = RESULTS_DIR / "latest.json"
 AUDIT_LATEST_NAME = "audit-latest.json"
 DEFAULT_OUT = REPO / "BENCHMARKS.md"
 
-SUITE_TITLES = {"attention": "Attention (issue 2)", "rotary": "Rotary embedding (issue 3)",
-                "paged": "Paged KV-cache decode (issue 4)", "model": "Models (issue 5)", "parity": "Parity sweep",
-                "quant": "Quantization (issue 16)"}
+SUITE_TITLES = {"attention": "Attention", "rotary": "Rotary embedding", "paged": "Paged KV-cache decode",
+                "model": "Models", "parity": "Parity sweep", "quant": "Quantization"}
 STATUS_CELL = {"mismatch": "WRONG", "error": "error", "unavailable": "n/a", "skipped": "skipped", "fail": "FAIL"}
 
 
@@ -114,7 +113,7 @@ def _table_md(table: Table, rows: list[Row], doc: dict, notes: list[str]) -> lis
 
 
 def _targets_md(ts: list[dict]) -> list[str]:
-    out = ["## Targets (issues 2-6, on an H100) and the gap to each", "",
+    out = ["## Targets (the issue that set each, on an H100/H200) and the gap to each", "",
            "| issue | target | figure | status |", "|---|---|---|---|"]
     for t in ts:
         out.append(f"| {t['issue']} | {t['what']} | {t['figure']} | {targets.gap_text(t)} |")

@@ -1,4 +1,4 @@
-"""The performance targets of issues 2-6 and 16, read off a run's rows: each one's figure, the target, the gap.
+"""The performance targets the issues set (each names its issue), read off a run's rows: each one's figure, the target, the gap.
 
 Every target names the rows it is computed from; where one of them did not run, the target says so
 ("not measured: ...") instead of guessing.

@@ -757,4 +757,4 @@ def test_benchmark_quant_suite_without_gpu(tmp_path, capsys, monkeypatch):
     md = tmp_path / "BENCHMARKS.md"
     report.generate([path], out=md, plots_dir=tmp_path, store=False)
     text = md.read_text()
-    assert "## Quantization (issue 16)" in text and "Perplexity of the tiny trained checkpoint" in text
+    assert "## Quantization" in text and "Perplexity of the tiny trained checkpoint" in text

@@ -46,20 +46,28 @@ def _flash_attn_fwd(
     deterministic: bool,
     k_scale: Optional[torch.Tensor] = None,
     v_scale: Optional[torch.Tensor] = None,
+    softcap: Optional[float] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # deterministic only matters to the backward; it is an input here so autograd can save it
     fwd = backend_fn(backend, "flash_attn_forward", OP)
-    # an fp8 paged cache's scales reach the launcher only when given (a backend without fp8 refuses)
-    scales = {} if k_scale is None else {"k_scale": k_scale, "v_scale": v_scale}
     return fwd(q, k, v, causal=causal, window=window, softmax_scale=softmax_scale,
                cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-               block_table=block_table, seqlens_k=seqlens_k, bottom_right=bottom_right, **scales)
+               block_table=block_table, seqlens_k=seqlens_k, bottom_right=bottom_right,
+               **_options(k_scale=k_scale, v_scale=v_scale, softcap=softcap, alibi_slopes=alibi_slopes))
+
+
+def _options(**options):
+    """The optional inputs a call uses (fp8 scales, softcap, ALiBi slopes): only those reach the
+    launcher, so a backend without them (cuda) still serves the calls that do not use them."""
+    return {name: value for name, value in options.items() if value is not None}
 
 
 @_flash_attn_fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k, max_seqlen_q, max_seqlen_k,
-      causal, window, softmax_scale, bottom_right, backend, deterministic, k_scale=None, v_scale=None):
+      causal, window, softmax_scale, bottom_right, backend, deterministic, k_scale=None, v_scale=None,
+      softcap=None, alibi_slopes=None):
     return q.new_empty(q.shape), q.new_empty(P.lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
 
 
@@ -82,37 +90,43 @@ def _flash_attn_bwd(
     bottom_right: bool,
     backend: str,
     deterministic: bool,
+    softcap: Optional[float] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     bwd = backend_fn(backend, "flash_attn_backward", OP)
     return bwd(dout, dlse, q, k, v, out, lse, causal=causal, window=window,
                softmax_scale=softmax_scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, bottom_right=bottom_right,
-               deterministic=deterministic)
+               deterministic=deterministic, **_options(softcap=softcap, alibi_slopes=alibi_slopes))
 
 
 @_flash_attn_bwd.register_fake
 def _(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-      causal, window, softmax_scale, bottom_right, backend, deterministic):
+      causal, window, softmax_scale, bottom_right, backend, deterministic, softcap=None,
+      alibi_slopes=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _fwd_setup_context(ctx, inputs, output):
     (q, k, v, cu_q, cu_k, block_table, seqlens_k, max_q, max_k, causal, window, scale,
-     bottom_right, backend, deterministic) = inputs[:15]  # then an fp8 paged cache's scales
+     bottom_right, backend, deterministic) = inputs[:15]
+    # then an fp8 paged cache's scales (forward only), softcap and ALiBi slopes
+    softcap, alibi_slopes = (list(inputs[17:19]) + [None, None])[:2]
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-    ctx.params = (max_q, max_k, causal, window, scale, bottom_right, backend, deterministic)
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi_slopes)
+    ctx.params = (max_q, max_k, causal, window, scale, bottom_right, backend, deterministic, softcap)
     ctx.paged = block_table is not None
 
 
 def _fwd_backward(ctx, dout, dlse):
     if ctx.paged:
         raise BackendUnavailableError(f"{OP}: attention over a paged KV cache is not differentiable")
-    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    max_q, max_k, causal, window, scale, bottom_right, backend, deterministic = ctx.params
+    q, k, v, out, lse, cu_q, cu_k, alibi_slopes = ctx.saved_tensors
+    max_q, max_k, causal, window, scale, bottom_right, backend, deterministic, softcap = ctx.params
     dq, dk, dv = _flash_attn_bwd(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal,
-                                 window, scale, bottom_right, backend, deterministic)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None, None, None
+                                 window, scale, bottom_right, backend, deterministic, softcap,
+                                 alibi_slopes)
+    return (dq, dk, dv) + (None,) * 16  # no gradient for the other 16 inputs (ALiBi slopes included)
 
 
 _flash_attn_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
@@ -148,7 +162,7 @@ def _lengths(cu: torch.Tensor | None) -> torch.Tensor | None:
 
 def _check_flash_attn(q, k, v, causal, window, softmax_scale, cu_seqlens_q, cu_seqlens_k,
                       max_seqlen_q, max_seqlen_k, block_table, seqlens_k, op=OP, names=None,
-                      k_scale=None, v_scale=None):
+                      k_scale=None, v_scale=None, softcap=None, alibi_slopes=None):
     """Validate a flash_attn call; returns (max_seqlen_q, max_seqlen_k) for the kernels.
 
     ``op`` and ``names`` (e.g. q -> query) let :func:`sdpa` reuse these checks in its own words.
@@ -224,6 +238,9 @@ def _check_flash_attn(q, k, v, causal, window, softmax_scale, cu_seqlens_q, cu_s
     for name, t in ((n["q"], q), (n["k"], k), (n["v"], v)):
         C.check_head_dim_stride(op, name, t)
     C.check_gqa(op, q.shape[-2], k.shape[-2], n["q"], n["k"])
+    C.check_softcap(op, softcap)
+    batch = block_table.shape[0] if paged else cu_seqlens_q.numel() - 1 if varlen_q else q.shape[0]
+    C.check_alibi_slopes(op, alibi_slopes, batch, q.shape[-2], q.device)
     return max_q, max_k
 
 
@@ -234,10 +251,13 @@ def _check_flash_attn(q, k, v, causal, window, softmax_scale, cu_seqlens_q, cu_s
 
 def _flash_attn(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, cu_seqlens_k,
                 max_seqlen_q, max_seqlen_k, block_table, seqlens_k, return_lse, backend,
-                bottom_right, deterministic=True, op=OP, names=None, k_scale=None, v_scale=None):
+                bottom_right, deterministic=True, op=OP, names=None, k_scale=None, v_scale=None,
+                softcap=None, alibi_slopes=None):
     max_q, max_k = _check_flash_attn(q, k, v, causal, window, softmax_scale, cu_seqlens_q,
                                      cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table, seqlens_k,
-                                     op=op, names=names, k_scale=k_scale, v_scale=v_scale)
+                                     op=op, names=names, k_scale=k_scale, v_scale=v_scale,
+                                     softcap=softcap, alibi_slopes=alibi_slopes)
+    softcap = None if softcap is None else float(softcap)
     if not isinstance(deterministic, bool):
         raise TypeError(f"{op}: deterministic must be a bool, got {deterministic!r}")
     # torch.use_deterministic_algorithms(True) wins: like torch's own ops that have a deterministic
@@ -249,8 +269,13 @@ def _flash_attn(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, cu_seql
         out, lse = reference.attention(
             q, k, v, causal=causal, window=window, softmax_scale=scale, cu_seqlens_q=cu_seqlens_q,
             cu_seqlens_k=cu_seqlens_k, block_table=block_table, seqlens_k=seqlens_k,
-            bottom_right=bottom_right, return_lse=True, k_scale=k_scale, v_scale=v_scale)
+            bottom_right=bottom_right, return_lse=True, k_scale=k_scale, v_scale=v_scale,
+            softcap=softcap, alibi_slopes=alibi_slopes)
     else:
+        if needs_grad(alibi_slopes):
+            raise BackendUnavailableError(
+                f"{op}: backend {backend!r} does not differentiate alibi_slopes (FlashAttention does "
+                "not either): pass alibi_slopes.detach(), or use backend='torch'")
         if needs_grad(q, k, v):
             if block_table is not None:
                 raise BackendUnavailableError(
@@ -259,15 +284,15 @@ def _flash_attn(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, cu_seql
             backend_fn(backend, "flash_attn_backward", OP)  # fail now, not in backward
         out, lse = _flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k,
                                    max_q, max_k, causal, window, scale, bottom_right, backend,
-                                   deterministic, k_scale, v_scale)
+                                   deterministic, k_scale, v_scale, softcap, alibi_slopes)
     return (out, lse) if return_lse else out
 
 
 def flash_attn(q, k, v, *, causal=True, window=None, softmax_scale=None, cu_seqlens_q=None,
                cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, block_table=None,
                seqlens_k=None, return_lse=False, backend=None, deterministic=True, k_scale=None,
-               v_scale=None):
-    """Fused softmax attention (causal, sliding window, GQA, varlen, paged keys).
+               v_scale=None, softcap=None, alibi_slopes=None):
+    """Fused softmax attention (causal, sliding window, GQA, varlen, paged keys, softcap, ALiBi).
 
     Dense: q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D). Varlen: q (Tq, Hq, D), k/v (Tk, Hkv, D) with int32
     ``cu_seqlens_q``/``cu_seqlens_k`` (B+1,). Paged keys: k/v are caches (num_blocks, block_size, Hkv, D)
@@ -278,6 +303,14 @@ def flash_attn(q, k, v, *, causal=True, window=None, softmax_scale=None, cu_seql
     Query row i sits at position ``i + Sk - Sq`` (bottom-right). ``causal``: it sees keys ``j <= p``;
     ``window=W``: at most W keys, itself included (``p - W < j <= p``), which is FlashAttention's
     ``window_size=(W - 1, 0)``. Rows that see no key output zeros (lse -inf).
+
+    Score modifiers, applied in FlashAttention's order (scale, soft cap, ALiBi, then the mask; as
+    :func:`gptkernels.paged_decode`): ``softcap`` (a finite float > 0; None: off, which
+    FlashAttention spells ``softcap=0.0``, refused here) turns the scaled score s into
+    ``softcap * tanh(s / softcap)`` (Gemma-2, Grok); ``alibi_slopes`` (float32, (Hq,) or (B, Hq))
+    adds ``-slope * |i + Sk - Sq - j|`` to the score of query row i and key j (FlashAttention's
+    ``alibi_slopes``; BLOOM, MPT). Both are differentiated through for q, k, v; the slopes get no
+    gradient on the kernel backends (FlashAttention's neither). The CUDA backend refuses both.
 
     Returns ``out`` like q, or ``(out, lse)`` with ``return_lse=True`` (lse float32, (B, Hq, Sq) dense
     or (Hq, Tq) varlen). Pass ``max_seqlen_q``/``max_seqlen_k`` with varlen inputs to avoid a host sync.
@@ -292,7 +325,7 @@ def flash_attn(q, k, v, *, causal=True, window=None, softmax_scale=None, cu_seql
                        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                        block_table=block_table, seqlens_k=seqlens_k, return_lse=return_lse,
                        backend=backend, bottom_right=True, deterministic=deterministic,
-                       k_scale=k_scale, v_scale=v_scale)
+                       k_scale=k_scale, v_scale=v_scale, softcap=softcap, alibi_slopes=alibi_slopes)
 
 
 def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,

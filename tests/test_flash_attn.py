@@ -86,7 +86,7 @@ def check_attention(q, k, v, *, grad=False, with_dlse=False, max_seqlen_q=None, 
         assert g.shape == x.shape and g.dtype == x.dtype
         floor = None
         if lse_floor:
-            lse_max = float(r_lse[torch.isfinite(r_lse)].abs().max())
+            lse_max = float(r_lse.detach()[torch.isfinite(r_lse)].abs().max())
             floor = (FLOORS[g.dtype] + 4 * lse_max * 2**-24) * max(1.0, float(r.abs().max()))
             if name != "dv":
                 scale = kw.get("softmax_scale") or q.shape[-1] ** -0.5
@@ -923,3 +923,180 @@ def test_large_batch_is_launched_in_chunks(monkeypatch):
     # through 1, and twice with varlen q
     assert len(grids) == 3 * 4 + 3 * 3 + 3 * 8 + 2 + 2 * 2
     assert sum(g[2] for g in grids) == 5 * 4 + 5 * 3 + 5 * 8 + 3 + 3 * 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Soft cap and ALiBi (issue 19 items 1-2; semantics: gptkernels/reference.py, as paged_decode's)
+# --------------------------------------------------------------------------------------------------
+
+# (softcap, slopes): "heads" = the ALiBi paper's (Hq,) slopes, "batch" = random (B, Hq) ones
+_MODS = [(5.0, None), (None, "heads"), (2.0, "batch")]
+
+
+def _mod_kw(softcap, kind, batch, hq):
+    from tests.test_paged_ops import _slopes  # the slopes paged_decode's tests use
+
+    return dict(softcap=softcap, alibi_slopes=_slopes(kind, batch, hq, seed=batch * hq))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mods", _MODS, ids=str)
+def test_softcap_alibi_dense_and_gqa(mods, dtype):
+    # forward + both backwards: dense causal GQA through lse, a window, non-causal (|i - j| both ways),
+    # and a decode-shaped GQA call (packed rows: each row its own head's slope)
+    softcap, kind = mods
+    q, k, v = randn(2, 37, 4, 32, dtype=dtype), randn(2, 45, 2, 32, dtype=dtype), randn(2, 45, 2, 32, dtype=dtype)
+    kw = _mod_kw(softcap, kind, 2, 4)
+    check_attention(q, k, v, causal=True, grad=True, with_dlse=True, **kw)
+    check_attention(q, k, v, causal=True, window=16, grad=True, deterministic=False, **kw)
+    check_attention(q[:, :20], k, v, causal=False, grad=True, **kw)
+    q, k, v = randn(2, 3, 8, 32, dtype=dtype), randn(2, 40, 2, 32, dtype=dtype), randn(2, 40, 2, 32, dtype=dtype)
+    check_attention(q, k, v, causal=True, grad=True, deterministic=False, **_mod_kw(softcap, kind, 2, 8))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mods", _MODS, ids=str)
+def test_softcap_alibi_varlen_and_paged(mods, dtype):
+    # varlen (an empty sequence, bottom-right positions per sequence) forward + backward; paged
+    # keys with dense and varlen q (forward only: not differentiable), one with an fp8 cache
+    softcap, kind = mods
+    lq, lk = (5, 0, 17), (30, 4, 17)
+    q, k, v = randn(sum(lq), 4, 32, dtype=dtype), randn(sum(lk), 2, 32, dtype=dtype), randn(sum(lk), 2, 32, dtype=dtype)
+    kw = _mod_kw(softcap, kind, 3, 4)
+    check_attention(q, k, v, causal=True, cu_seqlens_q=_cu(lq), cu_seqlens_k=_cu(lk), max_seqlen_q=17,
+                    max_seqlen_k=30, grad=True, deterministic=dtype == torch.float16, **kw)
+    k_cache, v_cache, table, seqlens = _paged_cache([40, 7, 21], 8, 2, 32, dtype)
+    check_attention(randn(3, 4, 4, 32, dtype=dtype), k_cache, v_cache, causal=True, window=12,
+                    block_table=table, seqlens_k=seqlens, **kw)
+    check_attention(randn(9, 4, 32, dtype=dtype), k_cache, v_cache, causal=True, block_table=table,
+                    seqlens_k=seqlens, cu_seqlens_q=_cu((4, 0, 5)), max_seqlen_q=5, **kw)
+    scales = dict(k_scale=torch.tensor([0.02, 0.05], device=DEVICE), v_scale=torch.tensor(0.03, device=DEVICE))
+    k8 = reference.quantize_fp8(k_cache * 4, scales["k_scale"])
+    v8 = reference.quantize_fp8(v_cache, scales["v_scale"])
+    check_attention(randn(3, 2, 4, 32, dtype=dtype), k8, v8, causal=True, block_table=table,
+                    seqlens_k=seqlens, **scales, **kw)
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("softcap", [50.0, 2.0])
+def test_softcap_large_and_small(softcap, deterministic):
+    # scores of a few tens: a cap of 50 barely bends them (tanh near its linear part), a cap of 2
+    # flattens them (tanh saturated, 1 - tanh^2 near 0 in the backward)
+    q, k, v = randn(1, 33, 2, 64, scale=3.0), randn(1, 33, 2, 64, scale=3.0), randn(1, 33, 2, 64)
+    check_attention(q, k, v, causal=True, softcap=softcap, grad=True, deterministic=deterministic,
+                    with_dlse=True, lse_floor=True)
+
+
+def test_softcap_alibi_torch_backend_is_reference():
+    q, k, v = randn(2, 9, 4, 16), randn(2, 12, 2, 16), randn(2, 12, 2, 16)
+    kw = _mod_kw(3.0, "batch", 2, 4)
+    out, lse = gptkernels.flash_attn(q, k, v, return_lse=True, backend="torch", **kw)
+    r_out, r_lse = reference.attention(q, k, v, return_lse=True, **kw)
+    assert torch.equal(out, r_out) and torch.equal(lse, r_lse)
+    # the modifiers do change the result (a test of them that could not fail would prove nothing)
+    assert not torch.allclose(out, gptkernels.flash_attn(q, k, v, backend="torch"))
+
+
+def test_softcap_alibi_slopes_of_any_strides():
+    # (B, Hq) slopes as a transposed view and (Hq,) slopes with a stride: the same answer as
+    # contiguous copies (the kernels read them through their strides)
+    q, k, v = randn(3, 6, 4, 16), randn(3, 10, 2, 16), randn(3, 10, 2, 16)
+    g = torch.Generator().manual_seed(3)
+    batch = (torch.rand(4, 3, generator=g) * 0.5).to(DEVICE).t()
+    heads = (torch.rand(4, 2, generator=g) * 0.5).to(DEVICE)[:, 0]
+    for slopes in (batch, heads):
+        assert not slopes.is_contiguous()
+        got = gptkernels.flash_attn(q, k, v, alibi_slopes=slopes, backend=BACKEND)
+        want = gptkernels.flash_attn(q, k, v, alibi_slopes=slopes.contiguous(), backend=BACKEND)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _bad_mod_args():
+    return dict(q=randn(2, 5, 4, 16), k=randn(2, 7, 2, 16), v=randn(2, 7, 2, 16))
+
+
+@pytest.mark.parametrize("over, exc, match", [
+    (dict(softcap=0.0), ValueError, "flash_attn: softcap must be None or a finite float > 0"),
+    (dict(softcap=-1.0), ValueError, "flash_attn: softcap must be None or a finite float > 0"),
+    (dict(softcap=float("nan")), ValueError, "flash_attn: softcap"),
+    (dict(softcap=float("inf")), ValueError, "flash_attn: softcap"),
+    (dict(softcap="30"), TypeError, "flash_attn: softcap must be None or a float"),
+    (dict(softcap=True), TypeError, "flash_attn: softcap"),
+    (dict(alibi_slopes=torch.ones(4, dtype=torch.float16)), TypeError,
+     "flash_attn: alibi_slopes must have dtype float32"),
+    (dict(alibi_slopes=torch.ones(5)), ValueError,
+     r"flash_attn: alibi_slopes must be shaped \(Hq,\) = \(4,\) or \(B, Hq\) = \(2, 4\)"),
+    (dict(alibi_slopes=torch.ones(3, 4)), ValueError, "flash_attn: alibi_slopes must be shaped"),
+    (dict(alibi_slopes=torch.ones(2, 4, 1)), ValueError, "flash_attn: alibi_slopes must be shaped"),
+    (dict(alibi_slopes=torch.ones(4, device="meta")), ValueError,
+     "flash_attn: alibi_slopes must be on the same device"),
+    (dict(alibi_slopes=[0.5] * 4), TypeError, "flash_attn: alibi_slopes must be a torch.Tensor"),
+])
+@pytest.mark.parametrize("backend", [BACKEND, "torch"])
+def test_softcap_alibi_bad_input(over, exc, match, backend):
+    if isinstance(over.get("alibi_slopes"), torch.Tensor) and over["alibi_slopes"].device.type != "meta":
+        over = dict(over, alibi_slopes=over["alibi_slopes"].to(DEVICE))
+    with pytest.raises(exc, match=match):
+        gptkernels.flash_attn(**_bad_mod_args(), backend=backend, **over)
+
+
+def test_alibi_slopes_get_no_gradient_on_kernels():
+    # The kernel backends (like FlashAttention) do not differentiate the slopes: refused rather
+    # than silently leaving their .grad empty; detached slopes are fine.
+    args = _bad_mod_args()
+    slopes = torch.full((4,), 0.3, device=DEVICE, requires_grad=True)
+    with pytest.raises(gptkernels.BackendUnavailableError, match="flash_attn: .*alibi_slopes"):
+        gptkernels.flash_attn(**args, alibi_slopes=slopes, backend=BACKEND)
+    gptkernels.flash_attn(**args, alibi_slopes=slopes.detach(), backend=BACKEND)
+
+
+def test_cuda_backend_refuses_softcap_and_alibi():
+    # The CUDA kernels implement neither: the launcher refuses, naming the argument, before it
+    # touches the extension (so this runs without a GPU).
+    from gptkernels import cuda as cuda_backend
+
+    q, k, v = randn(1, 4, 2, 64, dtype=torch.float16), randn(1, 6, 2, 64, dtype=torch.float16), \
+        randn(1, 6, 2, 64, dtype=torch.float16)
+    kw = dict(causal=True, window=None, softmax_scale=0.125, cu_seqlens_q=None, cu_seqlens_k=None,
+              max_seqlen_q=None, max_seqlen_k=None, block_table=None, seqlens_k=None, bottom_right=True)
+    for opt, name in ((dict(softcap=5.0), "softcap"), (dict(alibi_slopes=torch.ones(2, device=DEVICE)), "alibi_slopes")):
+        with pytest.raises(gptkernels.BackendUnavailableError,
+                           match=f"flash_attn: backend 'cuda' cannot serve this call: no CUDA kernel for {name}"):
+            cuda_backend.flash_attn_forward(q, k, v, **kw, **opt)
+
+
+def test_softcap_alibi_through_torch_compile():
+    # softcap and the slopes go through the torch.library ops (schema, fake implementations,
+    # autograd), traced whole by torch.compile
+    torch._dynamo.reset()
+    q, k, v = (randn(1, 9, 4, 16).requires_grad_() for _ in range(3))
+    kw = _mod_kw(4.0, "heads", 1, 4)
+
+    def fn(q, k, v):
+        return gptkernels.flash_attn(q, k, v, backend=BACKEND, **kw)
+
+    got = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v)
+    want = fn(q, k, v)
+    torch.testing.assert_close(got, want)
+    g_got = torch.autograd.grad(got.sum(), (q, k, v))
+    g_want = torch.autograd.grad(want.sum(), (q, k, v))
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("mods", _MODS, ids=str)
+def test_softcap_alibi_gpu(mods, dtype):
+    # the GPU's own configs (wgmma tiles, autotuned), longer sequences, D = 128
+    softcap, kind = mods
+    q, k, v = randn(2, 300, 8, 128, dtype=dtype), randn(2, 300, 2, 128, dtype=dtype), randn(2, 300, 2, 128, dtype=dtype)
+    kw = _mod_kw(softcap, kind, 2, 8)
+    for deterministic in (True, False):
+        check_attention(q, k, v, causal=True, grad=True, with_dlse=True, deterministic=deterministic, **kw)
+    check_attention(q, k, v, causal=True, window=64, grad=True, **kw)
+    check_attention(q[:, :1], k, v, causal=True, **kw)  # decode: packed GQA rows, split keys
+    lq, lk = (100, 1, 250), (300, 40, 250)
+    qv, kv_, vv = randn(sum(lq), 8, 128, dtype=dtype), randn(sum(lk), 2, 128, dtype=dtype), randn(sum(lk), 2, 128, dtype=dtype)
+    check_attention(qv, kv_, vv, causal=True, cu_seqlens_q=_cu(lq), cu_seqlens_k=_cu(lk), max_seqlen_q=250,
+                    max_seqlen_k=300, grad=True, **_mod_kw(softcap, kind, 3, 8))

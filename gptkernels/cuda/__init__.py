@@ -84,13 +84,14 @@ def register_fakes(namespace: str) -> None:
 
 
 def flash_attn_forward(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                       max_seqlen_k, block_table, seqlens_k, bottom_right, k_scale=None, v_scale=None):
+                       max_seqlen_k, block_table, seqlens_k, bottom_right, k_scale=None, v_scale=None,
+                       softcap=None, alibi_slopes=None):
     """(out, lse): out like q (contiguous), lse float32 (B, Hq, Sq) dense or (Hq, Tq) varlen.
 
     float16/bfloat16 only, head dims 32, 64, 80, 96, 128, rows 16-byte aligned (head dim contiguous).
     ``softmax_scale`` and, for varlen q, ``max_seqlen_q`` come resolved from gptkernels.attention.
     """
-    _refuse_options("flash_attn", k_scale=k_scale, v_scale=v_scale)
+    _refuse_options("flash_attn", k_scale=k_scale, v_scale=v_scale, softcap=softcap, alibi_slopes=alibi_slopes)
     max_q = q.shape[1] if cu_seqlens_q is None else int(max_seqlen_q)  # dense: Sq is q's shape
     max_k = 0 if max_seqlen_k is None else int(max_seqlen_k)  # unused: each sequence's key count is read
     out, lse = _call("flash_attn", "flash_attn_fwd", q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k,

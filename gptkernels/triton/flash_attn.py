@@ -47,7 +47,7 @@ import triton.language as tl
 
 from .._policy import LOG2E, decode_band, num_splits, sm_count
 from ._config import INTERPRET, autotune, configs, next_pow2
-from .paged import merge_splits
+from .paged import _tanh, merge_splits
 
 _LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)  # the same constant, usable inside kernels
 
@@ -71,6 +71,26 @@ def _visible(pos_q, cols, seqlen_k, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl
         if HAS_WINDOW:
             vis = vis & (cols > pos_q - window)
     return vis
+
+
+@triton.jit
+def _score_mods(s, pos_q, cols, slope2, softcap_scale, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+    """Soft cap, then ALiBi, on a tile of scores (``reference.softcap_scores`` / ``alibi_bias``).
+
+    In: ``s`` = q.k times ``qk_scale``, which is softmax_scale * log2(e) without a soft cap and
+    softmax_scale / softcap with one (tanh acts on the natural-scale score; log2(e) then rides on
+    ``softcap_scale`` = softcap * log2(e)). Out: scores in log2 units, as the online softmax takes
+    them. ``slope2``: the rows' ALiBi slopes times log2(e); the bias is -slope * |pos_q - col|.
+    Neither changes which keys are visible (the mask comes after, as in FlashAttention).
+    Returns (scores, tanh of the capped input): the backward's chain rule needs the latter.
+    """
+    cap = s
+    if SOFTCAP:
+        cap = _tanh(s)
+        s = cap * softcap_scale
+    if ALIBI:
+        s -= slope2 * tl.abs(pos_q - cols).to(tl.float32)
+    return s, cap
 
 
 @triton.jit
@@ -396,7 +416,8 @@ def _pick(table, atomic_table=None, decode_table=None, shaped=False):
 #: Autotune key (the autotuner adds the tensors' dtypes): the compile-time shape of the problem plus
 #: power-of-two buckets of the longest query sequence and of the band width (keys a row sees), which
 #: decide the tile shape that fills the GPU and wastes least on boundary tiles.
-_TUNE_KEY = ["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "PAGED", "VARLEN_Q", "seq_bucket", "band_bucket"]
+_TUNE_KEY = ["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "PAGED", "VARLEN_Q", "seq_bucket", "band_bucket",
+             "SOFTCAP", "ALIBI"]
 
 
 def _autotune(table, interp, extra_key=(), reset_to_zero=None, atomic_table=None, decode_table=None,
@@ -423,10 +444,11 @@ _VARYING = ["q_len", "kv_len", "group", "window", "row0", "num_blocks", "stride_
 def _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, start, end, pos_q, seqlen_k, window, qk_scale,
                b, block_table, stride_tb, num_blocks,
                stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
-               offs_n, offs_d,
+               offs_n, offs_d, slope2, softcap_scale,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                PAGED: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
-               BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ROW64: tl.constexpr):
+               BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ROW64: tl.constexpr,
+               SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
     d_ok = offs_d[None, :] < HEAD_DIM
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -443,6 +465,8 @@ def _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, start, end, pos_q, seqlen_k, wi
         k = tl.load(K_head + k_base + k_rows[:, None] + offs_d[None, :] * stride_kd, mask=kv_mask,
                     other=0.0).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s, _cap = _score_mods(s, pos_q[:, None], (start_n + offs_n)[None, :], slope2, softcap_scale,
+                              SOFTCAP, ALIBI)
         if MASKED:
             vis = _visible(pos_q[:, None], (start_n + offs_n)[None, :], seqlen_k, window,
                            CAUSAL, HAS_WINDOW)
@@ -482,12 +506,14 @@ def _fwd_kernel(
     Opart, Lpart, stride_pb, stride_ps, stride_ph, stride_pp, stride_lpb, stride_lps, stride_lph,
     num_splits,
     K_scale, V_scale, stride_kscale_h, stride_vscale_h,
+    Slopes, stride_slb, stride_slh, softcap_scale,
     q_len, kv_len, group, qk_scale, window, seq_bucket, band_bucket, row0,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_SCALED: tl.constexpr = False,
     ROW64: tl.constexpr = False, TAIL: tl.constexpr = False, PACK_GQA: tl.constexpr = False,
+    SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False,
 ):
     # PACK_GQA (few query rows, GQA): one program per KV head (grid axis 1) whose query tile holds
     # the rows of every query head of the group, row r = query i * group + head g: each K/V tile is
@@ -557,6 +583,15 @@ def _fwd_kernel(
         Q_tile = Q + b64 * stride_qb + q_tok * stride_qs + h * stride_qh
         q = tl.load(Q_tile + _row_off(di, g, stride_qs, stride_qh, PACK_GQA)[:, None]
                     + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        if ALIBI:  # each row's own head's slope (packed rows: head h + g), in log2 units
+            if PACK_GQA:
+                heads = h + g
+            else:
+                heads = h + offs_m * 0
+            slope2 = (tl.load(Slopes + b64 * stride_slb + heads * stride_slh, mask=row_ok,
+                              other=0.0) * _LOG2E_C)[:, None]
+        else:
+            slope2 = m0  # unused
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -582,18 +617,18 @@ def _fwd_kernel(
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, lo1, hi1, pos_q, seqlen_k,
                                    window, qk_scale, b, block_table, stride_tb, num_blocks,
                                    stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
-                                   offs_n, offs_d, True, CAUSAL, HAS_WINDOW, PAGED, PAGE, HEAD_DIM,
-                                   BLOCK_N, PRECISION, ROW64)
+                                   offs_n, offs_d, slope2, softcap_scale, True, CAUSAL, HAS_WINDOW,
+                                   PAGED, PAGE, HEAD_DIM, BLOCK_N, PRECISION, ROW64, SOFTCAP, ALIBI)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, lo2, hi2, pos_q, seqlen_k,
                                    window, qk_scale, b, block_table, stride_tb, num_blocks,
                                    stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
-                                   offs_n, offs_d, False, CAUSAL, HAS_WINDOW, PAGED, PAGE, HEAD_DIM,
-                                   BLOCK_N, PRECISION, ROW64)
+                                   offs_n, offs_d, slope2, softcap_scale, False, CAUSAL, HAS_WINDOW,
+                                   PAGED, PAGE, HEAD_DIM, BLOCK_N, PRECISION, ROW64, SOFTCAP, ALIBI)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, lo3, hi3, pos_q, seqlen_k,
                                    window, qk_scale, b, block_table, stride_tb, num_blocks,
                                    stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
-                                   offs_n, offs_d, True, CAUSAL, HAS_WINDOW, PAGED, PAGE, HEAD_DIM,
-                                   BLOCK_N, PRECISION, ROW64)
+                                   offs_n, offs_d, slope2, softcap_scale, True, CAUSAL, HAS_WINDOW,
+                                   PAGED, PAGE, HEAD_DIM, BLOCK_N, PRECISION, ROW64, SOFTCAP, ALIBI)
 
         # Rows that saw no key: l = 0, acc = 0 -> out 0 and lse -inf.
         seen = l_i > 0.0
@@ -674,10 +709,10 @@ def _load_row_stats(L_rows, D_rows, rows, seqlen_q):
 def _dkdv_tiles(dk, dv, k, v, Q_b, DO_b, DQ_b, L_b, D_b, lo, int_lo, int_hi, hi, group, hk,
                 seqlen_q, seqlen_k, cols, shift, window, qk_scale,
                 stride_qs, stride_qh, stride_qd, stride_dos, stride_doh, stride_dod,
-                stride_dqs, stride_dqh, stride_lh, offs_m, offs_d,
+                stride_dqs, stride_dqh, stride_lh, offs_m, offs_d, Slopes_b, stride_slh, softcap_scale,
                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr,
                 BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                ROW64: tl.constexpr):
+                ROW64: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
     """Accumulate dK, dV of one key tile over the query tiles [lo, hi) of every query head of its
     GQA group: one loop over (head, query tile) pairs (a nested head loop costs ~25 registers in the
     sm_90a compile, which the 128 x 64 tiles do not have), masked only outside [int_lo, int_hi).
@@ -688,6 +723,9 @@ def _dkdv_tiles(dk, dv, k, v, Q_b, DO_b, DQ_b, L_b, D_b, lo, int_lo, int_hi, hi,
     key rows past the sequence are never stored. With ATOMIC_DQ this key tile's share of dQ (dS K,
     unscaled) is added to the float32 accumulator with atomics: 5 tile products per pair instead of
     7, but the summation order (and so the last bits of dQ) varies from run to run.
+
+    Soft cap / ALiBi (``_score_mods``): the scores are recomputed as in the forward; the cap's
+    chain rule scales dS by 1 - tanh^2 (ALiBi adds a constant: nothing to differentiate).
     """
     d_ok = offs_d[None, :] < HEAD_DIM
     n_tiles = tl.cdiv(hi - lo, BLOCK_M)
@@ -706,6 +744,12 @@ def _dkdv_tiles(dk, dv, k, v, Q_b, DO_b, DQ_b, L_b, D_b, lo, int_lo, int_hi, hi,
                      + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
         lse2, delta = _load_row_stats(L_b + h * stride_lh, D_b + h * stride_lh, rows, seqlen_q)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if ALIBI:
+            slope2 = tl.load(Slopes_b + h * stride_slh) * _LOG2E_C
+        else:
+            slope2 = qk_scale  # unused
+        s, cap = _score_mods(s, rows[:, None] + shift, cols[None, :], slope2, softcap_scale, SOFTCAP,
+                             ALIBI)
         p = tl.math.exp2(s - lse2[:, None])
         if (start_m < int_lo) | (start_m >= int_hi):
             p = tl.where(_visible(rows[:, None] + shift, cols[None, :], seqlen_k, window, CAUSAL,
@@ -717,7 +761,10 @@ def _dkdv_tiles(dk, dv, k, v, Q_b, DO_b, DQ_b, L_b, D_b, lo, int_lo, int_hi, hi,
             p = tl.where((cols < seqlen_k)[None, :], p, 0.0)
         dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = (p * (dp - delta[:, None])).to(q.dtype)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:  # d(softcap * tanh(x / softcap)) / dx
+            ds = ds * (1.0 - cap * cap)
+        ds = ds.to(q.dtype)
         dk = tl.dot(tl.trans(ds), q, dk, input_precision=PRECISION)
         if ATOMIC_DQ:
             tl.atomic_add(DQ_b + h * stride_dqh + row_ix[:, None] * stride_dqs + offs_d[None, :],
@@ -739,12 +786,14 @@ def _bwd_dkdv(
     stride_dkb, stride_dks, stride_dkh,
     stride_dqab, stride_dqas, stride_dqah,
     stride_lb, stride_lh,
+    Slopes, stride_slb, stride_slh, softcap_scale,
     q_len, kv_len, group, qk_scale, sm_scale, window, seq_bucket, band_bucket, row0,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     VARLEN_Q: tl.constexpr, PAGED: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ROW64: tl.constexpr = False, TAIL: tl.constexpr = False,
+    SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)  # int64: hk * stride_kh passes 2**31 for large strided inputs
@@ -786,8 +835,9 @@ def _bwd_dkdv(
                              lo, int_lo, int_hi, hi, group, hk, seqlen_q, seqlen_k, cols, shift,
                              window, qk_scale, stride_qs, stride_qh, stride_qd, stride_dos,
                              stride_doh, stride_dod, stride_dqas, stride_dqah, stride_lh, offs_m,
-                             offs_d, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_M, PRECISION, ATOMIC_DQ,
-                             ROW64)
+                             offs_d, Slopes + b64 * stride_slb, stride_slh, softcap_scale, CAUSAL,
+                             HAS_WINDOW, HEAD_DIM, BLOCK_M, PRECISION, ATOMIC_DQ, ROW64, SOFTCAP,
+                             ALIBI)
         # the store's row offsets and mask are computed again here rather than kept live through
         # the loop above (registers)
         col_ix = _rows(n0 + offs_n, ROW64)
@@ -800,11 +850,12 @@ def _bwd_dkdv(
 
 @triton.jit
 def _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, start, end, pos_q, seqlen_k, window, qk_scale,
-              stride_ks, stride_kd, stride_vs, stride_vd, offs_n, offs_d,
+              stride_ks, stride_kd, stride_vs, stride_vd, offs_n, offs_d, slope2, softcap_scale,
               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-              ROW64: tl.constexpr):
-    """Accumulate dQ of one query tile over the key tiles [start, end)."""
+              ROW64: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+    """Accumulate dQ of one query tile over the key tiles [start, end) (soft cap / ALiBi as in
+    _dkdv_tiles)."""
     d_ok = offs_d[None, :] < HEAD_DIM
     col_ix = _rows(offs_n, ROW64)
     for start_n in range(start, end, BLOCK_N):
@@ -820,12 +871,15 @@ def _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, start, end, pos_q, seqlen_
         v = tl.load(V_head + tok * stride_vs + col_ix[:, None] * stride_vs
                     + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s, cap = _score_mods(s, pos_q[:, None], cols[None, :], slope2, softcap_scale, SOFTCAP, ALIBI)
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
             p = tl.where(_visible(pos_q[:, None], cols[None, :], seqlen_k, window, CAUSAL, HAS_WINDOW),
                          p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - cap * cap)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
     return dq
 
@@ -841,12 +895,14 @@ def _bwd_dq(
     stride_dob, stride_dos, stride_doh, stride_dod,
     stride_dqb, stride_dqs, stride_dqh,
     stride_lb, stride_lh,
+    Slopes, stride_slb, stride_slh, softcap_scale,
     q_len, kv_len, group, qk_scale, sm_scale, window, seq_bucket, band_bucket, row0,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     VARLEN_Q: tl.constexpr, PAGED: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ROW64: tl.constexpr = False, TAIL: tl.constexpr = False,
+    SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False,
 ):
     if TAIL:
         pid_m = tl.program_id(0)
@@ -871,6 +927,10 @@ def _bwd_dq(
     V_head = V + b64 * stride_vb + k_tok * stride_vs + hk * stride_vh
     L_rows = Lse + b64 * stride_lb + h * stride_lh + q_start
     D_rows = Delta + b64 * stride_lb + h * stride_lh + q_start
+    if ALIBI:
+        slope2 = tl.load(Slopes + b64 * stride_slb + h * stride_slh) * _LOG2E_C
+    else:
+        slope2 = qk_scale  # unused
 
     m_first, m_step, m_count = _tile_loop(pid_m, row0, seqlen_q, BLOCK_M, TAIL)
     for it in range(0, m_count):
@@ -890,14 +950,17 @@ def _bwd_dq(
         lo, int_lo, int_hi, hi = _q_tile_band(m0, seqlen_q, seqlen_k, shift, window, CAUSAL,
                                               HAS_WINDOW, BLOCK_M, BLOCK_N)
         dq = _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, lo, int_lo, pos_q, seqlen_k, window,
-                       qk_scale, stride_ks, stride_kd, stride_vs, stride_vd, offs_n, offs_d,
-                       True, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_N, PRECISION, ROW64)
+                       qk_scale, stride_ks, stride_kd, stride_vs, stride_vd, offs_n, offs_d, slope2,
+                       softcap_scale, True, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_N, PRECISION, ROW64,
+                       SOFTCAP, ALIBI)
         dq = _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, int_lo, int_hi, pos_q, seqlen_k,
                        window, qk_scale, stride_ks, stride_kd, stride_vs, stride_vd, offs_n, offs_d,
-                       False, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_N, PRECISION, ROW64)
+                       slope2, softcap_scale, False, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_N, PRECISION,
+                       ROW64, SOFTCAP, ALIBI)
         dq = _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, int_hi, hi, pos_q, seqlen_k, window,
-                       qk_scale, stride_ks, stride_kd, stride_vs, stride_vd, offs_n, offs_d,
-                       True, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_N, PRECISION, ROW64)
+                       qk_scale, stride_ks, stride_kd, stride_vs, stride_vd, offs_n, offs_d, slope2,
+                       softcap_scale, True, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_N, PRECISION, ROW64,
+                       SOFTCAP, ALIBI)
 
         tl.store(DQ + b64 * stride_dqb + q_tok * stride_dqs + h * stride_dqh
                  + row_ix[:, None] * stride_dqs + offs_d[None, :],
@@ -998,9 +1061,10 @@ def _lse_strides(q: torch.Tensor, varlen: bool) -> tuple[int, int]:
 
 def flash_attn_forward(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, cu_seqlens_k,
                        max_seqlen_q, max_seqlen_k, block_table, seqlens_k, bottom_right,
-                       k_scale=None, v_scale=None):
+                       k_scale=None, v_scale=None, softcap=None, alibi_slopes=None):
     """Attention forward. Returns (out like q, contiguous; lse float32 (B, Hq, Sq) or (Hq, Tq)).
-    ``k_scale``/``v_scale``: an fp8 paged cache's per-KV-head scales ((Hkv,) or ())."""
+    ``k_scale``/``v_scale``: an fp8 paged cache's per-KV-head scales ((Hkv,) or ()); ``softcap``
+    (> 0) and ``alibi_slopes`` ((Hq,) or (B, Hq) float32, any strides) as in gptkernels/reference.py."""
     varlen_q = cu_seqlens_q is not None
     varlen_k = cu_seqlens_k is not None
     paged = block_table is not None
@@ -1052,6 +1116,7 @@ def flash_attn_forward(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, 
         opart = lpart = dummy
         sp, slp = (0, 0, 0, 0), (0, 0, 0)
     row64 = _row64(q, k, v, out, opart, lpart) or (pack and _pack_row64(q, out, lse, opart, lpart))
+    qk_scale, softcap_scale = _score_scales(softmax_scale, softcap)
 
     def launch(kernel, grid, bs, splits, tail, row0=0, **config):
         kernel[grid](
@@ -1064,14 +1129,14 @@ def flash_attn_forward(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, 
             block_table.stride(0) if paged else 0, num_blocks,
             opart if varlen_q or splits == 1 else opart[bs],
             lpart if varlen_q or splits == 1 else lpart[bs], *sp, *slp, splits,
-            *_kv_scale_args(k_scale, v_scale, dummy),
-            q_len, kv_len, group, softmax_scale * LOG2E, window or 0,
+            *_kv_scale_args(k_scale, v_scale, dummy), *_slope_args(alibi_slopes, bs, dummy), softcap_scale,
+            q_len, kv_len, group, qk_scale, window or 0,
             *_tune_buckets(tile_rows, max_seqlen_k or kv_len, window), row0,
             CAUSAL=causal, HAS_WINDOW=window is not None, BOTTOM_RIGHT=bottom_right,
             VARLEN_Q=varlen_q, VARLEN_K=varlen_k, PAGED=paged, PAGE=page,
             HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), PRECISION=_precision(q.dtype),
             SPLIT=splits > 1, KV_SCALED=k_scale is not None, ROW64=row64, TAIL=tail,
-            PACK_GQA=pack, **config,
+            PACK_GQA=pack, SOFTCAP=softcap is not None, ALIBI=alibi_slopes is not None, **config,
         )
 
     covered = _Covered(tile_rows, "BLOCK_M")
@@ -1092,6 +1157,26 @@ def flash_attn_forward(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, 
         for bs in _batch_chunks(batch):
             launch(_fwd_kernel.fn, (1, heads, bs.stop - bs.start), bs, 1, True, covered.rows, **config)
     return out, lse
+
+
+def _score_scales(softmax_scale: float, softcap: float | None) -> tuple[float, float]:
+    """(qk_scale, softcap_scale) for the kernels (``_score_mods``): q.k times qk_scale is the score
+    in log2 units, or without the cap's tanh yet, score / softcap, which the cap turns into log2
+    units with softcap_scale = softcap * log2(e)."""
+    if softcap is None:
+        return softmax_scale * LOG2E, 0.0
+    return softmax_scale / softcap, softcap * LOG2E
+
+
+def _slope_args(slopes, bs: slice, dummy):
+    """(Slopes, batch stride, head stride) for the kernels: ALiBi slopes (Hq,) (batch stride 0: one
+    row for every sequence) or (B, Hq) cut to the launch's sequences ``bs``; ``dummy`` (never read)
+    without them."""
+    if slopes is None:
+        return dummy, 0, 0
+    if slopes.dim() == 1:
+        return slopes, 0, slopes.stride(0)
+    return slopes[bs], slopes.stride(0), slopes.stride(1)
 
 
 def _kv_scale_args(k_scale, v_scale, dummy):
@@ -1140,12 +1225,13 @@ def _pack_row64(*tensors) -> bool:
 
 def flash_attn_backward(dout, dlse, q, k, v, out, lse, *, causal, window, softmax_scale,
                         cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bottom_right,
-                        deterministic=True):
+                        deterministic=True, softcap=None, alibi_slopes=None):
     """Attention backward (dense and varlen). Returns contiguous (dq, dk, dv).
 
     ``deterministic=True``: dK/dV and dQ in two kernels (7 tile matmuls per tile pair, bit-exact
     repeats). ``False``: one kernel adds dQ into a float32 buffer with atomics (5 tile matmuls, an
-    extra q-sized float32 buffer, the last bits of dQ vary between runs).
+    extra q-sized float32 buffer, the last bits of dQ vary between runs). ``softcap`` and
+    ``alibi_slopes`` as in the forward (the slopes get no gradient).
     """
     varlen = cu_seqlens_q is not None
     cu_seqlens_q, cu_seqlens_k = _contiguous(cu_seqlens_q, cu_seqlens_k)
@@ -1189,8 +1275,10 @@ def flash_attn_backward(dout, dlse, q, k, v, out, lse, *, causal, window, softma
     pre_m = max(16, min(128, 8192 // block_d))
     common = dict(CAUSAL=causal, HAS_WINDOW=window is not None, BOTTOM_RIGHT=bottom_right,
                   VARLEN_Q=varlen, PAGED=False, HEAD_DIM=head_dim, BLOCK_D=block_d,
-                  PRECISION=_precision(q.dtype))
-    scalars = (q_len, kv_len, group, softmax_scale * LOG2E, softmax_scale, window or 0,
+                  PRECISION=_precision(q.dtype), SOFTCAP=softcap is not None,
+                  ALIBI=alibi_slopes is not None)
+    qk_scale, softcap_scale = _score_scales(softmax_scale, softcap)
+    scalars = (q_len, kv_len, group, qk_scale, softmax_scale, window or 0,
                *_tune_buckets(max(max_q, max_k), max_k, window))
     row64 = _row64(q, k, v, dout, out, dq, dk, dv, dq_acc) or \
         _seq_row64(max(q_len, kv_len), q, k, v, dout, dk, dv, dq_acc)
@@ -1204,6 +1292,7 @@ def flash_attn_backward(dout, dlse, q, k, v, out, lse, *, causal, window, softma
         cq = _cu_chunk(cu_q, bs) if varlen else cu_q
         ck = _cu_chunk(cu_k, bs) if varlen else cu_k
         lse_c, delta_c = cut(lse), cut(delta)
+        mods = (*_slope_args(alibi_slopes, bs, lse), softcap_scale)
         for tail in passes:
             _bwd_preprocess[(1 if tail else triton.cdiv(max_q, pre_m), hq, n)](
                 cut(out), cut(dout), cut(dlse) if dlse is not None else lse_c, delta_c, cq,
@@ -1223,7 +1312,7 @@ def flash_attn_backward(dout, dlse, q, k, v, out, lse, *, causal, window, softma
             kernel[grid](
                 cut(q), cut(k), cut(v), cut(dout), lse_c, delta_c, cut(dk), cut(dv),
                 dq_acc if deterministic else cut(dq_acc), cq, ck,
-                *sq, *sk, *sv, *sdo, sdk[0], sdk[1], sdk[2], *sdqa, slb, slh, *scalars,
+                *sq, *sk, *sv, *sdo, sdk[0], sdk[1], sdk[2], *sdqa, slb, slh, *mods, *scalars,
                 covered.rows if tail else 0,
                 **common, ATOMIC_DQ=not deterministic, ROW64=row64, TAIL=tail, **config,
             )
@@ -1236,7 +1325,7 @@ def flash_attn_backward(dout, dlse, q, k, v, out, lse, *, causal, window, softma
                 config = _tail_config(_DQ_TABLE, _DQ_INTERP, q.dtype, block_d)
             kernel[grid](
                 cut(q), cut(k), cut(v), cut(dout), lse_c, delta_c, cut(dq), cq, ck,
-                *sq, *sk, *sv, *sdo, sdq[0], sdq[1], sdq[2], slb, slh, *scalars,
+                *sq, *sk, *sv, *sdo, sdq[0], sdq[1], sdq[2], slb, slh, *mods, *scalars,
                 covered.rows if tail else 0, **common,
                 ROW64=row64, TAIL=tail, **config,
             )

@@ -27,7 +27,9 @@ sdpa: custom mask overlays (``or_mask_function``/``and_mask_function``, block or
 bidirectional masks, packed sequences found from position ids, static caches (queries not at the
 end of the keys), 4-D masks given by the caller, rows padded on different sides in one batch or
 padding between real tokens (a prefill, or a windowed decode: right-padded generation past the
-window), dropout, float64, position bias, softcap, a batch-1 query broadcast over a batch of keys.
+window), dropout, float64, position bias, a batch-1 query broadcast over a batch of keys.
+Gemma-2's ``softcap`` goes to the kernels (``flash_attn(softcap=)``); transformers' sdpa refuses it,
+so a softcapped call that falls back raises transformers' own error (use ``"eager"`` there).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ GPT_NEO_MASK = "gptkernels-gpt-neo"
 #: function compute (gpt-oss and others pass attention sinks as ``s_aux``): refused, never dropped.
 UNSUPPORTED = ("s_aux",)
 #: Keyword arguments transformers' sdpa function serves and our kernels do not.
-SDPA_ONLY = ("position_bias", "cache", "softcap")
+SDPA_ONLY = ("position_bias", "cache")
 
 #: Attention calls by path since the last ``calls.clear()``: ``"kernels"`` (no padding),
 #: ``"kernels:padded"`` (unpadded to varlen), and fallbacks ``"sdpa:<why>"`` (transformers' sdpa) or
@@ -238,12 +240,13 @@ def _kernels_refuse(query, key, value, dropout: float) -> Optional[str]:
     return None
 
 
-def _padded_attention(q, k, v, padding: _Padding, alignment: str, window, scale, backend):
+def _padded_attention(q, k, v, padding: _Padding, alignment: str, window, scale, backend, softcap=None):
     """q (B, L, Hq, D), k/v (B, S, Hkv, D) (any strides) with a tagged padding mask of S keys ->
     (B, L, Hq, D): compact the keys (and queries) to varlen, attend with ``alignment`` (see
     :meth:`_Padding.alignment`), pad back with zeros."""
     if alignment == "dense":
-        return flash_attn(q, k, v, causal=True, window=window, softmax_scale=scale, backend=backend)
+        return flash_attn(q, k, v, causal=True, window=window, softmax_scale=scale, backend=backend,
+                          softcap=softcap)
     (bq, sq, cu_q, max_q), (bk, sk, cu_k, max_k) = padding.unpad(q.shape[1])
     ku, vu = k[bk, sk], v[bk, sk]
     if alignment == "top-left":  # every query row, each row's from its first (real) key
@@ -252,10 +255,11 @@ def _padded_attention(q, k, v, padding: _Padding, alignment: str, window, scale,
         out = _flash_attn(q.reshape(batch * q_len, *q.shape[2:]), ku, vu, causal=True, window=window,
                           softmax_scale=scale, cu_seqlens_q=cu_rows, cu_seqlens_k=cu_k, max_seqlen_q=q_len,
                           max_seqlen_k=max_k, block_table=None, seqlens_k=None, return_lse=False,
-                          backend=backend, bottom_right=False)
+                          backend=backend, bottom_right=False, softcap=softcap)
         return out.view(q.shape)
     out = flash_attn(q[bq, sq], ku, vu, causal=True, window=window, softmax_scale=scale, cu_seqlens_q=cu_q,
-                     cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k, backend=backend)
+                     cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k, backend=backend,
+                     softcap=softcap)
     return out.new_zeros(q.shape).index_put((bq, sq), out)
 
 
@@ -289,6 +293,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     fallback = functools.partial(_sdpa_fallback, module=module, query=query, key=key, value=value,
                                  dropout=dropout, scaling=scaling, is_causal=is_causal, kwargs=kwargs)
     extra = next((k for k in SDPA_ONLY if kwargs.get(k) is not None), None)
+    softcap = kwargs.get("softcap")  # Gemma-2's attn_logit_softcapping (the fallback keeps it in kwargs)
     refuse = extra or _kernels_refuse(query, key, value, dropout)
     padding = getattr(attention_mask, "_gptkernels", None)
     if padding is not None and padding.mask is attention_mask:
@@ -301,7 +306,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             return fallback("padding layout", attention_mask=_dense_mask(padding, q_len, padding.window))
         calls["kernels" if padding.full else "kernels:padded"] += 1
         out = _padded_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), padding,
-                                alignment, padding.window, scaling, gptkernels_backend)
+                                alignment, padding.window, scaling, gptkernels_backend, softcap)
         return out.contiguous(), None
     if attention_mask is not None:
         # a 4-D (or foreign) mask: transformers' semantics
@@ -313,7 +318,14 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     # empty tail, unseen).
     calls["kernels"] += 1
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    out = sdpa(query, key, value, is_causal=bool(causal) and query.shape[2] > 1, scale=scaling,
+    causal = bool(causal) and query.shape[2] > 1
+    if softcap is not None:  # sdpa's top-left semantics, through flash_attn (sdpa has no softcap)
+        out = _flash_attn(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=causal,
+                          window=None, softmax_scale=scaling, cu_seqlens_q=None, cu_seqlens_k=None,
+                          max_seqlen_q=None, max_seqlen_k=None, block_table=None, seqlens_k=None,
+                          return_lse=False, backend=gptkernels_backend, bottom_right=False, softcap=softcap)
+        return out.contiguous(), None
+    out = sdpa(query, key, value, is_causal=causal, scale=scaling,
                enable_gqa=query.shape[1] != key.shape[1], backend=gptkernels_backend)
     return out.transpose(1, 2).contiguous(), None  # (B, L, H, D): a no-op when the kernels ran
 

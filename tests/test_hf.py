@@ -305,6 +305,23 @@ def test_calls_we_do_not_compute(calls):
         gptkernels.hf.attention_forward(module, q, k[:1], v[:1], pad)
 
 
+def test_softcap_goes_to_the_kernels(calls):
+    # Gemma-2 passes softcap (attn_logit_softcapping): served by flash_attn(softcap=) (transformers'
+    # sdpa refuses it), equal to Gemma-2's own eager attention, prefill (causal) and decode rows.
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups, module.head_dim = True, 2, 32
+    q = torch.randn(2, 4, 9, 32, device=DEVICE) * 3
+    k, v = torch.randn(2, 2, 9, 32, device=DEVICE) * 3, torch.randn(2, 2, 9, 32, device=DEVICE)
+    causal = torch.full((9, 9), float("-inf"), device=DEVICE).triu(1)
+    for rows, mask in ((slice(None), causal), (slice(8, 9), None)):
+        got, _ = gptkernels.hf.attention_forward(module, q[:, :, rows], k, v, None, scaling=0.2, softcap=5.0)
+        want, _ = eager_attention_forward(module, q[:, :, rows], k, v, mask, scaling=0.2, softcap=5.0)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert dict(calls) == {"kernels": 2}
+
+
 def test_gpt_neo_patch(kernel_calls, calls):
     models = _models("gpt-neo")
     eager, ours = models["eager"], models["ours"]

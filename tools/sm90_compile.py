@@ -51,7 +51,7 @@ SM90 = GPUTarget("cuda", 90, 32)
 SM90_SHARED = 227 * 1024
 
 _INDEX_ARGS = {"cu_q", "cu_k", "seqlens_k", "block_table"}
-_FP32_ARGS = {"Lse", "Delta", "DLse", "DQacc", "Opart", "Lpart"}
+_FP32_ARGS = {"Lse", "Delta", "DLse", "DQacc", "Opart", "Lpart", "Slopes"}
 
 
 def compile_sm90(kernel, row, constexprs, elem="bf16"):
@@ -97,14 +97,20 @@ def ptxas_usage(ptx: str) -> dict:
     return {"regs": int(regs.group(1)) if regs else None, "spill": int(spill.group(1)) if spill else None}
 
 
+#: Cases with the score modifiers on (softcap and ALiBi: SOFTCAP / ALIBI, off by default), compiled
+#: only when named (``--flash-cases``): the default run is the default path's.
+MOD_CASES = ("fwd_mods", "fwd_packed_mods", "dkdv_mods", "dkdv_atomic_dq_mods", "dq_mods")
+
+
 def cases(head_dim=80, elem="bf16"):
-    """(name, kernel, table, constexprs): every kernel, the forward both dense-varlen and paged."""
+    """(name, kernel, table, constexprs): every kernel, the forward both dense-varlen and paged; and
+    (:data:`MOD_CASES`) the forward, packed forward and backward with softcap and ALiBi on."""
     block_d = fa._block_d(head_dim)
     common = dict(CAUSAL=True, HAS_WINDOW=True, BOTTOM_RIGHT=True, VARLEN_Q=True, PAGED=False,
                   HEAD_DIM=head_dim, BLOCK_D=block_d,
                   PRECISION="ieee" if elem == "fp32" else "tf32")
     fwd = dict(common, KV_SCALED=False)  # KV_SCALED: an fp8 paged cache (forward only)
-    return [
+    default = [
         ("fwd", fa._fwd_kernel, fa._FWD_TABLE, dict(fwd, VARLEN_K=True, PAGE=1, SPLIT=False)),
         ("fwd_split", fa._fwd_kernel, fa._FWD_TABLE, dict(fwd, VARLEN_K=True, PAGE=1, SPLIT=True)),
         ("fwd_decode", fa._fwd_kernel, fa._FWD_DECODE_TABLE, dict(fwd, VARLEN_K=True, PAGE=1, SPLIT=True)),
@@ -117,6 +123,10 @@ def cases(head_dim=80, elem="bf16"):
         ("dkdv_atomic_dq", fa._bwd_dkdv, fa._DKDV_ATOMIC_TABLE, dict(common, ATOMIC_DQ=True)),
         ("dq", fa._bwd_dq, fa._DQ_TABLE, common),
     ]
+    mods = dict(SOFTCAP=True, ALIBI=True)
+    base = {name: (kernel, table, consts) for name, kernel, table, consts in default}
+    return default + [(name, base[name[:-5]][0], base[name[:-5]][1], dict(base[name[:-5]][2], **mods))
+                      for name in MOD_CASES]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -367,7 +377,7 @@ def main_flash(head_dim, dtype, all_configs, ptxas, only=None):
     these cases of :func:`cases`)."""
     bucket = (dtype == "fp32", min(max(fa._block_d(head_dim), 64), 256))
     for name, kernel, table, constexprs in cases(head_dim, dtype):
-        if only and name not in only:
+        if (only and name not in only) or (not only and name in MOD_CASES):
             continue
         rows = table[bucket] if all_configs else table[bucket][:1]
         for row in rows:

@@ -380,7 +380,7 @@ def _dense_page_size(s: int) -> int:
 
 def _check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                    cache_leftpad, block_table, softmax_scale, causal, window, rotary_interleaved, return_lse,
-                   k_scale, v_scale):
+                   k_scale, v_scale, softcap, alibi_slopes):
     """Checks of :func:`flash_attn_with_kvcache`; returns (cache_seqlens as a (B,) tensor, dense page size)."""
     _check_float(OP, "q", q, 4)
     batch, seqlen, hq, d = q.shape
@@ -411,6 +411,9 @@ def _check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seql
             raise TypeError(f"{OP}: {name} must be a bool, got {flag!r}")
     C.check_scale(OP, "softmax_scale", softmax_scale)
     C.check_window(OP, window, causal)
+    C.check_softcap(OP, softcap)
+    # (B, Hq) slopes follow q's batch (FlashAttention's b), not the cache row of cache_batch_idx
+    C.check_alibi_slopes(OP, alibi_slopes, batch, hq, q.device)
     dev = q.device
     if cache_seqlens is None:
         if paged or k is not None:
@@ -479,7 +482,8 @@ def _debug_check_kvcache(q, k_cache, k, cache_seqlens, cache_batch_idx, cache_le
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
                             softmax_scale=None, causal=True, window=None, rotary_interleaved=False,
-                            return_lse=False, k_scale=None, v_scale=None, backend=None):
+                            return_lse=False, k_scale=None, v_scale=None, softcap=None, alibi_slopes=None,
+                            backend=None):
     """FlashAttention's ``flash_attn_with_kvcache``: append the new k/v to the cache, rotate q and the
     new k, attend over the cache (README, "The fused decode call", has the argument table).
 
@@ -501,6 +505,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     * An fp8 cache (float8_e4m3fn) takes ``k_scale`` / ``v_scale`` (float32 (Hkv,) or (); FlashAttention
       3's ``k_descale`` / ``v_descale``): the new k/v are stored as value / scale, keys read as
       stored * scale, as the paged ops do.
+    * ``softcap`` (a finite float > 0; None: off, which FlashAttention spells ``softcap=0.0``) and
+      ``alibi_slopes`` (float32 (Hq,) or (B, Hq), row b for q's sequence b, also with
+      ``cache_batch_idx``): as :func:`gptkernels.flash_attn` applies them (scale, soft cap, the bias
+      ``-slope * |i + Sk - Sq - j|`` over the sequence's keys, then the mask).
 
     Returns out (B, Sq, Hq, D) [and lse (B, Hq, Sq) float32]. Inference only. Backends: "triton"
     (rotary + append in one launch, then the paged decode kernel for Sq = 1 or paged flash attention),
@@ -509,15 +517,18 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     """
     cache_seqlens, page = _check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
                                          cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal,
-                                         window, rotary_interleaved, return_lse, k_scale, v_scale)
+                                         window, rotary_interleaved, return_lse, k_scale, v_scale, softcap,
+                                         alibi_slopes)
+    softcap = None if softcap is None else float(softcap)
     backend = resolve(backend, q.device, OP)
-    _not_differentiable(OP, backend, q, k_cache, v_cache, k, v)
+    _not_differentiable(OP, backend, q, k_cache, v_cache, k, v, alibi_slopes)
     if backend == "torch":
         return reference.flash_attn_with_kvcache(
             q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens=cache_seqlens,
             cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, block_table=block_table,
             softmax_scale=softmax_scale, causal=causal, window=window, rotary_interleaved=rotary_interleaved,
-            block_size=page, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale)
+            block_size=page, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale, softcap=softcap,
+            alibi_slopes=alibi_slopes)
     if backend == "cuda":
         raise BackendUnavailableError(f"{OP}: backend 'cuda' has no fused rotary + cache append kernel; use "
                                       "backend='triton' (or compose apply_rotary, paged_append and paged_decode)")
@@ -537,10 +548,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
 
     if q.shape[1] == 1:
         out, lse = paged_decode(q[:, 0], kp, vp, table, lens, softmax_scale=softmax_scale, window=window,
-                                return_lse=True, k_scale=k_scale, v_scale=v_scale, backend=backend)
+                                return_lse=True, k_scale=k_scale, v_scale=v_scale, softcap=softcap,
+                                alibi_slopes=alibi_slopes, backend=backend)
         out, lse = out[:, None], lse[:, :, None]
     else:
         out, lse = flash_attn(q, kp, vp, causal=causal, window=window, softmax_scale=softmax_scale,
                               block_table=table, seqlens_k=lens, return_lse=True, k_scale=k_scale,
-                              v_scale=v_scale, backend=backend)
+                              v_scale=v_scale, softcap=softcap, alibi_slopes=alibi_slopes, backend=backend)
     return (out, lse) if return_lse else out

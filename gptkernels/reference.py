@@ -625,7 +625,8 @@ def kvcache_pages(k_cache, v_cache, *, block_table=None, cache_seqlens, cache_ba
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, *,
                             cache_seqlens, cache_batch_idx=None, cache_leftpad=None, block_table=None,
                             softmax_scale=None, causal=True, window=None, rotary_interleaved=False,
-                            block_size=None, return_lse=False, k_scale=None, v_scale=None, upcast=True):
+                            block_size=None, return_lse=False, k_scale=None, v_scale=None, upcast=True,
+                            softcap=None, alibi_slopes=None):
     """FlashAttention's ``flash_attn_with_kvcache``, composed: the new k/v (B, Sq, Hkv, D) appended
     at ``cache_seqlens`` (:func:`rotary_append`, rotary of q and k at their positions when
     ``rotary_cos`` is given), then attention of q (B, Sq, Hq, D) over each sequence's
@@ -634,7 +635,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     :func:`attention` with paged keys for more). Rotary positions are the cache's rows:
     ``cache_seqlens + i`` (with a left-padded cache too, as FlashAttention). ``cache_seqlens`` is a
     (B,) int tensor; the cache layouts: :func:`kvcache_pages`; an fp8 cache with ``k_scale`` /
-    ``v_scale`` as the paged ops take them."""
+    ``v_scale`` as the paged ops take them; ``softcap`` and ``alibi_slopes`` (row b of (B, Hq)
+    slopes for q's sequence b, whatever its cache row) as defined above, over each sequence's keys."""
     kp, vp, table, starts = kvcache_pages(k_cache, v_cache, block_table=block_table, cache_seqlens=cache_seqlens,
                                           cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
                                           block_size=block_size)
@@ -649,10 +651,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     lens = lens.to(torch.int32)
     if seqlen == 1:
         out, lse = paged_decode(q[:, 0], kp, vp, table, lens, softmax_scale=softmax_scale, window=window,
-                                upcast=upcast, return_lse=True, k_scale=k_scale, v_scale=v_scale)
+                                upcast=upcast, return_lse=True, k_scale=k_scale, v_scale=v_scale, softcap=softcap,
+                                alibi_slopes=alibi_slopes)
         out, lse = out[:, None], lse[:, :, None]
     else:
         out, lse = attention(q, kp, vp, causal=causal, window=window, softmax_scale=softmax_scale,
                              block_table=table, seqlens_k=lens, upcast=upcast, return_lse=True,
-                             k_scale=k_scale, v_scale=v_scale)
+                             k_scale=k_scale, v_scale=v_scale, softcap=softcap, alibi_slopes=alibi_slopes)
     return (out, lse) if return_lse else out

@@ -263,13 +263,14 @@ def test_fused_linear_qkv_appends_to_cache(dtype, hq, hkv):
 
 
 def _fa_semantics(q, k_cache, v_cache, k, v, cos, sin, seqlens, batch_idx, leftpad, table, causal, window,
-                  interleaved):
+                  interleaved, softcap=None, alibi_slopes=None):
     """flash_attn_with_kvcache as FlashAttention's own test states it (tests/test_flash_attn.py,
     test_flash_attn_kvcache), in float64 on a dense copy of each sequence's cache: the new k rotated
     at cache_seqlens + i, q at cache_seqlens + i (causal or local) or cache_seqlens, the new rows
     written at cache_seqlens..; the keys [leftpad, cache_seqlens + Sk), key index counted from
-    leftpad, bottom-right alignment. Returns (out, lse, the dense caches after the update), on the
-    CPU."""
+    leftpad, bottom-right alignment; ``softcap`` (tanh of the scaled scores) then ALiBi's
+    ``-alibi_slopes[b, h] * |i + seqlen_k - seqlen_q - j|`` (row b of q's batch; (Hq,) slopes for
+    every b) before the mask. Returns (out, lse, the dense caches after the update), on the CPU."""
     q, k_cache, v_cache, k, v, cos, sin = (None if t is None else t.cpu() for t in (q, k_cache, v_cache, k, v, cos, sin))
     b, sq, hq, d = q.shape
     if table is None:
@@ -306,6 +307,11 @@ def _fa_semantics(q, k_cache, v_cache, k, v, cos, sin, seqlens, batch_idx, leftp
     g = hq // kc.shape[2]
     kk, vv = kc.repeat_interleave(g, dim=2), vc.repeat_interleave(g, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, kk) / d ** 0.5
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.double().cpu().expand(b, hq)
+        scores = scores - slopes[:, :, None, None] * (row - col[:, None, :]).abs()[:, None]
     scores = scores.masked_fill(~mask[:, None], float("-inf"))
     lse = torch.logsumexp(scores, -1)
     p = torch.where(torch.isinf(lse)[..., None], 0.0, torch.exp(scores - lse[..., None]))
@@ -425,6 +431,102 @@ def test_flash_attn_with_kvcache_int_seqlens_and_defaults():
         c = gptkernels.flash_attn(q, kc[:3], vc[:3], causal=True)
     torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(b, c, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# flash_attn_with_kvcache: softcap and ALiBi
+# --------------------------------------------------------------------------------------------------
+
+MOD_CASES = [
+    # (layout, Sq, Sk, causal, window, softcap, slopes: None, "h" (Hq,) or "bh" (B, Hq) strided)
+    ("paged", 1, 1, True, None, 2.0, None),         # a decode step: the paged decode kernel, softcap
+    ("dense", 1, 1, True, None, None, "h"),         # dense cache, one slope per head
+    ("dense-idx", 1, 1, True, None, 2.0, "bh"),     # cache_batch_idx: the slopes' row is q's b
+    ("dense-idx", 3, 3, True, None, 2.0, "bh"),     # the same with a 3-token chunk (paged flash attention)
+    ("paged", 4, 2, False, None, None, "bh"),       # non-causal: |distance| to keys after the query too
+    ("paged", 3, 3, True, 4, 2.0, "h"),             # sliding window with both
+    ("dense-leftpad", 2, 2, True, None, 2.0, "bh"),  # left-padded: distances within the sequence's keys
+]
+
+
+def _slopes(kind, hq=4, b=3):
+    if kind is None:
+        return None
+    base = 2.0 ** (-8.0 * torch.arange(1, hq + 1) / hq)  # ALiBi's geometric slopes
+    if kind == "h":
+        return base.to(DEVICE)
+    # (B, Hq), a different row per sequence, as a strided (transposed) view
+    per_b = base[:, None] * torch.tensor([1.0, 0.3, 2.5])[None, :b]
+    return per_b.to(DEVICE).t()
+
+
+@pytest.mark.parametrize("case", MOD_CASES, ids=lambda c: "{}-Sq{}-Sk{}-causal{}-w{}-cap{}-alibi{}".format(*c))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_flash_attn_with_kvcache_softcap_alibi(case, dtype):
+    """softcap and alibi_slopes reach whichever attention path runs (paged decode for Sq = 1, paged
+    flash attention for more), on dense and paged caches: the kernels against FlashAttention's
+    semantics in float64 under the parity rule, the reference equal to those semantics."""
+    layout, sq, sk, causal, window, softcap, kind = case
+    q, kc, vc, k, v, seqlens, kw = _kv_inputs(layout, sq, sk, dtype, seed=31)
+    slopes = _slopes(kind)
+    cos, sin = gptkernels.rotary_cos_sin(16, 64, device=DEVICE)
+    args = dict(cache_seqlens=seqlens, causal=causal, window=window, softcap=softcap, alibi_slopes=slopes, **kw)
+    kc1, vc1 = kc.clone(), vc.clone()
+    with torch.no_grad():
+        out, lse = gptkernels.flash_attn_with_kvcache(q, kc1, vc1, k, v, cos, sin, return_lse=True,
+                                                      backend="triton", **args)
+    ref_out, ref_lse, _, _ = _fa_semantics(*_d(q, kc, vc, k, v, cos, sin), seqlens, kw.get("cache_batch_idx"),
+                                           kw.get("cache_leftpad"), kw.get("block_table"), causal, window, False,
+                                           softcap=softcap, alibi_slopes=slopes)
+    our64, our_lse64 = R.flash_attn_with_kvcache(*_d(q), kc.double(), vc.double(), *_d(k, v, cos, sin),
+                                                 block_size=8, return_lse=True, **args)
+    torch.testing.assert_close(our64.cpu(), ref_out, atol=1e-12, rtol=0)
+    torch.testing.assert_close(our_lse64.cpu(), ref_lse, atol=1e-12, rtol=0)
+    base, base_lse = R.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k, v, cos, sin, block_size=8,
+                                               return_lse=True, upcast=False, **args)
+    assert_parity(out, ref_out, base)
+    assert_parity(lse, ref_lse, base_lse, name="lse")
+    out_t = gptkernels.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k, v, cos, sin, backend="torch", **args)
+    assert_parity(out_t, ref_out, base)
+    # the modifiers change the answer (the comparison above is not of two unmodified attentions)
+    plain, _, _, _ = _fa_semantics(*_d(q, kc, vc, k, v, cos, sin), seqlens, kw.get("cache_batch_idx"),
+                                   kw.get("cache_leftpad"), kw.get("block_table"), causal, window, False)
+    assert (plain - ref_out).abs().max() > 1e-2
+
+
+def test_flash_attn_with_kvcache_softcap_alibi_bad_input():
+    q, kc, vc, k, v, seqlens, _ = _kv_inputs("dense", 1, 1, torch.float32)
+    fa = gptkernels.flash_attn_with_kvcache
+    idx = torch.tensor([4, 0, 2], dtype=torch.int32)
+    cases = [
+        (ValueError, "flash_attn_with_kvcache: softcap must be None or a finite float > 0",
+         lambda: fa(q, kc, vc, k, v, cache_seqlens=seqlens, softcap=0.0)),
+        (ValueError, "flash_attn_with_kvcache: softcap", lambda: fa(q, kc, vc, k, v, cache_seqlens=seqlens,
+                                                                    softcap=-1.0)),
+        (TypeError, "flash_attn_with_kvcache: softcap", lambda: fa(q, kc, vc, k, v, cache_seqlens=seqlens,
+                                                                   softcap="50")),
+        (TypeError, "flash_attn_with_kvcache: alibi_slopes", lambda: fa(q, kc, vc, k, v, cache_seqlens=seqlens,
+                                                                        alibi_slopes=torch.ones(4).half())),
+        (ValueError, r"flash_attn_with_kvcache: alibi_slopes must be shaped \(Hq,\) = \(4,\)",
+         lambda: fa(q, kc, vc, k, v, cache_seqlens=seqlens, alibi_slopes=torch.ones(2))),
+        # (B, Hq) slopes follow q's batch of 3, not the cache's 5 rows that cache_batch_idx picks from
+        (ValueError, r"flash_attn_with_kvcache: alibi_slopes must be shaped .* \(B, Hq\) = \(3, 4\)",
+         lambda: fa(q, kc, vc, k, v, cache_seqlens=seqlens, cache_batch_idx=idx, alibi_slopes=torch.ones(5, 4))),
+    ]
+    for exc, msg, call in cases:
+        with pytest.raises(exc, match=msg):
+            call()
+    slopes = torch.ones(4, requires_grad=True)
+    with pytest.raises(BackendUnavailableError, match="flash_attn_with_kvcache: backend 'triton' is not differentiable"):
+        fa(q, kc, vc, k, v, cache_seqlens=seqlens, alibi_slopes=slopes, backend="triton")
+    with pytest.raises(BackendUnavailableError, match="flash_attn_with_kvcache: backend 'cuda'"):
+        fa(q, kc, vc, k, v, cache_seqlens=seqlens, softcap=30.0, backend="cuda")
+
+
+@requires_gpu
+def test_gpu_flash_attn_with_kvcache_softcap_alibi_bf16():
+    for case in MOD_CASES:
+        test_flash_attn_with_kvcache_softcap_alibi(case, torch.bfloat16)
 
 
 # --------------------------------------------------------------------------------------------------

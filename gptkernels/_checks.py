@@ -86,16 +86,32 @@ def check_gqa(op: str, hq: int, hkv: int, q_name: str = "q", kv_name: str = "k")
     return hq // hkv
 
 
-def check_window(op: str, window, causal: bool) -> int | None:
-    """``window`` is None or an int >= 1, and needs causal attention."""
+def check_window(op: str, window, causal: bool, *, pairs: bool = False):
+    """``window`` is None or an int >= 1 (W keys, itself included: needs causal attention); with
+    ``pairs`` (flash_attn) also FlashAttention's ``(left, right)``: two ints, each >= 0 or -1
+    (unbounded), with or without ``causal`` (which sets right to 0, as FlashAttention does).
+    Normalised by :func:`gptkernels._policy.window_bounds`."""
     if window is None:
         return None
+    if isinstance(window, (tuple, list)) and pairs:
+        if len(window) != 2:
+            raise ValueError(f"{op}: window must be an int or a (left, right) pair, got {len(window)} "
+                             f"values: {window!r}")
+        for side, n in zip(("left", "right"), window):
+            if isinstance(n, bool) or not isinstance(n, int):
+                raise TypeError(f"{op}: window=(left, right) must hold ints, got {side} = {n!r}")
+            if n < -1:
+                raise ValueError(f"{op}: window=(left, right): {side} must be >= 0 or -1 (unbounded), "
+                                 f"got {n}")
+        return tuple(window)
     if isinstance(window, bool) or not isinstance(window, int):
-        raise TypeError(f"{op}: window must be None or an int >= 1, got {window!r}")
+        more = " or a (left, right) pair of ints" if pairs else ""
+        raise TypeError(f"{op}: window must be None or an int >= 1{more}, got {window!r}")
     if window < 1:
         raise ValueError(f"{op}: window must be >= 1 (the number of keys a query sees, itself included), got {window}")
     if not causal:
-        raise ValueError(f"{op}: window={window} needs causal attention (causal=True / is_causal=True)")
+        more = " (or pass window=(left, right) for a non-causal window)" if pairs else ""
+        raise ValueError(f"{op}: window={window} needs causal attention (causal=True / is_causal=True){more}")
     return window
 
 

@@ -54,6 +54,33 @@ def lse_shape(q: torch.Tensor, varlen: bool) -> tuple[int, ...]:
 
 
 # --------------------------------------------------------------------------------------------------
+# Attention windows
+# --------------------------------------------------------------------------------------------------
+
+
+def window_bounds(causal: bool, window) -> tuple[int, int]:
+    """FlashAttention's ``window_size=(left, right)`` of a checked ``(causal, window)``: query row i at
+    p = i + Sk - Sq sees keys ``p - left <= j <= p + right`` (and j < Sk); -1 = unbounded on that side.
+
+    ``window=None``: (-1, 0) causal, (-1, -1) not; an int W (causal only): (W - 1, 0); a pair
+    (left, right): itself, with right = 0 when ``causal`` (FlashAttention's rule: causal sets the
+    right window to 0). The one translation of the user's arguments, for every backend.
+    """
+    if window is None:
+        return (-1, 0) if causal else (-1, -1)
+    if isinstance(window, int):
+        return window - 1, 0
+    left, right = window
+    return int(left), 0 if causal else int(right)
+
+
+def band_width(left: int, right: int) -> int | None:
+    """Keys one query row can see under the window (left, right): left + right + 1, or None
+    (unbounded) when either side is -1. Sizes tiles and splits (a static bound, no host sync)."""
+    return None if left < 0 or right < 0 else left + right + 1
+
+
+# --------------------------------------------------------------------------------------------------
 # Flash-decoding split policy
 # --------------------------------------------------------------------------------------------------
 

@@ -38,8 +38,8 @@ def _flash_attn_fwd(
     seqlens_k: Optional[torch.Tensor],
     max_seqlen_q: int,
     max_seqlen_k: int,
-    causal: bool,
-    window: Optional[int],
+    window_left: int,
+    window_right: int,
     softmax_scale: float,
     bottom_right: bool,
     backend: str,
@@ -51,11 +51,17 @@ def _flash_attn_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # deterministic only matters to the backward; it is an input here so autograd can save it
     fwd = backend_fn(backend, "flash_attn_forward", OP)
-    return fwd(q, k, v, causal=causal, window=window, softmax_scale=softmax_scale,
+    return fwd(q, k, v, **_band(window_left, window_right), softmax_scale=softmax_scale,
                cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                block_table=block_table, seqlens_k=seqlens_k, bottom_right=bottom_right,
                **_options(k_scale=k_scale, v_scale=v_scale, softcap=softcap, alibi_slopes=alibi_slopes))
+
+
+def _band(window_left: int, window_right: int) -> dict:
+    """The launchers' ``causal`` / ``window`` from the ops' normalised window (``_policy.window_bounds``;
+    -1: unbounded): right = 0 is causal attention, the pair the window."""
+    return dict(causal=window_right == 0, window=(window_left, window_right))
 
 
 def _options(**options):
@@ -66,7 +72,7 @@ def _options(**options):
 
 @_flash_attn_fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k, max_seqlen_q, max_seqlen_k,
-      causal, window, softmax_scale, bottom_right, backend, deterministic, k_scale=None, v_scale=None,
+      window_left, window_right, softmax_scale, bottom_right, backend, deterministic, k_scale=None, v_scale=None,
       softcap=None, alibi_slopes=None):
     return q.new_empty(q.shape), q.new_empty(P.lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
 
@@ -84,8 +90,8 @@ def _flash_attn_bwd(
     cu_seqlens_k: Optional[torch.Tensor],
     max_seqlen_q: int,
     max_seqlen_k: int,
-    causal: bool,
-    window: Optional[int],
+    window_left: int,
+    window_right: int,
     softmax_scale: float,
     bottom_right: bool,
     backend: str,
@@ -94,7 +100,7 @@ def _flash_attn_bwd(
     alibi_slopes: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     bwd = backend_fn(backend, "flash_attn_backward", OP)
-    return bwd(dout, dlse, q, k, v, out, lse, causal=causal, window=window,
+    return bwd(dout, dlse, q, k, v, out, lse, **_band(window_left, window_right),
                softmax_scale=softmax_scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, bottom_right=bottom_right,
                deterministic=deterministic, **_options(softcap=softcap, alibi_slopes=alibi_slopes))
@@ -102,19 +108,19 @@ def _flash_attn_bwd(
 
 @_flash_attn_bwd.register_fake
 def _(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-      causal, window, softmax_scale, bottom_right, backend, deterministic, softcap=None,
+      window_left, window_right, softmax_scale, bottom_right, backend, deterministic, softcap=None,
       alibi_slopes=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _fwd_setup_context(ctx, inputs, output):
-    (q, k, v, cu_q, cu_k, block_table, seqlens_k, max_q, max_k, causal, window, scale,
+    (q, k, v, cu_q, cu_k, block_table, seqlens_k, max_q, max_k, left, right, scale,
      bottom_right, backend, deterministic) = inputs[:15]
     # then an fp8 paged cache's scales (forward only), softcap and ALiBi slopes
     softcap, alibi_slopes = (list(inputs[17:19]) + [None, None])[:2]
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi_slopes)
-    ctx.params = (max_q, max_k, causal, window, scale, bottom_right, backend, deterministic, softcap)
+    ctx.params = (max_q, max_k, left, right, scale, bottom_right, backend, deterministic, softcap)
     ctx.paged = block_table is not None
 
 
@@ -122,9 +128,9 @@ def _fwd_backward(ctx, dout, dlse):
     if ctx.paged:
         raise BackendUnavailableError(f"{OP}: attention over a paged KV cache is not differentiable")
     q, k, v, out, lse, cu_q, cu_k, alibi_slopes = ctx.saved_tensors
-    max_q, max_k, causal, window, scale, bottom_right, backend, deterministic, softcap = ctx.params
-    dq, dk, dv = _flash_attn_bwd(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal,
-                                 window, scale, bottom_right, backend, deterministic, softcap,
+    max_q, max_k, left, right, scale, bottom_right, backend, deterministic, softcap = ctx.params
+    dq, dk, dv = _flash_attn_bwd(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, left,
+                                 right, scale, bottom_right, backend, deterministic, softcap,
                                  alibi_slopes)
     return (dq, dk, dv) + (None,) * 16  # no gradient for the other 16 inputs (ALiBi slopes included)
 
@@ -180,7 +186,7 @@ def _check_flash_attn(q, k, v, causal, window, softmax_scale, cu_seqlens_q, cu_s
     C.check_same_device(op, n["q"], q, **{n["k"]: k, n["v"]: v})
     if not isinstance(causal, bool):
         raise TypeError(f"{op}: causal must be a bool, got {causal!r}")
-    C.check_window(op, window, causal)
+    C.check_window(op, window, causal, pairs=True)
     C.check_scale(op, n["softmax_scale"], softmax_scale)
     if k.shape != v.shape:
         raise ValueError(f"{op}: {n['k']} and {n['v']} must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
@@ -283,8 +289,8 @@ def _flash_attn(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, cu_seql
                     "call it under torch.no_grad() or detach q, k, v")
             backend_fn(backend, "flash_attn_backward", OP)  # fail now, not in backward
         out, lse = _flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k,
-                                   max_q, max_k, causal, window, scale, bottom_right, backend,
-                                   deterministic, k_scale, v_scale, softcap, alibi_slopes)
+                                   max_q, max_k, *P.window_bounds(causal, window), scale, bottom_right,
+                                   backend, deterministic, k_scale, v_scale, softcap, alibi_slopes)
     return (out, lse) if return_lse else out
 
 
@@ -300,9 +306,13 @@ def flash_attn(q, k, v, *, causal=True, window=None, softmax_scale=None, cu_seql
     (``torch.float8_e4m3fn``) needs ``k_scale``/``v_scale`` (float32, (Hkv,) or ()): it is read as
     stored * scale, inside the kernel (as :func:`gptkernels.paged_decode` reads it).
 
-    Query row i sits at position ``i + Sk - Sq`` (bottom-right). ``causal``: it sees keys ``j <= p``;
-    ``window=W``: at most W keys, itself included (``p - W < j <= p``), which is FlashAttention's
-    ``window_size=(W - 1, 0)``. Rows that see no key output zeros (lse -inf).
+    Query row i sits at position ``p = i + Sk - Sq`` (bottom-right). ``causal``: it sees keys
+    ``j <= p``; ``window=W`` (with causal): at most W keys, itself included (``p - W < j <= p``),
+    which is FlashAttention's ``window_size=(W - 1, 0)``. ``window=(left, right)`` is
+    FlashAttention's ``window_size``: keys ``p - left <= j <= p + right``, each side an int >= 0 or
+    -1 (unbounded), with ``causal=False`` a two-sided or one-sided local window (``(-1, -1)``: full
+    attention); with ``causal=True`` right is ignored (taken as 0), as in FlashAttention. Rows that
+    see no key output zeros (lse -inf). The CUDA backend serves causal windows only.
 
     Score modifiers, applied in FlashAttention's order (scale, soft cap, ALiBi, then the mask; as
     :func:`gptkernels.paged_decode`): ``softcap`` (a finite float > 0; None: off, which

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ._policy import FP8_E4M3_MAX
+from ._policy import FP8_E4M3_MAX, window_bounds
 from ._policy import softmax_scale as softmax_scale_default
 
 
@@ -88,7 +88,7 @@ def attention_mask(
     seqlen_k: int,
     *,
     causal: bool,
-    window: int | None = None,
+    window: int | tuple[int, int] | None = None,
     bottom_right: bool = True,
     device=None,
 ) -> torch.Tensor | None:
@@ -96,17 +96,22 @@ def attention_mask(
 
     This is the mask rule of SPEC.md, written once. Query row ``i`` sits at absolute position
     ``p = i + seqlen_k - seqlen_q`` (bottom-right alignment; ``p = i`` when ``bottom_right=False``,
-    torch SDPA's top-left convention). Causal: it sees keys ``j <= p``. With ``window=W`` it sees at
-    most W keys, itself included: ``p - W < j <= p``.
+    torch SDPA's top-left convention). With (left, right) = ``window_bounds(causal, window)``
+    (FlashAttention's ``window_size``) it sees keys ``p - left <= j <= p + right``, a side of -1
+    unbounded. So causal: ``j <= p``; ``window=W``: at most W keys, itself included,
+    ``p - W < j <= p``; ``window=(left, right)`` without causal: a two-sided band.
     """
-    if not causal:
+    left, right = window_bounds(causal, window)
+    if left < 0 and right < 0:
         return None
     shift = seqlen_k - seqlen_q if bottom_right else 0
     p = torch.arange(seqlen_q, device=device)[:, None] + shift
     j = torch.arange(seqlen_k, device=device)[None, :]
-    visible = j <= p
-    if window is not None:
-        visible &= j > p - window
+    visible = torch.ones((seqlen_q, seqlen_k), dtype=torch.bool, device=device)
+    if right >= 0:
+        visible &= j <= p + right
+    if left >= 0:
+        visible &= j >= p - left
     return visible
 
 
@@ -178,7 +183,7 @@ def attention(
     v: torch.Tensor,
     *,
     causal: bool = True,
-    window: int | None = None,
+    window: int | tuple[int, int] | None = None,
     softmax_scale: float | None = None,
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
@@ -193,6 +198,9 @@ def attention(
     alibi_slopes: torch.Tensor | None = None,
 ):
     """Attention with exactly SPEC's semantics (dense, varlen, paged keys, GQA, window, lse).
+
+    ``causal`` and ``window`` (None, an int W, or FlashAttention's (left, right)): see
+    :func:`attention_mask`.
 
     * dense: q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D); lse (B, Hq, Sq).
     * varlen: q (Tq, Hq, D) with ``cu_seqlens_q``; k/v (Tk, Hkv, D) with ``cu_seqlens_k``; lse (Hq, Tq).

@@ -1100,3 +1100,172 @@ def test_softcap_alibi_gpu(mods, dtype):
     qv, kv_, vv = randn(sum(lq), 8, 128, dtype=dtype), randn(sum(lk), 2, 128, dtype=dtype), randn(sum(lk), 2, 128, dtype=dtype)
     check_attention(qv, kv_, vv, causal=True, cu_seqlens_q=_cu(lq), cu_seqlens_k=_cu(lk), max_seqlen_q=250,
                     max_seqlen_k=300, grad=True, **_mod_kw(softcap, kind, 3, 8))
+
+
+# --------------------------------------------------------------------------------------------------
+# Two-sided and non-causal windows (issue 19 item 4): window=(left, right), FlashAttention's
+# window_size; semantics: reference.attention_mask, normalised by _policy.window_bounds
+# --------------------------------------------------------------------------------------------------
+
+# (Sq, Sk, Hq, Hkv, window): the interpreter's tiles are 64 x 32 (forward, dQ) and 32 x 64 (dK/dV),
+# so these bands cross tile edges, have interiors (or not) and start / end inside tiles
+_TWO_SIDED = [
+    (45, 45, 2, 2, (5, 7)),       # both sides bounded, non-causal
+    (40, 70, 4, 2, (3, -1)),      # left only (everything to the right), Sq < Sk, GQA
+    (70, 40, 2, 1, (-1, 4)),      # right only, Sq > Sk: the first rows see no key
+    (33, 33, 2, 2, (0, 0)),       # each row its own key only
+    (20, 50, 2, 2, (2, 100)),     # right past the end of the keys
+    (70, 20, 2, 1, (3, 25)),      # right > Sk and Sq > Sk: rows i < 25 see nothing (p + right < 0)
+    (37, 45, 4, 2, (40, 30)),     # a wide band: an unmasked interior on both sides
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", _TWO_SIDED, ids=str)
+def test_two_sided_window_dense(case, dtype):
+    sq, sk, hq, hkv, window = case
+    q, k, v = randn(2, sq, hq, 32, dtype=dtype), randn(2, sk, hkv, 32, dtype=dtype), randn(2, sk, hkv, 32, dtype=dtype)
+    for deterministic in (True, False):
+        check_attention(q, k, v, causal=False, window=window, grad=True, with_dlse=deterministic,
+                        deterministic=deterministic)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_two_sided_window_varlen_and_paged(dtype):
+    # varlen with an empty sequence (and one with Sq > Sk), forward + both backwards; paged keys
+    # (forward only), dense and varlen q
+    lq, lk = (5, 0, 40, 17), (30, 4, 25, 17)
+    q, k, v = randn(sum(lq), 4, 32, dtype=dtype), randn(sum(lk), 2, 32, dtype=dtype), randn(sum(lk), 2, 32, dtype=dtype)
+    for window, deterministic in (((4, 6), True), ((-1, 3), False)):
+        check_attention(q, k, v, causal=False, window=window, cu_seqlens_q=_cu(lq), cu_seqlens_k=_cu(lk),
+                        max_seqlen_q=40, max_seqlen_k=30, grad=True, with_dlse=True,
+                        deterministic=deterministic)
+    k_cache, v_cache, table, seqlens = _paged_cache([40, 7, 70], 8, 2, 32, dtype)
+    check_attention(randn(3, 33, 4, 32, dtype=dtype), k_cache, v_cache, causal=False, window=(6, 3),
+                    block_table=table, seqlens_k=seqlens)
+    for window in ((-1, 2), (20, -1)):
+        check_attention(randn(9, 4, 32, dtype=dtype), k_cache, v_cache, causal=False, window=window,
+                        block_table=table, seqlens_k=seqlens, cu_seqlens_q=_cu((4, 0, 5)), max_seqlen_q=5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_two_sided_window_with_softcap_alibi(dtype):
+    # ALiBi's |p - j| on both sides of the query, the cap's chain rule, both backwards
+    q, k, v = randn(2, 37, 4, 32, dtype=dtype), randn(2, 45, 2, 32, dtype=dtype), randn(2, 45, 2, 32, dtype=dtype)
+    for deterministic in (True, False):
+        check_attention(q, k, v, causal=False, window=(9, 12), grad=True, with_dlse=True,
+                        deterministic=deterministic, **_mod_kw(2.0, "batch", 2, 4))
+
+
+def test_window_pair_of_causal_form_is_the_int_form():
+    # (W - 1, 0), with causal=True or False, and (W - 1, 5) with causal=True (FlashAttention: causal
+    # sets right = 0) are window=W: the same kernels, bit for bit, forward and both backwards
+    q, k, v = randn(2, 40, 4, 32), randn(2, 60, 2, 32), randn(2, 60, 2, 32)
+    dout = randn(2, 40, 4, 32)
+
+    def run(deterministic, grad=True, **kw):
+        leaves = [t.clone().requires_grad_(grad) for t in (q, k, v)]
+        out = gptkernels.flash_attn(*leaves, backend=BACKEND, deterministic=deterministic, **kw)
+        return (out, *torch.autograd.grad((out * dout).sum(), leaves)) if grad else (out,)
+
+    pairs = {True: (dict(causal=True, window=(8, 0)), dict(causal=False, window=(8, 0)),
+                    dict(causal=True, window=(8, 5)), dict(causal=True, window=[8, 0])),
+             False: (dict(causal=False, window=(8, 0)),)}
+    for deterministic, forms in pairs.items():
+        want = run(deterministic, causal=True, window=9)
+        for kw in forms:
+            got = run(deterministic, **kw)
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), kw
+    # and the pair forms of "no window": (-1, 0) causal, (-1, -1) full attention
+    assert torch.equal(run(True, False, causal=False, window=(-1, 0))[0], run(True, False, causal=True)[0])
+    assert torch.equal(run(True, False, causal=False, window=(-1, -1))[0], run(True, False, causal=False)[0])
+    assert not torch.allclose(run(True, False, causal=False, window=(8, 3))[0], want[0])
+
+
+def test_two_sided_window_torch_backend_and_compile():
+    # the torch backend is the reference; the pair goes through the torch.library ops (schema
+    # window_left / window_right) whole under torch.compile
+    q, k, v = randn(1, 12, 2, 16), randn(1, 15, 2, 16), randn(1, 15, 2, 16)
+    out = gptkernels.flash_attn(q, k, v, causal=False, window=(2, 3), backend="torch")
+    assert torch.equal(out, reference.attention(q, k, v, causal=False, window=(2, 3)))
+    torch._dynamo.reset()
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+
+    def fn(q, k, v):
+        return gptkernels.flash_attn(q, k, v, causal=False, window=(2, 3), backend=BACKEND)
+
+    got = torch.compile(fn, fullgraph=True, backend="aot_eager")(*leaves)
+    want = fn(*leaves)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got.sum(), leaves), torch.autograd.grad(want.sum(), leaves)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("window, causal, exc, match", [
+    ((-2, 3), False, ValueError, r"flash_attn: window=\(left, right\): left must be >= 0 or -1"),
+    ((3, -5), False, ValueError, r"flash_attn: window=\(left, right\): right must be >= 0 or -1"),
+    ((3, -5), True, ValueError, r"flash_attn: window=\(left, right\): right must be >= 0 or -1"),
+    ((3,), False, ValueError, r"flash_attn: window must be an int or a \(left, right\) pair, got 1 values"),
+    ((1, 2, 3), False, ValueError, r"flash_attn: window must be an int or a \(left, right\) pair"),
+    ((1.5, 2), False, TypeError, r"flash_attn: window=\(left, right\) must hold ints, got left = 1.5"),
+    ((1, "2"), False, TypeError, r"flash_attn: window=\(left, right\) must hold ints, got right = '2'"),
+    ((True, 2), False, TypeError, r"flash_attn: window=\(left, right\) must hold ints"),
+    (2.0, True, TypeError, r"flash_attn: window must be None or an int >= 1 or a \(left, right\) pair"),
+    (0, True, ValueError, "flash_attn: window must be >= 1"),
+    (5, False, ValueError, r"flash_attn: window=5 needs causal attention .*window=\(left, right\)"),
+])
+@pytest.mark.parametrize("backend", [BACKEND, "torch"])
+def test_window_pair_bad_input(window, causal, exc, match, backend):
+    with pytest.raises(exc, match=match):
+        gptkernels.flash_attn(*_bad_mod_args().values(), causal=causal, window=window, backend=backend)
+
+
+def test_window_pair_refused_where_not_served():
+    # sdpa (torch's SDPA has no window pair) and paged_decode (one query row, the last key: only a
+    # left window means anything) take the int form only
+    q = randn(1, 2, 5, 16)
+    with pytest.raises(TypeError, match="sdpa: window must be None or an int >= 1, got"):
+        gptkernels.sdpa(q, q, q, is_causal=True, window=(2, 0))
+    k_cache, v_cache, table, seqlens = _paged_cache([9], 8, 2, 16, torch.float32)
+    with pytest.raises(TypeError, match="paged_decode: window must be None or an int >= 1"):
+        gptkernels.paged_decode(randn(1, 2, 16), k_cache, v_cache, table, seqlens, window=(3, 0))
+
+
+def test_cuda_backend_refuses_two_sided_windows():
+    # The CUDA kernels serve causal windows (left, 0) and full attention only: the launcher refuses
+    # the rest, naming the argument, before it touches the extension (so this runs without a GPU);
+    # the forms it serves map to the C++ op's (causal, W)
+    from gptkernels import cuda as cuda_backend
+
+    q, k, v = (randn(1, 4, 2, 64, dtype=torch.float16) for _ in range(3))
+    kw = dict(softmax_scale=0.125, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+              max_seqlen_k=None, block_table=None, seqlens_k=None, bottom_right=True)
+    for window in ((3, 2), (3, -1), (-1, 2), (2, 1)):
+        with pytest.raises(gptkernels.BackendUnavailableError,
+                           match=r"flash_attn: backend 'cuda' cannot serve this call: no CUDA kernel for "
+                                 r"window=\(left, right\)"):
+            cuda_backend.flash_attn_forward(q, k, v, causal=False, window=window, **kw)
+    m = cuda_backend._causal_window
+    assert m(True, None) == (True, None) and m(False, None) == (False, None) and m(True, 7) == (True, 7)
+    assert m(False, (6, 0)) == (True, 7) and m(True, (6, 4)) == (True, 7) and m(False, (-1, 0)) == (True, None)
+    assert m(False, (-1, -1)) == (False, None)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("window", [(64, 32), (128, -1), (-1, 100), (0, 0)], ids=str)
+def test_two_sided_window_gpu(window, dtype):
+    # the GPU's own configs (wgmma tiles, autotuned), longer sequences, D = 128, varlen and paged
+    q, k, v = randn(2, 300, 8, 128, dtype=dtype), randn(2, 350, 2, 128, dtype=dtype), randn(2, 350, 2, 128, dtype=dtype)
+    for deterministic in (True, False):
+        check_attention(q, k, v, causal=False, window=window, grad=True, with_dlse=True,
+                        deterministic=deterministic)
+    lq, lk = (100, 1, 250), (300, 40, 250)
+    qv, kv_, vv = randn(sum(lq), 8, 128, dtype=dtype), randn(sum(lk), 2, 128, dtype=dtype), randn(sum(lk), 2, 128, dtype=dtype)
+    check_attention(qv, kv_, vv, causal=False, window=window, cu_seqlens_q=_cu(lq), cu_seqlens_k=_cu(lk),
+                    max_seqlen_q=250, max_seqlen_k=300, grad=True)
+    k_cache, v_cache, table, seqlens = _paged_cache([400, 70, 1000], 16, 2, 128, dtype)
+    check_attention(randn(3, 1, 8, 128, dtype=dtype), k_cache, v_cache, causal=False, window=window,
+                    block_table=table, seqlens_k=seqlens)  # decode-shaped: packed GQA, split keys
+    check_attention(randn(3, 64, 8, 128, dtype=dtype), k_cache, v_cache, causal=False, window=window,
+                    block_table=table, seqlens_k=seqlens)

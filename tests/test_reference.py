@@ -277,3 +277,32 @@ def test_paged_decode_window_past_the_table_torch_vs_triton(num_splits):
         for be in BACKENDS:
             torch.testing.assert_close(got[be][0][b].double().cpu(), want_o, atol=2e-5, rtol=1e-5)
             torch.testing.assert_close(got[be][1][b].double().cpu(), want_l, atol=2e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# The attention mask rule (reference.attention_mask): every window form against the formula written
+# out by hand, query row i at p = i + Sk - Sq sees key j iff p - left <= j <= p + right (-1: unbounded)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sq, sk", [(5, 5), (3, 8), (8, 3), (1, 6), (6, 1)])
+def test_attention_mask_window_forms(sq, sk):
+    from gptkernels.reference import attention_mask
+
+    def by_hand(left, right, bottom_right=True):
+        shift = sk - sq if bottom_right else 0
+        return torch.tensor([[(left < 0 or j >= i + shift - left) and (right < 0 or j <= i + shift + right)
+                              for j in range(sk)] for i in range(sq)])
+
+    forms = [  # (causal, window) -> FlashAttention's (left, right)
+        ((True, None), (-1, 0)), ((False, None), (-1, -1)), ((True, 1), (0, 0)), ((True, 3), (2, 0)),
+        ((False, (2, 1)), (2, 1)), ((False, (0, 0)), (0, 0)), ((False, (-1, 2)), (-1, 2)),
+        ((False, (1, -1)), (1, -1)), ((False, (-1, -1)), (-1, -1)), ((False, (0, 9)), (0, 9)),
+        ((True, (2, 4)), (2, 0)),  # causal sets right = 0, as FlashAttention does
+    ]
+    for (causal, window), (left, right) in forms:
+        mask = attention_mask(sq, sk, causal=causal, window=window)
+        want = by_hand(left, right)
+        assert (mask is None and bool(want.all())) or torch.equal(mask, want), (causal, window)
+    top_left = attention_mask(sq, sk, causal=True, window=2, bottom_right=False)
+    assert torch.equal(top_left, by_hand(1, 0, bottom_right=False))

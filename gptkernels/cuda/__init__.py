@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .._backend import BackendUnavailableError
-from .._policy import lse_shape
+from .._policy import lse_shape, window_bounds
 
 #: The op namespace the wrappers call; ``None`` until first use (importing gptkernels._C registers
 #: it). The tests point it at the CPU emulator of the extension (tests/cuda_emulator).
@@ -92,11 +92,26 @@ def flash_attn_forward(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, 
     ``softmax_scale`` and, for varlen q, ``max_seqlen_q`` come resolved from gptkernels.attention.
     """
     _refuse_options("flash_attn", k_scale=k_scale, v_scale=v_scale, softcap=softcap, alibi_slopes=alibi_slopes)
+    causal, window = _causal_window(causal, window)
     max_q = q.shape[1] if cu_seqlens_q is None else int(max_seqlen_q)  # dense: Sq is q's shape
     max_k = 0 if max_seqlen_k is None else int(max_seqlen_k)  # unused: each sequence's key count is read
     out, lse = _call("flash_attn", "flash_attn_fwd", q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k,
                      max_q, max_k, bool(causal), window, float(softmax_scale), bool(bottom_right))
     return out, lse
+
+
+def _causal_window(causal, window):
+    """The C++ op's (causal, window W or None) for a window (``window_bounds``'s (left, right)) it
+    serves: causal with or without a left window, or full attention. A two-sided or non-causal
+    window has no CUDA kernel: refused, naming the argument."""
+    left, right = window_bounds(causal, window)
+    if right == 0:
+        return True, None if left < 0 else left + 1
+    if left < 0 and right < 0:
+        return False, None
+    raise BackendUnavailableError(
+        f"flash_attn: backend 'cuda' cannot serve this call: no CUDA kernel for window=(left, right) = "
+        f"({left}, {right}) (two-sided and non-causal windows run on backend='triton' or 'torch')")
 
 
 def apply_rotary(q, k, cos, sin, *, positions, offset, interleaved, inplace, conjugate):

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._policy import LOG2E, decode_band, num_splits, sm_count
+from .._policy import LOG2E, band_width, decode_band, num_splits, sm_count, window_bounds
 from ._config import INTERPRET, autotune, configs, next_pow2
 from .paged import _tanh, merge_splits
 
@@ -58,18 +58,23 @@ _LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)  # the same constant, usable inside
 
 
 @triton.jit
-def _visible(pos_q, cols, seqlen_k, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+def _visible(pos_q, cols, seqlen_k, window, right, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+             HAS_RIGHT: tl.constexpr):
     """The mask rule, mirroring ``reference.attention_mask`` (the single definition in Python).
 
     ``pos_q``: absolute positions p of the query rows, ``cols``: key indices j (already broadcast
-    against each other). Key j is visible iff j < seqlen_k and, when causal, j <= p and, with a
-    window W, j > p - W.
+    against each other). The window (left, right) arrives as: CAUSAL (right = 0) or HAS_RIGHT
+    (right > 0, the runtime ``right``) or neither (unbounded); HAS_WINDOW (left bounded, the runtime
+    ``window`` = left + 1) or not. Key j is visible iff j < seqlen_k, j <= p + right and
+    j > p - window.
     """
     vis = cols < seqlen_k
     if CAUSAL:
         vis = vis & (cols <= pos_q)
-        if HAS_WINDOW:
-            vis = vis & (cols > pos_q - window)
+    elif HAS_RIGHT:
+        vis = vis & (cols <= pos_q + right)
+    if HAS_WINDOW:
+        vis = vis & (cols > pos_q - window)
     return vis
 
 
@@ -164,37 +169,41 @@ def _seq_bounds(b, cu_q, cu_k, seqlens_k, q_len, kv_len,
 
 
 @triton.jit
-def _q_tile_band(m0, seqlen_q, seqlen_k, shift, window, CAUSAL: tl.constexpr,
-                 HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _q_tile_band(m0, seqlen_q, seqlen_k, shift, window, right, CAUSAL: tl.constexpr,
+                 HAS_WINDOW: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
     """Key tiles that query tile [m0, m0 + BLOCK_M) must visit: (lo, int_lo, int_hi, hi).
 
     [lo, hi) holds every visible key; [int_lo, int_hi) (BLOCK_N-aligned) the tiles in which every
     valid query row sees every key, which need no mask. Query row i sits at p = i + shift.
     """
     return _pos_band(m0 + shift, tl.minimum(m0 + BLOCK_M, seqlen_q) - 1 + shift, seqlen_k, window,
-                     CAUSAL, HAS_WINDOW, BLOCK_N)
+                     right, CAUSAL, HAS_WINDOW, HAS_RIGHT, BLOCK_N)
 
 
 @triton.jit
-def _pos_band(p_lo, p_hi, seqlen_k, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-              BLOCK_N: tl.constexpr):
+def _pos_band(p_lo, p_hi, seqlen_k, window, right, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              HAS_RIGHT: tl.constexpr, BLOCK_N: tl.constexpr):
     """_q_tile_band of the query rows at positions p_lo..p_hi (a packed GQA tile's rows are the
-    positions of several heads)."""
+    positions of several heads). Row p sees keys p - window < j <= p + right: the band ends after
+    the last row's p_hi + right, its interior after the first row's p_lo + right; it starts at the
+    first row's p_lo - window + 1, its interior at the last row's p_hi - window + 1."""
     zero = p_lo * 0
     if CAUSAL:
         hi = tl.minimum(tl.maximum(p_hi + 1, 0), seqlen_k)
         int_hi = (tl.minimum(tl.maximum(p_lo + 1, 0), seqlen_k) // BLOCK_N) * BLOCK_N
-        if HAS_WINDOW:
-            lo = (tl.minimum(tl.maximum(p_lo - window + 1, 0), seqlen_k) // BLOCK_N) * BLOCK_N
-            int_lo = ((tl.maximum(p_hi - window + 1, lo) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
-        else:
-            lo = zero
-            int_lo = zero
+    elif HAS_RIGHT:
+        hi = tl.minimum(tl.maximum(p_hi + right + 1, 0), seqlen_k)
+        int_hi = (tl.minimum(tl.maximum(p_lo + right + 1, 0), seqlen_k) // BLOCK_N) * BLOCK_N
+    else:
+        hi = zero + seqlen_k
+        int_hi = (seqlen_k // BLOCK_N) * BLOCK_N
+    if HAS_WINDOW:
+        lo = (tl.minimum(tl.maximum(p_lo - window + 1, 0), seqlen_k) // BLOCK_N) * BLOCK_N
+        int_lo = ((tl.maximum(p_hi - window + 1, lo) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
     else:
         lo = zero
         int_lo = zero
-        hi = zero + seqlen_k
-        int_hi = (seqlen_k // BLOCK_N) * BLOCK_N
     # A band narrower than a tile has no interior: everything goes through the masked loop.
     empty = int_hi < int_lo
     int_lo = tl.where(empty, lo, int_lo)
@@ -203,28 +212,31 @@ def _pos_band(p_lo, p_hi, seqlen_k, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl
 
 
 @triton.jit
-def _k_tile_band(n0, seqlen_q, seqlen_k, shift, window, CAUSAL: tl.constexpr,
-                 HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _k_tile_band(n0, seqlen_q, seqlen_k, shift, window, right, CAUSAL: tl.constexpr,
+                 HAS_WINDOW: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
     """Query tiles that see key tile [n0, n0 + BLOCK_N): (lo, int_lo, int_hi, hi), as above."""
     zero = n0 * 0
     n_last = tl.minimum(n0 + BLOCK_N, seqlen_k) - 1
     q_ceil = ((seqlen_q + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    # row i sees key j iff j <= i + shift + right: rows from n0 - right - shift on see part of the
+    # tile, rows from n_last - right - shift on see all of it (causal: right = 0).
     if CAUSAL:
-        # row i sees key j iff j <= i + shift: rows from n0 - shift on see part of the tile, rows
-        # from n_last - shift on see all of it.
         lo = (tl.minimum(tl.maximum(n0 - shift, 0), seqlen_q) // BLOCK_M) * BLOCK_M
         int_lo = ((tl.minimum(tl.maximum(n_last - shift, lo), seqlen_q) + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
-        if HAS_WINDOW:
-            # ... and j > i + shift - W: rows before n_last + W - shift see part of the tile, tiles
-            # ending at or before n0 + W - shift see all of it.
-            hi = tl.minimum(tl.maximum(n_last + window - shift, 0), seqlen_q)
-            int_hi = tl.minimum((tl.maximum(n0 + window - shift, 0) // BLOCK_M) * BLOCK_M, q_ceil)
-        else:
-            hi = zero + seqlen_q
-            int_hi = zero + q_ceil
+    elif HAS_RIGHT:
+        lo = (tl.minimum(tl.maximum(n0 - right - shift, 0), seqlen_q) // BLOCK_M) * BLOCK_M
+        int_lo = ((tl.minimum(tl.maximum(n_last - right - shift, lo), seqlen_q) + BLOCK_M - 1)
+                  // BLOCK_M) * BLOCK_M
     else:
         lo = zero
         int_lo = zero
+    if HAS_WINDOW:
+        # ... and j > i + shift - W: rows before n_last + W - shift see part of the tile, tiles
+        # ending at or before n0 + W - shift see all of it.
+        hi = tl.minimum(tl.maximum(n_last + window - shift, 0), seqlen_q)
+        int_hi = tl.minimum((tl.maximum(n0 + window - shift, 0) // BLOCK_M) * BLOCK_M, q_ceil)
+    else:
         hi = zero + seqlen_q
         int_hi = zero + q_ceil
     empty = int_hi < int_lo
@@ -417,7 +429,7 @@ def _pick(table, atomic_table=None, decode_table=None, shaped=False):
 #: power-of-two buckets of the longest query sequence and of the band width (keys a row sees), which
 #: decide the tile shape that fills the GPU and wastes least on boundary tiles.
 _TUNE_KEY = ["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "PAGED", "VARLEN_Q", "seq_bucket", "band_bucket",
-             "SOFTCAP", "ALIBI"]
+             "SOFTCAP", "ALIBI", "HAS_RIGHT"]
 
 
 def _autotune(table, interp, extra_key=(), reset_to_zero=None, atomic_table=None, decode_table=None,
@@ -432,7 +444,8 @@ def _autotune(table, interp, extra_key=(), reset_to_zero=None, atomic_table=None
 #: Integer arguments whose values vary from call to call: not specialised (Triton would otherwise
 #: compile a variant per "== 1" / "divisible by 16" class of each). Strides stay specialised: a unit
 #: last-dim stride and 16-divisible row strides are what make the loads vectorised and pipelined.
-_VARYING = ["q_len", "kv_len", "group", "window", "row0", "num_blocks", "stride_tb", "num_splits"]
+_VARYING = ["q_len", "kv_len", "group", "window", "window_right", "row0", "num_blocks", "stride_tb",
+            "num_splits"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -441,14 +454,14 @@ _VARYING = ["q_len", "kv_len", "group", "window", "row0", "num_blocks", "stride_
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, start, end, pos_q, seqlen_k, window, qk_scale,
+def _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, start, end, pos_q, seqlen_k, window, right, qk_scale,
                b, block_table, stride_tb, num_blocks,
                stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
                offs_n, offs_d, slope2, softcap_scale,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                PAGED: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
                BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ROW64: tl.constexpr,
-               SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+               SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, HAS_RIGHT: tl.constexpr):
     d_ok = offs_d[None, :] < HEAD_DIM
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -468,8 +481,8 @@ def _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, start, end, pos_q, seqlen_k, wi
         s, _cap = _score_mods(s, pos_q[:, None], (start_n + offs_n)[None, :], slope2, softcap_scale,
                               SOFTCAP, ALIBI)
         if MASKED:
-            vis = _visible(pos_q[:, None], (start_n + offs_n)[None, :], seqlen_k, window,
-                           CAUSAL, HAS_WINDOW)
+            vis = _visible(pos_q[:, None], (start_n + offs_n)[None, :], seqlen_k, window, right,
+                           CAUSAL, HAS_WINDOW, HAS_RIGHT)
             if PAGED:
                 vis = vis & ok[None, :]
             s = tl.where(vis, s, float("-inf"))
@@ -507,13 +520,13 @@ def _fwd_kernel(
     num_splits,
     K_scale, V_scale, stride_kscale_h, stride_vscale_h,
     Slopes, stride_slb, stride_slh, softcap_scale,
-    q_len, kv_len, group, qk_scale, window, seq_bucket, band_bucket, row0,
+    q_len, kv_len, group, qk_scale, window, window_right, seq_bucket, band_bucket, row0,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_SCALED: tl.constexpr = False,
     ROW64: tl.constexpr = False, TAIL: tl.constexpr = False, PACK_GQA: tl.constexpr = False,
-    SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False,
+    SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, HAS_RIGHT: tl.constexpr = False,
 ):
     # PACK_GQA (few query rows, GQA): one program per KV head (grid axis 1) whose query tile holds
     # the rows of every query head of the group, row r = query i * group + head g: each K/V tile is
@@ -601,8 +614,8 @@ def _fwd_kernel(
         p_last = tl.minimum(m0 + BLOCK_M, n_rows) - 1
         if PACK_GQA:
             p_last = p_last // group
-        lo, int_lo, int_hi, hi = _pos_band(i0 + shift, p_last + shift, seqlen_k, window, CAUSAL,
-                                           HAS_WINDOW, BLOCK_N)
+        lo, int_lo, int_hi, hi = _pos_band(i0 + shift, p_last + shift, seqlen_k, window, window_right,
+                                           CAUSAL, HAS_WINDOW, HAS_RIGHT, BLOCK_N)
         if SPLIT:
             # This split's whole tiles of the band [lo, hi), intersected with the three loops'
             # ranges (lo and every share are BLOCK_N-aligned, so the loops' tile alignment holds).
@@ -615,20 +628,23 @@ def _fwd_kernel(
         else:
             lo1, hi1, lo2, hi2, lo3, hi3 = lo, int_lo, int_lo, int_hi, int_hi, hi
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, lo1, hi1, pos_q, seqlen_k,
-                                   window, qk_scale, b, block_table, stride_tb, num_blocks,
+                                   window, window_right, qk_scale, b, block_table, stride_tb, num_blocks,
                                    stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
                                    offs_n, offs_d, slope2, softcap_scale, True, CAUSAL, HAS_WINDOW,
-                                   PAGED, PAGE, HEAD_DIM, BLOCK_N, PRECISION, ROW64, SOFTCAP, ALIBI)
+                                   PAGED, PAGE, HEAD_DIM, BLOCK_N, PRECISION, ROW64, SOFTCAP, ALIBI,
+                                   HAS_RIGHT)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, lo2, hi2, pos_q, seqlen_k,
-                                   window, qk_scale, b, block_table, stride_tb, num_blocks,
+                                   window, window_right, qk_scale, b, block_table, stride_tb, num_blocks,
                                    stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
                                    offs_n, offs_d, slope2, softcap_scale, False, CAUSAL, HAS_WINDOW,
-                                   PAGED, PAGE, HEAD_DIM, BLOCK_N, PRECISION, ROW64, SOFTCAP, ALIBI)
+                                   PAGED, PAGE, HEAD_DIM, BLOCK_N, PRECISION, ROW64, SOFTCAP, ALIBI,
+                                   HAS_RIGHT)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, lo3, hi3, pos_q, seqlen_k,
-                                   window, qk_scale, b, block_table, stride_tb, num_blocks,
+                                   window, window_right, qk_scale, b, block_table, stride_tb, num_blocks,
                                    stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
                                    offs_n, offs_d, slope2, softcap_scale, True, CAUSAL, HAS_WINDOW,
-                                   PAGED, PAGE, HEAD_DIM, BLOCK_N, PRECISION, ROW64, SOFTCAP, ALIBI)
+                                   PAGED, PAGE, HEAD_DIM, BLOCK_N, PRECISION, ROW64, SOFTCAP, ALIBI,
+                                   HAS_RIGHT)
 
         # Rows that saw no key: l = 0, acc = 0 -> out 0 and lse -inf.
         seen = l_i > 0.0
@@ -707,12 +723,13 @@ def _load_row_stats(L_rows, D_rows, rows, seqlen_q):
 
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, Q_b, DO_b, DQ_b, L_b, D_b, lo, int_lo, int_hi, hi, group, hk,
-                seqlen_q, seqlen_k, cols, shift, window, qk_scale,
+                seqlen_q, seqlen_k, cols, shift, window, right, qk_scale,
                 stride_qs, stride_qh, stride_qd, stride_dos, stride_doh, stride_dod,
                 stride_dqs, stride_dqh, stride_lh, offs_m, offs_d, Slopes_b, stride_slh, softcap_scale,
                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr,
                 BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                ROW64: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+                ROW64: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                HAS_RIGHT: tl.constexpr):
     """Accumulate dK, dV of one key tile over the query tiles [lo, hi) of every query head of its
     GQA group: one loop over (head, query tile) pairs (a nested head loop costs ~25 registers in the
     sm_90a compile, which the 128 x 64 tiles do not have), masked only outside [int_lo, int_hi).
@@ -752,8 +769,8 @@ def _dkdv_tiles(dk, dv, k, v, Q_b, DO_b, DQ_b, L_b, D_b, lo, int_lo, int_hi, hi,
                              ALIBI)
         p = tl.math.exp2(s - lse2[:, None])
         if (start_m < int_lo) | (start_m >= int_hi):
-            p = tl.where(_visible(rows[:, None] + shift, cols[None, :], seqlen_k, window, CAUSAL,
-                                  HAS_WINDOW), p, 0.0)
+            p = tl.where(_visible(rows[:, None] + shift, cols[None, :], seqlen_k, window, right,
+                                  CAUSAL, HAS_WINDOW, HAS_RIGHT), p, 0.0)
         elif ATOMIC_DQ:
             # Key rows past the sequence (the last key tile's padding) must add nothing to dQ: their
             # zero keys score 0, p = exp2(0 - lse) overflows when lse is very negative, and
@@ -775,7 +792,7 @@ def _dkdv_tiles(dk, dv, k, v, Q_b, DO_b, DQ_b, L_b, D_b, lo, int_lo, int_hi, hi,
 # DQacc is zeroed between autotuning trials (each trial adds into it with ATOMIC_DQ).
 @_autotune(_DKDV_TABLE, _DKDV_INTERP, extra_key=["ATOMIC_DQ"], reset_to_zero=["DQacc"],
            atomic_table=_DKDV_ATOMIC_TABLE)
-@triton.jit(do_not_specialize=_VARYING[:5])
+@triton.jit(do_not_specialize=_VARYING[:6])
 def _bwd_dkdv(
     Q, K, V, DO, Lse, Delta, DK, DV, DQacc,
     cu_q, cu_k,
@@ -787,13 +804,13 @@ def _bwd_dkdv(
     stride_dqab, stride_dqas, stride_dqah,
     stride_lb, stride_lh,
     Slopes, stride_slb, stride_slh, softcap_scale,
-    q_len, kv_len, group, qk_scale, sm_scale, window, seq_bucket, band_bucket, row0,
+    q_len, kv_len, group, qk_scale, sm_scale, window, window_right, seq_bucket, band_bucket, row0,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     VARLEN_Q: tl.constexpr, PAGED: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ROW64: tl.constexpr = False, TAIL: tl.constexpr = False,
-    SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False,
+    SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, HAS_RIGHT: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)  # int64: hk * stride_kh passes 2**31 for large strided inputs
@@ -825,19 +842,19 @@ def _bwd_dkdv(
                     other=0.0)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        lo, int_lo, int_hi, hi = _k_tile_band(n0, seqlen_q, seqlen_k, shift, window, CAUSAL,
-                                              HAS_WINDOW, BLOCK_M, BLOCK_N)
+        lo, int_lo, int_hi, hi = _k_tile_band(n0, seqlen_q, seqlen_k, shift, window, window_right,
+                                              CAUSAL, HAS_WINDOW, HAS_RIGHT, BLOCK_M, BLOCK_N)
         # GQA: the query heads of this KV head's group, summed on chip (no atomics, no repeat).
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q + b64 * stride_qb + q_tok * stride_qs,
                              DO + b64 * stride_dob + q_tok * stride_dos,
                              DQacc + b64 * stride_dqab + q_tok * stride_dqas,
                              Lse + b64 * stride_lb + q_start, Delta + b64 * stride_lb + q_start,
                              lo, int_lo, int_hi, hi, group, hk, seqlen_q, seqlen_k, cols, shift,
-                             window, qk_scale, stride_qs, stride_qh, stride_qd, stride_dos,
+                             window, window_right, qk_scale, stride_qs, stride_qh, stride_qd, stride_dos,
                              stride_doh, stride_dod, stride_dqas, stride_dqah, stride_lh, offs_m,
                              offs_d, Slopes + b64 * stride_slb, stride_slh, softcap_scale, CAUSAL,
                              HAS_WINDOW, HEAD_DIM, BLOCK_M, PRECISION, ATOMIC_DQ, ROW64, SOFTCAP,
-                             ALIBI)
+                             ALIBI, HAS_RIGHT)
         # the store's row offsets and mask are computed again here rather than kept live through
         # the loop above (registers)
         col_ix = _rows(n0 + offs_n, ROW64)
@@ -849,11 +866,13 @@ def _bwd_dkdv(
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, start, end, pos_q, seqlen_k, window, qk_scale,
+def _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, start, end, pos_q, seqlen_k, window, right,
+              qk_scale,
               stride_ks, stride_kd, stride_vs, stride_vd, offs_n, offs_d, slope2, softcap_scale,
               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-              ROW64: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+              ROW64: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+              HAS_RIGHT: tl.constexpr):
     """Accumulate dQ of one query tile over the key tiles [start, end) (soft cap / ALiBi as in
     _dkdv_tiles)."""
     d_ok = offs_d[None, :] < HEAD_DIM
@@ -874,8 +893,8 @@ def _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, start, end, pos_q, seqlen_
         s, cap = _score_mods(s, pos_q[:, None], cols[None, :], slope2, softcap_scale, SOFTCAP, ALIBI)
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
-            p = tl.where(_visible(pos_q[:, None], cols[None, :], seqlen_k, window, CAUSAL, HAS_WINDOW),
-                         p, 0.0)
+            p = tl.where(_visible(pos_q[:, None], cols[None, :], seqlen_k, window, right, CAUSAL,
+                                  HAS_WINDOW, HAS_RIGHT), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
@@ -885,7 +904,7 @@ def _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, start, end, pos_q, seqlen_
 
 
 @_autotune(_DQ_TABLE, _DQ_INTERP, shaped=True)
-@triton.jit(do_not_specialize=_VARYING[:5])
+@triton.jit(do_not_specialize=_VARYING[:6])
 def _bwd_dq(
     Q, K, V, DO, Lse, Delta, DQ,
     cu_q, cu_k,
@@ -896,13 +915,13 @@ def _bwd_dq(
     stride_dqb, stride_dqs, stride_dqh,
     stride_lb, stride_lh,
     Slopes, stride_slb, stride_slh, softcap_scale,
-    q_len, kv_len, group, qk_scale, sm_scale, window, seq_bucket, band_bucket, row0,
+    q_len, kv_len, group, qk_scale, sm_scale, window, window_right, seq_bucket, band_bucket, row0,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     VARLEN_Q: tl.constexpr, PAGED: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ROW64: tl.constexpr = False, TAIL: tl.constexpr = False,
-    SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False,
+    SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, HAS_RIGHT: tl.constexpr = False,
 ):
     if TAIL:
         pid_m = tl.program_id(0)
@@ -947,20 +966,20 @@ def _bwd_dq(
 
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         pos_q = rows + shift
-        lo, int_lo, int_hi, hi = _q_tile_band(m0, seqlen_q, seqlen_k, shift, window, CAUSAL,
-                                              HAS_WINDOW, BLOCK_M, BLOCK_N)
+        lo, int_lo, int_hi, hi = _q_tile_band(m0, seqlen_q, seqlen_k, shift, window, window_right,
+                                              CAUSAL, HAS_WINDOW, HAS_RIGHT, BLOCK_M, BLOCK_N)
         dq = _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, lo, int_lo, pos_q, seqlen_k, window,
-                       qk_scale, stride_ks, stride_kd, stride_vs, stride_vd, offs_n, offs_d, slope2,
+                       window_right, qk_scale, stride_ks, stride_kd, stride_vs, stride_vd, offs_n, offs_d, slope2,
                        softcap_scale, True, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_N, PRECISION, ROW64,
-                       SOFTCAP, ALIBI)
+                       SOFTCAP, ALIBI, HAS_RIGHT)
         dq = _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, int_lo, int_hi, pos_q, seqlen_k,
-                       window, qk_scale, stride_ks, stride_kd, stride_vs, stride_vd, offs_n, offs_d,
+                       window, window_right, qk_scale, stride_ks, stride_kd, stride_vs, stride_vd, offs_n, offs_d,
                        slope2, softcap_scale, False, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_N, PRECISION,
-                       ROW64, SOFTCAP, ALIBI)
+                       ROW64, SOFTCAP, ALIBI, HAS_RIGHT)
         dq = _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, int_hi, hi, pos_q, seqlen_k, window,
-                       qk_scale, stride_ks, stride_kd, stride_vs, stride_vd, offs_n, offs_d, slope2,
+                       window_right, qk_scale, stride_ks, stride_kd, stride_vs, stride_vd, offs_n, offs_d, slope2,
                        softcap_scale, True, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_N, PRECISION, ROW64,
-                       SOFTCAP, ALIBI)
+                       SOFTCAP, ALIBI, HAS_RIGHT)
 
         tl.store(DQ + b64 * stride_dqb + q_tok * stride_dqs + h * stride_dqh
                  + row_ix[:, None] * stride_dqs + offs_d[None, :],
@@ -1040,11 +1059,22 @@ def _bucket(n: int) -> int:
     return min(max(next_pow2(n), 16), 16384)
 
 
-def _tune_buckets(max_q: int, max_k: int, window: int | None) -> tuple[int, int]:
+def _tune_buckets(max_q: int, max_k: int, width: int | None) -> tuple[int, int]:
     """(seq_bucket, band_bucket): small batches of short rows want small tiles to fill the GPU; a
-    narrow window wants a short BLOCK_M so fewer boundary tiles are computed."""
-    band = max_k if window is None else min(window, max_k)
+    narrow window (``width`` keys a row sees, ``_policy.band_width``) wants a short BLOCK_M so fewer
+    boundary tiles are computed."""
+    band = max_k if width is None else min(width, max_k)
     return _bucket(max_q), _bucket(band)
+
+
+def _band_args(causal: bool, window) -> tuple[int, int, int | None, dict]:
+    """The kernels' form of the window (``_policy.window_bounds``: (left, right), -1 unbounded):
+    (window = left + 1 or 0, window_right = right or 0, the band width, the constexpr flags CAUSAL
+    (right = 0), HAS_RIGHT (right > 0), HAS_WINDOW (left bounded)). Causal attention, windowed or
+    not, keeps its own CAUSAL code: the two-sided form adds nothing to it."""
+    left, right = window_bounds(causal, window)
+    flags = dict(CAUSAL=right == 0, HAS_WINDOW=left >= 0, HAS_RIGHT=right > 0)
+    return max(left + 1, 0), max(right, 0), band_width(left, right), flags
 
 
 def _tok_strides(x: torch.Tensor, varlen: bool) -> tuple[int, int, int, int]:
@@ -1106,7 +1136,8 @@ def flash_attn_forward(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, 
     dense_k = not (paged or varlen_k)
     pack = _pack_gqa(group, max_q)
     heads, tile_rows = (hq // group, max_q * group) if pack else (hq, max_q)  # grid axis 1, rows
-    num_splits = _fwd_num_splits(batch, heads, max_q, max_seqlen_k or kv_len, window, q.device, tile_rows)
+    win_left, win_right, width, band_flags = _band_args(causal, window)
+    num_splits = _fwd_num_splits(batch, heads, max_q, max_seqlen_k or kv_len, width, q.device, tile_rows)
     if num_splits > 1:  # float32 partial results per split, rows laid out like q's
         opart = torch.empty((*q.shape[:-1], num_splits, head_dim), dtype=torch.float32, device=q.device)
         lpart = torch.empty((*q.shape[:-1], num_splits), dtype=torch.float32, device=q.device)
@@ -1130,9 +1161,9 @@ def flash_attn_forward(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, 
             opart if varlen_q or splits == 1 else opart[bs],
             lpart if varlen_q or splits == 1 else lpart[bs], *sp, *slp, splits,
             *_kv_scale_args(k_scale, v_scale, dummy), *_slope_args(alibi_slopes, bs, dummy), softcap_scale,
-            q_len, kv_len, group, qk_scale, window or 0,
-            *_tune_buckets(tile_rows, max_seqlen_k or kv_len, window), row0,
-            CAUSAL=causal, HAS_WINDOW=window is not None, BOTTOM_RIGHT=bottom_right,
+            q_len, kv_len, group, qk_scale, win_left, win_right,
+            *_tune_buckets(tile_rows, max_seqlen_k or kv_len, width), row0, **band_flags,
+            BOTTOM_RIGHT=bottom_right,
             VARLEN_Q=varlen_q, VARLEN_K=varlen_k, PAGED=paged, PAGE=page,
             HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), PRECISION=_precision(q.dtype),
             SPLIT=splits > 1, KV_SCALED=k_scale is not None, ROW64=row64, TAIL=tail,
@@ -1188,16 +1219,16 @@ def _kv_scale_args(k_scale, v_scale, dummy):
             v_scale.stride(0) if v_scale.dim() else 0)
 
 
-def _fwd_num_splits(batch: int, heads: int, max_q: int, max_k: int, window, device,
+def _fwd_num_splits(batch: int, heads: int, max_q: int, max_k: int, width, device,
                     rows: int | None = None) -> int:
     """Key splits for the forward (flash-decoding): more than one only when the query tiles alone
     leave the GPU idle (decode, short chunks) and the band each row sees is long. The paged decode's
     policy (gptkernels._policy), with (sequences x query tiles) x grid heads as its programs:
     ``heads`` programs per sequence of ``rows`` tile rows (default ``max_q``; with PACK_GQA, KV
-    heads of group x max_q rows)."""
+    heads of group x max_q rows). ``width``: the keys a row sees (``_policy.band_width``)."""
     # the largest BLOCK_M: never more splits than needed
     q_tiles = triton.cdiv(max_q if rows is None else rows, 128)
-    return num_splits(batch * q_tiles * heads, decode_band(max_k, window, max_q), sm_count(device))
+    return num_splits(batch * q_tiles * heads, decode_band(max_k, width, max_q), sm_count(device))
 
 
 #: The short-query path packs a GQA group's query heads into the query tile (PACK_GQA) when every
@@ -1273,13 +1304,14 @@ def flash_attn_backward(dout, dlse, q, k, v, out, lse, *, causal, window, softma
         sdqa = _tok_strides(dq_acc, varlen)[:3]
 
     pre_m = max(16, min(128, 8192 // block_d))
-    common = dict(CAUSAL=causal, HAS_WINDOW=window is not None, BOTTOM_RIGHT=bottom_right,
+    win_left, win_right, width, band_flags = _band_args(causal, window)
+    common = dict(**band_flags, BOTTOM_RIGHT=bottom_right,
                   VARLEN_Q=varlen, PAGED=False, HEAD_DIM=head_dim, BLOCK_D=block_d,
                   PRECISION=_precision(q.dtype), SOFTCAP=softcap is not None,
                   ALIBI=alibi_slopes is not None)
     qk_scale, softcap_scale = _score_scales(softmax_scale, softcap)
-    scalars = (q_len, kv_len, group, qk_scale, softmax_scale, window or 0,
-               *_tune_buckets(max(max_q, max_k), max_k, window))
+    scalars = (q_len, kv_len, group, qk_scale, softmax_scale, win_left, win_right,
+               *_tune_buckets(max(max_q, max_k), max_k, width))
     row64 = _row64(q, k, v, dout, out, dq, dk, dv, dq_acc) or \
         _seq_row64(max(q_len, kv_len), q, k, v, dout, dk, dv, dq_acc)
     # varlen: the max_seqlen_* came from the caller (no sync); rows past them, if any, go to tail

@@ -344,19 +344,28 @@ def main(argv=None) -> int:
     # Mistakes in what the command asks for. Anything else is a bug in gptkernels: its traceback shows.
     user_errors = (UsageError, ValueError, TypeError, OSError, ImportError, BackendUnavailableError,
                    CacheFullError, torch.OutOfMemoryError)
+    from .models.tp import end_process_group
+
     try:
         if args.command == "generate":
-            return _generate(args)
+            status = _generate(args)
+            end_process_group(clean=True)
+            return status
+        return 2  # pragma: no cover - argparse rejects other commands
     except user_errors as e:
         if args.debug:
             raise
         hint = "" if isinstance(e, UsageError) else " (--debug shows the traceback)"
         print(f"{PROG} {args.command}: error: {_one_line(e)}{hint}", file=sys.stderr)
-        raise SystemExit(2) from None
+        code = 2
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
-    return 2  # pragma: no cover - argparse rejects other commands
+        code = 130
+    finally:
+        # After an error (a no-op once ended cleanly). Run once the except block has ended: the
+        # error's traceback would keep the model, and with it the group, alive.
+        end_process_group(clean=False)
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

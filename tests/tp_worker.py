@@ -9,6 +9,7 @@ start-up is most of the cost.
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import traceback
@@ -108,4 +109,9 @@ def run(rank: int, world: int, root: str, rendezvous: str) -> None:
     except Exception:
         results["crash"] = traceback.format_exc()
     torch.save(results, os.path.join(root, f"result-{world}-{rank}.pt"))
+    # Free the group before the interpreter exits, as the CLI does (gptkernels.models.tp.end_process_group):
+    # the models hold it (through reference cycles), and gloo threads still releasing tensors at
+    # finalization abort the process.
+    group = model = None
     dist.destroy_process_group()
+    gc.collect()

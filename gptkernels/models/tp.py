@@ -30,7 +30,7 @@ with ``get_slice``, and ``load_hf_state_dict`` cuts them from a full state dict)
 
 from __future__ import annotations
 
-import atexit
+import gc
 import hashlib
 import os
 import re
@@ -45,13 +45,15 @@ from torch import nn
 
 from .config import ModelConfig
 
-try:  # traceable collectives: the decode step still compiles with torch.compile(fullgraph=True)
+try:  # traceable collectives, for torch.compile(fullgraph=True) of the decode step (TensorParallel)
     from torch.distributed import _functional_collectives as funcol
 except ImportError:  # pragma: no cover - torch built without distributed
     funcol = None
 
-# ``all_gather_tensor`` was renamed ``all_gather_single`` (torch 2.14 warns on the old name).
+# ``all_gather_tensor`` / ``all_gather_into_tensor`` were renamed ``all_gather_single`` (torch 2.14
+# warns on the old names).
 _all_gather = None if funcol is None else getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+_all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 OP = "tensor parallel"
 
@@ -297,13 +299,29 @@ class TensorParallel:
             out[key] = t if shard is None else shard.take(t, key)
         return out
 
+    # The collectives: functional collectives (torch.distributed._functional_collectives) while
+    # torch.compile traces (what it can put in a graph), plain synchronous c10d calls in eager mode
+    # (what a CUDA graph captures with NCCL too): no registry of pending works, no wrapper tensors.
+
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        return funcol.all_reduce(x, "sum", self.group)
+        """The sum of ``x`` over the ranks. In eager mode it is summed in place: the callers pass a
+        temporary of their own (a partial product, a masked embedding)."""
+        if torch.compiler.is_compiling():
+            return funcol.all_reduce(x, "sum", self.group)
+        x = x if x.is_contiguous() else x.contiguous()
+        dist.all_reduce(x, group=self.group)
+        return x
 
     def gather_last(self, x: torch.Tensor) -> torch.Tensor:
         """(..., n) per rank -> (..., N * n): the ranks' pieces side by side, in rank order."""
         lead, n = x.shape[:-1], x.shape[-1]
-        g = _all_gather(x.reshape(-1, n).contiguous(), 0, self.group)  # (N * M, n)
+        flat = x.reshape(-1, n).contiguous()
+        if torch.compiler.is_compiling():
+            g = _all_gather(flat, 0, self.group)
+        else:
+            g = flat.new_empty(self.world * flat.shape[0], n)
+            _all_gather_into(g, flat, group=self.group)
+        # g: (N * M, n), rank r's rows at [r * M, (r + 1) * M)
         return g.view(self.world, -1, n).permute(1, 0, 2).reshape(*lead, self.world * n)
 
     def broadcast_(self, x: torch.Tensor) -> torch.Tensor:
@@ -504,5 +522,33 @@ def init_from_env(tp_size: Optional[int], device: torch.device):
         dist.init_process_group("nccl", device_id=device)
     else:
         dist.init_process_group("gloo")
-    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+    global _env_group_started
+    _env_group_started = True
     return dist.group.WORLD, device
+
+
+_env_group_started = False  # whether init_from_env started the default group (end_process_group ends it)
+
+
+def end_process_group(clean: bool) -> None:
+    """For the CLI: end the group :func:`init_from_env` started (a no-op without one, or once ended).
+    After a clean run the ranks meet first (a barrier), so that none tears down its connections while
+    another is still in a collective; after an error it is destroyed at once (torchrun stops the
+    other ranks).
+
+    Then the group object itself must go before the interpreter exits. A gloo group's worker threads
+    release each finished collective's tensors, which takes the GIL; one still waiting for it when
+    Python starts finalizing is made to exit inside a C++ destructor, and the rank aborts
+    ("terminate called without an active exception", about one torchrun in 5 on a loaded machine).
+    ``destroy_process_group`` only unregisters the group: the model still holds it, kept alive by
+    reference cycles until finalization's own collection. Collecting here, with the interpreter
+    alive, frees it: its destructor joins the worker threads (releasing the GIL)."""
+    global _env_group_started
+    if not _env_group_started:
+        return
+    _env_group_started = False
+    if dist.is_initialized():
+        if clean:
+            dist.barrier()
+        dist.destroy_process_group()
+    gc.collect()

@@ -89,21 +89,37 @@ def _(x, d1, d2, weight1, bias1, weight2, bias2, eps1, eps2, num_norms, backend)
     return h, x.new_empty(x.shape), (x.new_empty(x.shape) if num_norms > 1 else x.new_empty(0))
 
 
-@torch.library.custom_op("gptkernels::fused_linear", mutates_args=("k_cache", "v_cache"))
+# Two ops, one kernel: without a cache the GEMM mutates nothing, with one it writes k/v into the cache.
+# (One op whose mutated caches are Optional fails in inductor's lowering, so compile_step could not
+# trace the fused step.)
+@torch.library.custom_op("gptkernels::fused_linear", mutates_args=())
 def _fused_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                      norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor], norm_eps: float,
-                     has_norm: bool, activation: str, residual: Optional[torch.Tensor],
-                     k_cache: Optional[torch.Tensor], v_cache: Optional[torch.Tensor],
-                     block_table: Optional[torch.Tensor], positions: Optional[torch.Tensor],
-                     q_features: int, k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor],
-                     backend: str) -> torch.Tensor:
+                     has_norm: bool, activation: str, residual: Optional[torch.Tensor], backend: str) -> torch.Tensor:
     fn = backend_fn(backend, "fused_linear", "fused_linear")
-    cache = (k_cache, v_cache, block_table, positions, q_features, k_scale, v_scale) if k_cache is not None else None
     return fn(x, weight, bias, norm=(norm_weight, norm_bias, norm_eps) if has_norm else None,
-              activation=activation or None, residual=residual, cache=cache)
+              activation=activation or None, residual=residual, cache=None)
 
 
 @_fused_linear_op.register_fake
+def _(x, weight, bias, norm_weight, norm_bias, norm_eps, has_norm, activation, residual, backend):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("gptkernels::fused_linear_append", mutates_args=("k_cache", "v_cache"))
+def _fused_linear_append_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                            norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor],
+                            norm_eps: float, has_norm: bool, activation: str, residual: Optional[torch.Tensor],
+                            k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                            positions: torch.Tensor, q_features: int, k_scale: Optional[torch.Tensor],
+                            v_scale: Optional[torch.Tensor], backend: str) -> torch.Tensor:
+    fn = backend_fn(backend, "fused_linear", "fused_linear")
+    return fn(x, weight, bias, norm=(norm_weight, norm_bias, norm_eps) if has_norm else None,
+              activation=activation or None, residual=residual,
+              cache=(k_cache, v_cache, block_table, positions, q_features, k_scale, v_scale))
+
+
+@_fused_linear_append_op.register_fake
 def _(x, weight, bias, norm_weight, norm_bias, norm_eps, has_norm, activation, residual, k_cache, v_cache,
       block_table, positions, q_features, k_scale, v_scale, backend):
     return x.new_empty((x.shape[0], q_features))
@@ -348,10 +364,12 @@ def fused_linear(x, weight, bias=None, *, norm=None, activation=None, residual=N
         return y.view(*lead, nq)
     _kernel_backend(op, backend, "fused_linear")
     nw, nb, eps = norm if norm is not None else (None, None, 0.0)
-    kc, vc, table, positions = cache[:4] if cache is not None else (None, None, None, None)
-    ks, vs = (k_scale, v_scale) if cache is not None else (None, None)
-    y = _fused_linear_op(x2, weight, bias, nw, nb, eps, norm is not None, activation or "", r2, kc, vc, table,
-                         positions, nq, ks, vs, backend)
+    if cache is None:
+        y = _fused_linear_op(x2, weight, bias, nw, nb, eps, norm is not None, activation or "", r2, backend)
+    else:
+        kc, vc, table, positions = cache[:4]
+        y = _fused_linear_append_op(x2, weight, bias, nw, nb, eps, norm is not None, activation or "", r2, kc, vc,
+                                    table, positions, nq, k_scale, v_scale, backend)
     return y.view(*lead, nq)
 
 

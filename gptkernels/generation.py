@@ -80,7 +80,9 @@ class PagedDecoder:
         self.fused = fused_mode(model, b, backend_name, fused)
         # Opt-in: torch.compile fuses the small per-layer kernels (LayerNorms, residual adds, GELU)
         # around the opaque gptkernels ops; the CUDA graph then captures the compiled step.
-        self._step_fn = torch.compile(self._step, fullgraph=True) if compile_step else self._step
+        # Kept unbound: a bound method stored on self is a reference cycle that would keep the model
+        # and its KV cache alive after generate returns, until the garbage collector runs.
+        self._compiled_step = torch.compile(PagedDecoder._step, fullgraph=True) if compile_step else None
         self.graph = None
         self.logits = None  # the graph's output buffer
 
@@ -113,6 +115,9 @@ class PagedDecoder:
                           block_table=self.block_table, seq_lens=self.seq_lens,
                           k_scale=self.cache.k_scale, v_scale=self.cache.v_scale)
         return self.model.head(self.model.body(self.tokens, ctx))
+
+    def _step_fn(self) -> torch.Tensor:
+        return self._step() if self._compiled_step is None else self._compiled_step(self)
 
     @torch.no_grad()
     def capture(self) -> None:

@@ -217,6 +217,46 @@ def test_compiled_cuda_graph_decode_matches_plain():
         assert fused.graph is not None
 
 
+def test_compiled_fused_step_matches_plain():
+    # compile_step over the fused decode step (fused_linear with the cache append): inductor traces
+    # it (an op with Optional mutated caches did not lower) and gives the plain step's logits.
+    model = from_config(VARIANTS["gpt2"], device=DEVICE)
+    ids, mask = padded_batch(2, 5, model.config.vocab_size, left=[(0, 2)], device=DEVICE)
+    with torch.no_grad():
+        batch = pack_batch(model.config, ids, mask, op="test", force_packed=True)
+        plain = PagedDecoder(model, batch.lengths, 4, backend="triton", cuda_graph=False)
+        compiled = PagedDecoder(model, batch.lengths, 4, backend="triton", cuda_graph=False, compile_step=True)
+        assert plain.fused == compiled.fused == "linear"
+        a, b = plain.prefill(batch), compiled.prefill(batch)
+        for _ in range(3):
+            nxt = a.argmax(-1)
+            a, b = plain.step(nxt), compiled.step(nxt)
+            torch.testing.assert_close(b, a)
+
+
+@pytest.mark.parametrize("compile_step", [False, True])
+def test_decoder_freed_without_the_garbage_collector(compile_step):
+    # No reference cycle through the decoder: its KV cache (gigabytes on a GPU) goes when the last
+    # reference does, not at the next collection; a TP model's process group too (a gloo worker
+    # thread that outlived the interpreter's shutdown aborted torchrun ranks).
+    import gc
+    import weakref
+
+    model = from_config(VARIANTS["gpt2"], device=DEVICE)
+    ids, mask = padded_batch(2, 5, model.config.vocab_size, left=[(0, 2)])
+    batch = pack_batch(model.config, ids, mask, op="test", force_packed=True)
+    gc.disable()
+    try:
+        dec = PagedDecoder(model, batch.lengths, 3, backend="torch", cuda_graph=False,
+                           compile_step=compile_step)
+        dec.prefill(batch)
+        cache = weakref.ref(dec.cache)
+        del dec
+        assert cache() is None
+    finally:
+        gc.enable()
+
+
 # --------------------------------------------------------------------------------------------------
 # Bad input
 # --------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Property-based fuzzing of attention (issue 11): Hypothesis draws the inputs the hand-written tests
 might not think of, and every backend must agree with the float64 reference.
 
-Drawn: batch, sequence lengths (0 included), head dims, GQA ratios, causal / window, softmax scale,
+Drawn: batch, sequence lengths (0 included), head dims, GQA ratios, causal / window (int or (left,
+right)), softmax scale, softcap and ALiBi slopes now and then,
 varlen splits, paged block tables (shuffled blocks, spare and bad-but-unused entries, any block
 size), and the memory layout of every tensor (views of larger buffers in any dim order, index
 tensors included). Checked: the Triton kernels (the interpreter on CPU) and the torch backend
@@ -81,11 +82,19 @@ def _attention_case(draw, kind):
     hq = hkv * draw(st.sampled_from([1, 2, 4]))
     d = draw(st.sampled_from([8, 16, 24, 40, 64, 80]))
     causal = draw(st.booleans())
-    window = draw(st.one_of(st.none(), st.integers(1, 40))) if causal else None
+    # windows: an int W (causal), or FlashAttention's (left, right) pair, -1 unbounded (right is
+    # ignored under causal)
+    side = st.one_of(st.just(-1), st.integers(0, 40))
+    pair = st.tuples(side, side)
+    window = draw(st.one_of(st.none(), st.integers(1, 40), pair) if causal else st.one_of(st.none(), pair))
     scale = draw(st.one_of(st.none(), st.floats(0.05, 1.0)))
     seed = draw(st.integers(0, 2**31))
     gen = torch.Generator().manual_seed(seed)
     kw = dict(causal=causal, window=window, softmax_scale=scale)
+    if draw(st.integers(0, 3)) == 0:  # score modifiers, now and then
+        kw["softcap"] = draw(st.one_of(st.none(), st.floats(1.0, 50.0)))
+        if draw(st.booleans()):
+            kw["alibi_slopes"] = torch.rand(hq, generator=gen).to(DEVICE)
     grad = False
     if kind == "dense":
         b, sq, sk = draw(st.integers(1, 2)), draw(st.integers(0, 40)), draw(st.integers(0, 40))
@@ -141,7 +150,7 @@ def _run(fn, q, k, v, dout, grad):
 def _check(q, k, v, kw, grad, seed):
     """The Triton kernels (both backwards) and the torch backend vs the float64 reference."""
     ref_kw = {n: kw[n] for n in ("causal", "window", "softmax_scale", "cu_seqlens_q", "cu_seqlens_k",
-                                 "block_table", "seqlens_k") if n in kw}
+                                 "block_table", "seqlens_k", "softcap", "alibi_slopes") if n in kw}
     dout = None
     if grad:
         dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE, q.dtype)

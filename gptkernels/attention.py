@@ -74,7 +74,9 @@ def _options(**options):
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k, max_seqlen_q, max_seqlen_k,
       window_left, window_right, softmax_scale, bottom_right, backend, deterministic, k_scale=None, v_scale=None,
       softcap=None, alibi_slopes=None):
-    return q.new_empty(q.shape), q.new_empty(P.lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
+    # out: q's rows with v's head dim (Dv may differ from D)
+    return (q.new_empty((*q.shape[:-1], v.shape[-1])),
+            q.new_empty(P.lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32))
 
 
 @torch.library.custom_op("gptkernels::flash_attn_bwd", mutates_args=())
@@ -188,8 +190,10 @@ def _check_flash_attn(q, k, v, causal, window, softmax_scale, cu_seqlens_q, cu_s
         raise TypeError(f"{op}: causal must be a bool, got {causal!r}")
     C.check_window(op, window, causal, pairs=True)
     C.check_scale(op, n["softmax_scale"], softmax_scale)
-    if k.shape != v.shape:
-        raise ValueError(f"{op}: {n['k']} and {n['v']} must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    # v's head dim (Dv) may differ from q's and k's (D): DeepSeek MLA's D = 192, Dv = 128
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(f"{op}: {n['k']} and {n['v']} must have the same shape except the last (head) "
+                         f"dim, got {tuple(k.shape)} and {tuple(v.shape)}")
     idx = dict(dtypes=(torch.int32,), device=q.device)
     paged = block_table is not None or seqlens_k is not None
     varlen_q = cu_seqlens_q is not None
@@ -241,6 +245,7 @@ def _check_flash_attn(q, k, v, causal, window, softmax_scale, cu_seqlens_q, cu_s
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"{op}: {n['q']} and {n['k']} must have the same head dim, got {q.shape[-1]} and {k.shape[-1]}")
     C.check_head_dim(op, n["q"], q.shape[-1])
+    C.check_head_dim(op, n["v"], v.shape[-1])
     for name, t in ((n["q"], q), (n["k"], k), (n["v"], v)):
         C.check_head_dim_stride(op, name, t)
     C.check_gqa(op, q.shape[-2], k.shape[-2], n["q"], n["k"])
@@ -302,7 +307,9 @@ def flash_attn(q, k, v, *, causal=True, window=None, softmax_scale=None, cu_seql
 
     Dense: q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D). Varlen: q (Tq, Hq, D), k/v (Tk, Hkv, D) with int32
     ``cu_seqlens_q``/``cu_seqlens_k`` (B+1,). Paged keys: k/v are caches (num_blocks, block_size, Hkv, D)
-    with ``block_table`` (B, max_blocks) and ``seqlens_k`` (B,) int32. An fp8 paged cache
+    with ``block_table`` (B, max_blocks) and ``seqlens_k`` (B,) int32. v's head dim Dv (1..256) may
+    differ from D (FlashAttention 3's ``headdim_v``; DeepSeek MLA: D = 192, Dv = 128): out is then
+    (..., Hq, Dv); the CUDA backend refuses it. An fp8 paged cache
     (``torch.float8_e4m3fn``) needs ``k_scale``/``v_scale`` (float32, (Hkv,) or ()): it is read as
     stored * scale, inside the kernel (as :func:`gptkernels.paged_decode` reads it).
 
@@ -322,8 +329,9 @@ def flash_attn(q, k, v, *, causal=True, window=None, softmax_scale=None, cu_seql
     ``alibi_slopes``; BLOOM, MPT). Both are differentiated through for q, k, v; the slopes get no
     gradient on the kernel backends (FlashAttention's neither). The CUDA backend refuses both.
 
-    Returns ``out`` like q, or ``(out, lse)`` with ``return_lse=True`` (lse float32, (B, Hq, Sq) dense
-    or (Hq, Tq) varlen). Pass ``max_seqlen_q``/``max_seqlen_k`` with varlen inputs to avoid a host sync.
+    Returns ``out`` like q (head dim Dv), or ``(out, lse)`` with ``return_lse=True`` (lse float32,
+    (B, Hq, Sq) dense or (Hq, Tq) varlen). Pass ``max_seqlen_q``/``max_seqlen_k`` with varlen inputs
+    to avoid a host sync.
 
     ``deterministic=False`` lets the Triton backward add dQ with float32 atomics from the dK/dV
     kernel (FlashAttention-2's layout: 5 tile matmuls instead of 7); repeated runs then differ in
@@ -343,9 +351,9 @@ def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scal
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` with a sliding ``window``.
 
     Same layout (..., H, L, E) and semantics, including torch's top-left causal alignment when
-    L != S. Calls that the kernels do not cover go to torch's own SDPA: an ``attn_mask``, dropout,
-    a value head dim different from the query's, head dims over 256, or float64. ``window`` (which
-    needs ``is_causal=True``) is then folded into the mask.
+    L != S. A value head dim Ev different from the query's E is served (out (..., H, L, Ev)). Calls
+    that the kernels do not cover go to torch's own SDPA: an ``attn_mask``, dropout, head dims over
+    256, or float64. ``window`` (which needs ``is_causal=True``) is then folded into the mask.
     """
     op = "sdpa"
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -358,7 +366,7 @@ def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scal
     if hq != hkv and not enable_gqa:
         raise ValueError(f"{op}: query has {hq} heads and key {hkv}: pass enable_gqa=True for GQA/MQA")
     kernel_ok = (attn_mask is None and dropout_p == 0.0 and query.dtype in P.FLOAT_DTYPES
-                 and value.shape[-1] == query.shape[-1] and query.shape[-1] <= P.MAX_HEAD_DIM)
+                 and max(query.shape[-1], value.shape[-1]) <= P.MAX_HEAD_DIM)
     if not kernel_ok:
         mask = attn_mask
         if window is not None:

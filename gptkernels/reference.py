@@ -202,7 +202,8 @@ def attention(
     ``causal`` and ``window`` (None, an int W, or FlashAttention's (left, right)): see
     :func:`attention_mask`.
 
-    * dense: q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D); lse (B, Hq, Sq).
+    * dense: q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D); lse (B, Hq, Sq). v's head dim Dv may differ
+      from D (then out is (..., Hq, Dv)); so in every layout below.
     * varlen: q (Tq, Hq, D) with ``cu_seqlens_q``; k/v (Tk, Hkv, D) with ``cu_seqlens_k``; lse (Hq, Tq).
     * paged keys: k/v are caches (num_blocks, block_size, Hkv, D) with ``block_table`` (B, max_blocks)
       and ``seqlens_k`` (B,); q is dense (B, Sq, Hq, D) or varlen with ``cu_seqlens_q``. An fp8 cache
@@ -253,7 +254,7 @@ def _attention(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, cu_seqle
     batch = block_table.shape[0] if paged else cu_seqlens_q.numel() - 1
     cq = cu_seqlens_q.tolist() if varlen_q else None
     ck = cu_seqlens_k.tolist() if cu_seqlens_k is not None else None
-    hq, d = q.shape[-2], q.shape[-1]
+    hq, d = q.shape[-2], v.shape[-1]  # out's head dim is v's (which may differ from q's)
     if varlen_q:
         # Rows no sequence covers (only with cu_seqlens the debug checks would refuse) stay 0 / -inf.
         out = q.new_zeros((q.shape[0], hq, d), dtype=dtype)

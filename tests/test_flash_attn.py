@@ -58,7 +58,8 @@ def check_attention(q, k, v, *, grad=False, with_dlse=False, max_seqlen_q=None, 
     autograd keeps the exact softmax): with the scores' gradient nearly cancelling (equal keys, dQ
     exactly 0) that rounding shows in dQ and dK, bounded by scale * max|q or k| * max_row
     sum|dO * O| * (the dtype's unit roundoff)."""
-    dout = randn(*q.shape, dtype=q.dtype) if grad else None
+    out_shape = (*q.shape[:-1], v.shape[-1])  # q's rows, v's head dim (which may differ from q's)
+    dout = randn(*out_shape, dtype=q.dtype) if grad else None
     dlse = None
     if grad and with_dlse:
         lse_shape = (q.shape[0], q.shape[2], q.shape[1]) if q.dim() == 4 else (q.shape[1], q.shape[0])
@@ -78,7 +79,7 @@ def check_attention(q, k, v, *, grad=False, with_dlse=False, max_seqlen_q=None, 
                                     None if dlse is None else dlse.double(), grad)
     b_out, b_lse, b_grads = _attend(lambda *t: ref(*t, upcast=False), q, k, v, dout, dlse, grad)
 
-    assert out.dtype == q.dtype and out.shape == q.shape and out.is_contiguous()
+    assert out.dtype == q.dtype and out.shape == out_shape and out.is_contiguous()
     assert lse.dtype == torch.float32 and lse.is_contiguous()
     assert_parity(out, r_out, b_out, name="out")
     assert_parity(lse, r_lse, b_lse.float(), name="lse")
@@ -509,8 +510,9 @@ def test_varlen_matches_dense():
 # --------------------------------------------------------------------------------------------------
 
 
-def _paged_cache(lengths, block_size, hkv, d, dtype, spare=3, gen=None):
-    """A cache holding sequences of ``lengths`` in shuffled blocks, plus the block table."""
+def _paged_cache(lengths, block_size, hkv, d, dtype, spare=3, gen=None, dv=None):
+    """A cache holding sequences of ``lengths`` in shuffled blocks, plus the block table; ``dv``:
+    v_cache's head dim (default ``d``)."""
     per_seq = [max(1, -(-n // block_size)) for n in lengths]
     max_blocks = max(per_seq) + 1  # a spare column: tables are usually wider than needed
     num_blocks = sum(per_seq) + spare
@@ -523,7 +525,7 @@ def _paged_cache(lengths, block_size, hkv, d, dtype, spare=3, gen=None):
     # unused entries point at arbitrary (valid) blocks, as a real block manager may leave them
     table[table < 0] = perm[-1].to(torch.int32)
     k_cache = randn(num_blocks, block_size, hkv, d, dtype=dtype)
-    v_cache = randn(num_blocks, block_size, hkv, d, dtype=dtype)
+    v_cache = randn(num_blocks, block_size, hkv, d if dv is None else dv, dtype=dtype)
     return k_cache, v_cache, table.to(DEVICE), torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
 
 
@@ -1269,3 +1271,144 @@ def test_two_sided_window_gpu(window, dtype):
                     block_table=table, seqlens_k=seqlens)  # decode-shaped: packed GQA, split keys
     check_attention(randn(3, 64, 8, 128, dtype=dtype), k_cache, v_cache, causal=False, window=window,
                     block_table=table, seqlens_k=seqlens)
+
+
+# --------------------------------------------------------------------------------------------------
+# A value head dim different from the query's (issue 19 item 6): q, k (..., D); v and out (..., Dv);
+# FlashAttention 3's headdim_v (DeepSeek MLA: D = 192, Dv = 128)
+# --------------------------------------------------------------------------------------------------
+
+# (batch, Sq, Sk, Hq, Hkv, D, Dv, causal, window)
+_DV_CASES = [
+    (2, 40, 50, 4, 2, 64, 32, True, None),      # GQA, Dv < D
+    (1, 37, 37, 2, 2, 32, 64, False, None),     # Dv > D: the V tile wider than the K tile
+    (1, 20, 24, 2, 1, 192, 128, True, None),    # DeepSeek MLA's head dims, MQA
+    (1, 45, 70, 4, 1, 80, 16, True, 20),        # a masked 128-wide K tile, a 16-wide V tile, window
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", _DV_CASES, ids=str)
+def test_value_head_dim_dense(case, dtype):
+    # forward and both backwards (two kernels; atomic dQ), with a gradient through lse
+    b, sq, sk, hq, hkv, d, dv, causal, window = case
+    q, k = randn(b, sq, hq, d, dtype=dtype), randn(b, sk, hkv, d, dtype=dtype)
+    v = randn(b, sk, hkv, dv, dtype=dtype)
+    for deterministic in (True, False):
+        check_attention(q, k, v, causal=causal, window=window, grad=True, with_dlse=deterministic,
+                        deterministic=deterministic)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_value_head_dim_varlen_window_pair(dtype):
+    # varlen with an empty query sequence and an empty key sequence; a two-sided window
+    lq, lk = (30, 0, 17), (40, 5, 0)
+    q = randn(sum(lq), 4, 64, dtype=dtype)
+    k, v = randn(sum(lk), 2, 64, dtype=dtype), randn(sum(lk), 2, 40, dtype=dtype)
+    kw = dict(cu_seqlens_q=_cu(lq), cu_seqlens_k=_cu(lk), max_seqlen_q=max(lq), max_seqlen_k=max(lk))
+    for deterministic in (True, False):
+        check_attention(q, k, v, causal=True, grad=True, deterministic=deterministic, **kw)
+    check_attention(q, k, v, causal=False, window=(8, 4), grad=True, **kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("splits", [1, 3])
+def test_value_head_dim_decode_split_and_paged(splits, dtype, monkeypatch):
+    # packed GQA decode (Sq = 1, group 4) and a short chunk, with forced key splits (the partials
+    # and the merge are Dv wide); paged keys with a v_cache narrower than k_cache
+    from gptkernels.triton import flash_attn as fa
+
+    if splits > 1:
+        monkeypatch.setattr(fa, "_fwd_num_splits", lambda *args: splits)
+    assert fa._pack_gqa(4, 1)
+    q, k, v = randn(2, 1, 8, 64, dtype=dtype), randn(2, 150, 2, 64, dtype=dtype), randn(2, 150, 2, 32, dtype=dtype)
+    check_attention(q, k, v, causal=True, grad=True)
+    q5 = randn(1, 5, 2, 48, dtype=dtype)
+    check_attention(q5, randn(1, 120, 2, 48, dtype=dtype), randn(1, 120, 2, 96, dtype=dtype), causal=True,
+                    window=40)
+    k_cache, v_cache, table, seqlens = _paged_cache([90, 7, 0], 16, 2, 64, dtype, dv=32)
+    check_attention(randn(3, 1, 8, 64, dtype=dtype), k_cache, v_cache, causal=True, block_table=table,
+                    seqlens_k=seqlens)
+    lq = (3, 1, 0)
+    check_attention(randn(sum(lq), 8, 64, dtype=dtype), k_cache, v_cache, causal=True, block_table=table,
+                    seqlens_k=seqlens, cu_seqlens_q=_cu(lq), max_seqlen_q=max(lq))
+
+
+def test_value_head_dim_torch_backend_and_compile():
+    # the torch backend gives out (..., Dv) on every layout (its per-sequence path too), and the
+    # torch.library ops' fake implementations give out's shape from v, traced whole by torch.compile
+    lq, lk = (5, 0, 3), (6, 2, 4)
+    q, k, v = randn(sum(lq), 4, 32), randn(sum(lk), 2, 32), randn(sum(lk), 2, 8)
+    kw = dict(cu_seqlens_q=_cu(lq), cu_seqlens_k=_cu(lk), max_seqlen_q=5, max_seqlen_k=6)
+    want = gptkernels.flash_attn(q, k, v, backend=BACKEND, **kw)
+    got = gptkernels.flash_attn(q, k, v, backend="torch", **kw)
+    assert got.shape == (sum(lq), 4, 8)
+    torch.testing.assert_close(got, want)
+    torch._dynamo.reset()
+    qd, kd, vd = randn(1, 9, 4, 32).requires_grad_(), randn(1, 9, 2, 32).requires_grad_(), \
+        randn(1, 9, 2, 16).requires_grad_()
+
+    def fn(q, k, v):
+        return gptkernels.flash_attn(q, k, v, backend=BACKEND, return_lse=True)
+
+    out, lse = torch.compile(fn, fullgraph=True, backend="aot_eager")(qd, kd, vd)
+    w_out, w_lse = fn(qd, kd, vd)
+    assert out.shape == (1, 9, 4, 16) and lse.shape == (1, 4, 9)
+    torch.testing.assert_close(out, w_out)
+    for a, b in zip(torch.autograd.grad(out.sum(), (qd, kd, vd)), torch.autograd.grad(w_out.sum(), (qd, kd, vd))):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_value_head_dim_bad_input(backend):
+    q, k = randn(1, 4, 2, 32), randn(1, 6, 2, 32)
+    with pytest.raises(ValueError, match="^flash_attn: head dim of v must be between 1 and 256, got 300"):
+        gptkernels.flash_attn(q, k, randn(1, 6, 2, 300), backend=backend)
+    with pytest.raises(ValueError, match="^flash_attn: k and v must have the same shape except the last"):
+        gptkernels.flash_attn(q, k, randn(1, 5, 2, 16), backend=backend)
+    k_cache, v_cache, table, seqlens = _paged_cache([9], 8, 2, 32, torch.float32, dv=16)
+    with pytest.raises(ValueError, match="^flash_attn: k and v must have the same shape except the last"):
+        gptkernels.flash_attn(q, k_cache, v_cache[:, :4], block_table=table, seqlens_k=seqlens, backend=backend)
+
+
+def test_value_head_dim_refused_where_not_served():
+    # the CUDA kernels have no Dv != D: the launcher refuses, naming v, before it touches the
+    # extension (so this runs without a GPU); paged_decode and flash_attn_with_kvcache take equal
+    # k/v cache shapes
+    from gptkernels import cuda as cuda_backend
+
+    q, k, v = randn(1, 4, 2, 64, dtype=torch.float16), randn(1, 6, 2, 64, dtype=torch.float16), \
+        randn(1, 6, 2, 32, dtype=torch.float16)
+    kw = dict(causal=True, window=None, softmax_scale=0.125, cu_seqlens_q=None, cu_seqlens_k=None,
+              max_seqlen_q=None, max_seqlen_k=None, block_table=None, seqlens_k=None, bottom_right=True)
+    with pytest.raises(gptkernels.BackendUnavailableError,
+                       match="flash_attn: backend 'cuda' cannot serve this call: no CUDA kernel for a head "
+                             r"dim of v \(32\) different from q's \(64\)"):
+        cuda_backend.flash_attn_forward(q, k, v, **kw)
+    k_cache, v_cache, table, seqlens = _paged_cache([9], 8, 2, 16, torch.float32, dv=8)
+    with pytest.raises(ValueError, match="paged_decode: k_cache and v_cache must have the same shape"):
+        gptkernels.paged_decode(randn(1, 2, 16), k_cache, v_cache, table, seqlens)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dims", [(192, 128), (64, 128), (128, 64)], ids=str)
+def test_value_head_dim_gpu(dims, dtype):
+    # the GPU's own configs (wgmma tiles, autotuned, the bucket of max(D, Dv)), longer sequences,
+    # varlen, decode (packed GQA, split keys), paged
+    d, dv = dims
+    q, k, v = randn(2, 300, 8, d, dtype=dtype), randn(2, 350, 2, d, dtype=dtype), randn(2, 350, 2, dv, dtype=dtype)
+    for deterministic in (True, False):
+        check_attention(q, k, v, causal=True, grad=True, with_dlse=True, deterministic=deterministic)
+    check_attention(q, k, v, causal=True, window=64, grad=True)
+    check_attention(q[:, :1], k, v, causal=True)
+    lq, lk = (100, 1, 250), (300, 40, 250)
+    check_attention(randn(sum(lq), 8, d, dtype=dtype), randn(sum(lk), 2, d, dtype=dtype),
+                    randn(sum(lk), 2, dv, dtype=dtype), causal=True, cu_seqlens_q=_cu(lq),
+                    cu_seqlens_k=_cu(lk), max_seqlen_q=250, max_seqlen_k=300, grad=True)
+    k_cache, v_cache, table, seqlens = _paged_cache([400, 70, 1000], 16, 2, d, dtype, dv=dv)
+    check_attention(randn(3, 1, 8, d, dtype=dtype), k_cache, v_cache, causal=True, block_table=table,
+                    seqlens_k=seqlens)
+    check_attention(randn(3, 64, 8, d, dtype=dtype), k_cache, v_cache, causal=True, block_table=table,
+                    seqlens_k=seqlens)

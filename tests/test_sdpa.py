@@ -15,7 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import gptkernels
 from gptkernels import reference
-from tests.helpers import DEVICE, DTYPES, assert_parity, grid, randn
+from tests.helpers import DEVICE, DTYPES, FLOORS, assert_parity, grid, randn
 
 
 def torch_sdpa(q, k, v, *, is_causal=False, scale=None, enable_gqa=False, window=None):
@@ -87,6 +87,41 @@ def test_gradients_match_torch_sdpa(dtype):
         assert_parity(g, w, b, name=name)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("E, Ev", [(48, 24), (16, 64), (192, 128)], ids=str)
+def test_value_head_dim_runs_the_kernels(E, Ev, dtype, kernel_calls):
+    # a value head dim different from the query's (issue 19 item 6): the kernels serve it (it used
+    # to fall through to torch's SDPA); out (..., H, L, Ev) and the gradients match torch's SDPA,
+    # with GQA, torch's top-left causal alignment (L < S) and a window
+    q, k, v = randn(2, 4, 21, E, dtype=dtype), randn(2, 2, 30, E, dtype=dtype), randn(2, 2, 30, Ev, dtype=dtype)
+    dout = randn(2, 4, 21, Ev, dtype=dtype)
+    for is_causal, window in ((True, None), (True, 9), (False, None)):
+        kw = dict(is_causal=is_causal, enable_gqa=True, window=window)
+        calls = len(kernel_calls)
+
+        def run(fn, *inputs):
+            leaves = [t.detach().clone().requires_grad_() for t in inputs]
+            out = fn(*leaves, **kw)
+            return (out, *torch.autograd.grad(out, leaves, dout.to(out.dtype)))
+
+        got = run(gptkernels.sdpa, q, k, v)
+        assert len(kernel_calls) == calls + 1, "the kernels did not serve E != Ev"
+        want = run(torch_sdpa, q.double(), k.double(), v.double())
+        base = run(torch_sdpa, q, k, v)
+        assert got[0].shape == base[0].shape == (2, 4, 21, Ev) and got[0].dtype == dtype
+        # dq, dk: the backward takes delta = rowsum(dO * O) from O rounded to its dtype (as
+        # FlashAttention does; tests/test_flash_attn.py check_attention(lse_floor=True)): at E = 16
+        # (scale 1/4) that rounding exceeds twice the eager error already with Ev == E, so their
+        # floor adds its bound scale * max|k or q| * max_row sum|dO * O| * eps / 2
+        delta_sum = float((dout.double() * got[0].detach().double()).abs().sum(-1).max())
+        for name, g, w, b, other in zip(("out", "dq", "dk", "dv"), got, want, base, (None, k, q, None)):
+            floor = None
+            if other is not None:
+                floor = FLOORS[dtype] * max(1.0, float(w.abs().max())) + E ** -0.5 * float(
+                    other.double().abs().max()) * delta_sum * torch.finfo(dtype).eps / 2
+            assert_parity(g, w, b, name=name, floor=floor)
+
+
 def test_fallthrough_to_torch(kernel_calls):
     q, k, v = randn(2, 2, 17, 32), randn(2, 2, 23, 32), randn(2, 2, 23, 32)
     bool_mask = torch.rand(17, 23, device=DEVICE) > 0.3
@@ -107,12 +142,13 @@ def test_fallthrough_to_torch(kernel_calls):
                        F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask & band))
     assert torch.equal(gptkernels.sdpa(q, k, v, attn_mask=float_mask, is_causal=True, window=5),
                        F.scaled_dot_product_attention(q, k, v, attn_mask=float_mask.masked_fill(~band, float("-inf"))))
-    # float64, and a value head dim different from the query's
+    # float64, and a value head dim over 256 (a value head dim different from the query's is
+    # served: test_value_head_dim_runs_the_kernels)
     qd, kd, vd = q.double(), k.double(), v.double()
     assert torch.equal(gptkernels.sdpa(qd, kd, vd, is_causal=True),
                        F.scaled_dot_product_attention(qd, kd, vd, is_causal=True))
-    v48 = randn(2, 2, 23, 48)
-    assert torch.equal(gptkernels.sdpa(q, k, v48), F.scaled_dot_product_attention(q, k, v48))
+    v300 = randn(2, 2, 23, 300)
+    assert torch.equal(gptkernels.sdpa(q, k, v300), F.scaled_dot_product_attention(q, k, v300))
     assert not kernel_calls, "a call the kernels do not cover reached them"
 
 
@@ -133,8 +169,8 @@ def test_bad_input():
     # the shared flash_attn checks speak sdpa's argument names
     with pytest.raises(TypeError, match="^sdpa: value must have the same dtype as query"):
         gptkernels.sdpa(q, k, v.half())
-    with pytest.raises(ValueError, match="^sdpa: key and value must have the same shape"):
-        gptkernels.sdpa(q, randn(1, 2, 8, 32), randn(1, 2, 8, 16))
+    with pytest.raises(ValueError, match="^sdpa: key and value must have the same shape except the last"):
+        gptkernels.sdpa(q, randn(1, 2, 9, 16), randn(1, 2, 8, 16))
     with pytest.raises(TypeError, match="^sdpa: scale must be None or a float"):
         gptkernels.sdpa(q, k, v, scale="0.5")
 

@@ -92,6 +92,10 @@ def flash_attn_forward(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, 
     ``softmax_scale`` and, for varlen q, ``max_seqlen_q`` come resolved from gptkernels.attention.
     """
     _refuse_options("flash_attn", k_scale=k_scale, v_scale=v_scale, softcap=softcap, alibi_slopes=alibi_slopes)
+    if v.shape[-1] != q.shape[-1]:
+        raise BackendUnavailableError(
+            f"flash_attn: backend 'cuda' cannot serve this call: no CUDA kernel for a head dim of v "
+            f"({v.shape[-1]}) different from q's ({q.shape[-1]}) (it runs on backend='triton' or 'torch')")
     causal, window = _causal_window(causal, window)
     max_q = q.shape[1] if cu_seqlens_q is None else int(max_seqlen_q)  # dense: Sq is q's shape
     max_k = 0 if max_seqlen_k is None else int(max_seqlen_k)  # unused: each sequence's key count is read

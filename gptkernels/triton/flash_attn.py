@@ -407,7 +407,10 @@ def _pick(table, atomic_table=None, decode_table=None, shaped=False):
     def prune(cfgs, named_args, **kwargs):
         if len(cfgs) == 1:
             return cfgs
-        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+        # v's head dim when it differs (BLOCK_DV, else 0): the bucket of the wider one, so that the
+        # tiles' registers and shared memory stay within what the table was compiled for
+        block_d = max(kwargs.get("BLOCK_D", named_args.get("BLOCK_D")),
+                      kwargs.get("BLOCK_DV", named_args.get("BLOCK_DV", 0)))
         tbl = table
         if atomic_table is not None and kwargs.get("ATOMIC_DQ"):
             tbl = atomic_table
@@ -429,7 +432,7 @@ def _pick(table, atomic_table=None, decode_table=None, shaped=False):
 #: power-of-two buckets of the longest query sequence and of the band width (keys a row sees), which
 #: decide the tile shape that fills the GPU and wastes least on boundary tiles.
 _TUNE_KEY = ["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "PAGED", "VARLEN_Q", "seq_bucket", "band_bucket",
-             "SOFTCAP", "ALIBI", "HAS_RIGHT"]
+             "SOFTCAP", "ALIBI", "HAS_RIGHT", "HEAD_DIM_V"]
 
 
 def _autotune(table, interp, extra_key=(), reset_to_zero=None, atomic_table=None, decode_table=None,
@@ -457,12 +460,15 @@ _VARYING = ["q_len", "kv_len", "group", "window", "window_right", "row0", "num_b
 def _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, start, end, pos_q, seqlen_k, window, right, qk_scale,
                b, block_table, stride_tb, num_blocks,
                stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
-               offs_n, offs_d, slope2, softcap_scale,
+               offs_n, offs_d, offs_dv, slope2, softcap_scale,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                PAGED: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
+               HEAD_DIM_V: tl.constexpr,
                BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ROW64: tl.constexpr,
                SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    # K tiles are HEAD_DIM (q's) wide, V tiles HEAD_DIM_V (v's; the same when equal)
     d_ok = offs_d[None, :] < HEAD_DIM
+    dv_ok = offs_dv[None, :] < HEAD_DIM_V
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         k_base, k_rows, v_base, v_rows, ok = _kv_rows(start_n, offs_n, seqlen_k, b, block_table,
@@ -471,8 +477,10 @@ def _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, start, end, pos_q, seqlen_k, wi
                                                       ROW64)
         if MASKED or PAGED:
             kv_mask = ok[:, None] & d_ok
+            v_mask = ok[:, None] & dv_ok
         else:
             kv_mask = d_ok  # interior tile: every key row exists
+            v_mask = dv_ok
         # .to(q.dtype): an fp8 paged cache's values in q's dtype, exactly (a no-op otherwise; its
         # scales are folded into qk_scale and the output by _fwd_kernel)
         k = tl.load(K_head + k_base + k_rows[:, None] + offs_d[None, :] * stride_kd, mask=kv_mask,
@@ -497,7 +505,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, start, end, pos_q, seqlen_k, wi
         p = tl.math.exp2(s - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V_head + v_base + v_rows[:, None] + offs_d[None, :] * stride_vd, mask=kv_mask,
+        v = tl.load(V_head + v_base + v_rows[:, None] + offs_dv[None, :] * stride_vd, mask=v_mask,
                     other=0.0).to(q.dtype)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
@@ -527,6 +535,7 @@ def _fwd_kernel(
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_SCALED: tl.constexpr = False,
     ROW64: tl.constexpr = False, TAIL: tl.constexpr = False, PACK_GQA: tl.constexpr = False,
     SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, HAS_RIGHT: tl.constexpr = False,
+    HEAD_DIM_V: tl.constexpr = 0, BLOCK_DV: tl.constexpr = 0,
 ):
     # PACK_GQA (few query rows, GQA): one program per KV head (grid axis 1) whose query tile holds
     # the rows of every query head of the group, row r = query i * group + head g: each K/V tile is
@@ -535,6 +544,10 @@ def _fwd_kernel(
     # SPLIT (flash-decoding, few query tiles): num_splits programs per query tile, each over an
     # equal share of the tile's key band, write a partial (out, lse) that merge_splits combines.
     # TAIL: the launch after the main one that covers rows past max_seqlen_q (see _tile_loop).
+    # HEAD_DIM_V / BLOCK_DV: v's (and out's) head dim and its tile when it differs from q's; 0 (the
+    # default): the same as HEAD_DIM / BLOCK_D, so that path compiles exactly as without them.
+    V_DIM: tl.constexpr = HEAD_DIM if HEAD_DIM_V == 0 else HEAD_DIM_V
+    V_BLOCK: tl.constexpr = BLOCK_D if BLOCK_DV == 0 else BLOCK_DV
     if SPLIT:
         split = tl.program_id(0) % num_splits
         pid_m = tl.num_programs(0) // num_splits - 1 - tl.program_id(0) // num_splits
@@ -569,6 +582,8 @@ def _fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
+    offs_dv = tl.arange(0, V_BLOCK)
+    dv_ok = offs_dv < V_DIM
     if PAGED:
         K_head = K + hk * stride_kh
         V_head = V + hk * stride_vh
@@ -608,7 +623,7 @@ def _fwd_kernel(
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        acc = tl.zeros([BLOCK_M, V_BLOCK], tl.float32)
         pos_q = qi + shift
         # the band of the tile's positions: its first query's to its last row's
         p_last = tl.minimum(m0 + BLOCK_M, n_rows) - 1
@@ -630,21 +645,21 @@ def _fwd_kernel(
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, lo1, hi1, pos_q, seqlen_k,
                                    window, window_right, qk_scale, b, block_table, stride_tb, num_blocks,
                                    stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
-                                   offs_n, offs_d, slope2, softcap_scale, True, CAUSAL, HAS_WINDOW,
-                                   PAGED, PAGE, HEAD_DIM, BLOCK_N, PRECISION, ROW64, SOFTCAP, ALIBI,
-                                   HAS_RIGHT)
+                                   offs_n, offs_d, offs_dv, slope2, softcap_scale, True, CAUSAL,
+                                   HAS_WINDOW, PAGED, PAGE, HEAD_DIM, V_DIM, BLOCK_N, PRECISION, ROW64,
+                                   SOFTCAP, ALIBI, HAS_RIGHT)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, lo2, hi2, pos_q, seqlen_k,
                                    window, window_right, qk_scale, b, block_table, stride_tb, num_blocks,
                                    stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
-                                   offs_n, offs_d, slope2, softcap_scale, False, CAUSAL, HAS_WINDOW,
-                                   PAGED, PAGE, HEAD_DIM, BLOCK_N, PRECISION, ROW64, SOFTCAP, ALIBI,
-                                   HAS_RIGHT)
+                                   offs_n, offs_d, offs_dv, slope2, softcap_scale, False, CAUSAL,
+                                   HAS_WINDOW, PAGED, PAGE, HEAD_DIM, V_DIM, BLOCK_N, PRECISION, ROW64,
+                                   SOFTCAP, ALIBI, HAS_RIGHT)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, lo3, hi3, pos_q, seqlen_k,
                                    window, window_right, qk_scale, b, block_table, stride_tb, num_blocks,
                                    stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
-                                   offs_n, offs_d, slope2, softcap_scale, True, CAUSAL, HAS_WINDOW,
-                                   PAGED, PAGE, HEAD_DIM, BLOCK_N, PRECISION, ROW64, SOFTCAP, ALIBI,
-                                   HAS_RIGHT)
+                                   offs_n, offs_d, offs_dv, slope2, softcap_scale, True, CAUSAL,
+                                   HAS_WINDOW, PAGED, PAGE, HEAD_DIM, V_DIM, BLOCK_N, PRECISION, ROW64,
+                                   SOFTCAP, ALIBI, HAS_RIGHT)
 
         # Rows that saw no key: l = 0, acc = 0 -> out 0 and lse -inf.
         seen = l_i > 0.0
@@ -652,16 +667,16 @@ def _fwd_kernel(
         out = acc * (v_scale / l_safe)[:, None]
         lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) / _LOG2E_C, float("-inf"))
 
-        tile_mask = row_ok[:, None] & d_ok[None, :]
-        if SPLIT:  # float32 partials, laid out (B, Sq, Hq, splits, D) / (B, Sq, Hq, splits)
+        tile_mask = row_ok[:, None] & dv_ok[None, :]
+        if SPLIT:  # float32 partials, laid out (B, Sq, Hq, splits, Dv) / (B, Sq, Hq, splits)
             P_tile = Opart + b64 * stride_pb + q_tok * stride_ps + h * stride_ph + split * stride_pp
             tl.store(P_tile + _row_off(di, g, stride_ps, stride_ph, PACK_GQA)[:, None]
-                     + offs_d[None, :], out, mask=tile_mask)
+                     + offs_dv[None, :], out, mask=tile_mask)
             LP_tile = Lpart + b64 * stride_lpb + q_tok * stride_lps + h * stride_lph + split
             tl.store(LP_tile + _row_off(di, g, stride_lps, stride_lph, PACK_GQA), lse, mask=row_ok)
         else:
             O_tile = Out + b64 * stride_ob + q_tok * stride_os + h * stride_oh
-            tl.store(O_tile + _row_off(di, g, stride_os, stride_oh, PACK_GQA)[:, None] + offs_d[None, :],
+            tl.store(O_tile + _row_off(di, g, stride_os, stride_oh, PACK_GQA)[:, None] + offs_dv[None, :],
                      out.to(Out.dtype.element_ty), mask=tile_mask)
             L_tile = Lse + b64 * stride_lb + h * stride_lh + q_start + i0
             tl.store(L_tile + _row_off(di, g, 1, stride_lh, PACK_GQA), lse, mask=row_ok)
@@ -725,9 +740,10 @@ def _load_row_stats(L_rows, D_rows, rows, seqlen_q):
 def _dkdv_tiles(dk, dv, k, v, Q_b, DO_b, DQ_b, L_b, D_b, lo, int_lo, int_hi, hi, group, hk,
                 seqlen_q, seqlen_k, cols, shift, window, right, qk_scale,
                 stride_qs, stride_qh, stride_qd, stride_dos, stride_doh, stride_dod,
-                stride_dqs, stride_dqh, stride_lh, offs_m, offs_d, Slopes_b, stride_slh, softcap_scale,
-                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr,
-                BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                stride_dqs, stride_dqh, stride_lh, offs_m, offs_d, offs_dv, Slopes_b, stride_slh,
+                softcap_scale, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr,
+                HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
+                ATOMIC_DQ: tl.constexpr,
                 ROW64: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                 HAS_RIGHT: tl.constexpr):
     """Accumulate dK, dV of one key tile over the query tiles [lo, hi) of every query head of its
@@ -743,8 +759,10 @@ def _dkdv_tiles(dk, dv, k, v, Q_b, DO_b, DQ_b, L_b, D_b, lo, int_lo, int_hi, hi,
 
     Soft cap / ALiBi (``_score_mods``): the scores are recomputed as in the forward; the cap's
     chain rule scales dS by 1 - tanh^2 (ALiBi adds a constant: nothing to differentiate).
+    dO (like V, dV) is HEAD_DIM_V wide, Q (like K, dK, dQ) HEAD_DIM wide.
     """
     d_ok = offs_d[None, :] < HEAD_DIM
+    dv_ok = offs_dv[None, :] < HEAD_DIM_V
     n_tiles = tl.cdiv(hi - lo, BLOCK_M)
     for it in range(0, group * n_tiles):
         g = it // n_tiles
@@ -758,7 +776,8 @@ def _dkdv_tiles(dk, dv, k, v, Q_b, DO_b, DQ_b, L_b, D_b, lo, int_lo, int_hi, hi,
         q = tl.load(Q_b + h * stride_qh + row_ix[:, None] * stride_qs
                     + offs_d[None, :] * stride_qd, mask=mask, other=0.0)
         do = tl.load(DO_b + h * stride_doh + row_ix[:, None] * stride_dos
-                     + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
+                     + offs_dv[None, :] * stride_dod, mask=(rows < seqlen_q)[:, None] & dv_ok,
+                     other=0.0)
         lse2, delta = _load_row_stats(L_b + h * stride_lh, D_b + h * stride_lh, rows, seqlen_q)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if ALIBI:
@@ -811,7 +830,11 @@ def _bwd_dkdv(
     ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ROW64: tl.constexpr = False, TAIL: tl.constexpr = False,
     SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, HAS_RIGHT: tl.constexpr = False,
+    HEAD_DIM_V: tl.constexpr = 0, BLOCK_DV: tl.constexpr = 0,
 ):
+    # HEAD_DIM_V / BLOCK_DV: v's head dim (V, dO, dV) as in _fwd_kernel (0: HEAD_DIM / BLOCK_D)
+    V_DIM: tl.constexpr = HEAD_DIM if HEAD_DIM_V == 0 else HEAD_DIM_V
+    V_BLOCK: tl.constexpr = BLOCK_D if BLOCK_DV == 0 else BLOCK_DV
     pid_n = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)  # int64: hk * stride_kh passes 2**31 for large strided inputs
     b = tl.program_id(2)
@@ -825,6 +848,7 @@ def _bwd_dkdv(
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, V_BLOCK)
     q_tok = q_start.to(tl.int64)
     k_tok = k_start.to(tl.int64)
 
@@ -838,10 +862,10 @@ def _bwd_dkdv(
                     + col_ix[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=kv_mask,
                     other=0.0)
         v = tl.load(V + b64 * stride_vb + k_tok * stride_vs + hk * stride_vh
-                    + col_ix[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=kv_mask,
-                    other=0.0)
+                    + col_ix[:, None] * stride_vs + offs_dv[None, :] * stride_vd,
+                    mask=(cols < seqlen_k)[:, None] & (offs_dv < V_DIM)[None, :], other=0.0)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, V_BLOCK], tl.float32)
         lo, int_lo, int_hi, hi = _k_tile_band(n0, seqlen_q, seqlen_k, shift, window, window_right,
                                               CAUSAL, HAS_WINDOW, HAS_RIGHT, BLOCK_M, BLOCK_N)
         # GQA: the query heads of this KV head's group, summed on chip (no atomics, no repeat).
@@ -852,9 +876,9 @@ def _bwd_dkdv(
                              lo, int_lo, int_hi, hi, group, hk, seqlen_q, seqlen_k, cols, shift,
                              window, window_right, qk_scale, stride_qs, stride_qh, stride_qd, stride_dos,
                              stride_doh, stride_dod, stride_dqas, stride_dqah, stride_lh, offs_m,
-                             offs_d, Slopes + b64 * stride_slb, stride_slh, softcap_scale, CAUSAL,
-                             HAS_WINDOW, HEAD_DIM, BLOCK_M, PRECISION, ATOMIC_DQ, ROW64, SOFTCAP,
-                             ALIBI, HAS_RIGHT)
+                             offs_d, offs_dv, Slopes + b64 * stride_slb, stride_slh, softcap_scale,
+                             CAUSAL, HAS_WINDOW, HEAD_DIM, V_DIM, BLOCK_M, PRECISION, ATOMIC_DQ, ROW64,
+                             SOFTCAP, ALIBI, HAS_RIGHT)
         # the store's row offsets and mask are computed again here rather than kept live through
         # the loop above (registers)
         col_ix = _rows(n0 + offs_n, ROW64)
@@ -862,33 +886,48 @@ def _bwd_dkdv(
                     + col_ix[:, None] * stride_dks + offs_d[None, :])
         st_mask = (n0 + offs_n < seqlen_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
         tl.store(DK + out_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=st_mask)
-        tl.store(DV + out_ptrs, dv.to(DV.dtype.element_ty), mask=st_mask)
+        # dK and dV are the launcher's, contiguous: dV is laid out like dK, V_DIM wide instead of
+        # HEAD_DIM, so its strides are dK's / HEAD_DIM * V_DIM (no stride arguments of its own: three
+        # more kernel arguments moved ptxas's register allocation of the atomic-dQ variant from 4 to
+        # 88 bytes of spill in the sm_90a compile)
+        if HEAD_DIM_V == 0:
+            tl.store(DV + out_ptrs, dv.to(DV.dtype.element_ty), mask=st_mask)
+        else:
+            dv_ptrs = ((b64 * (stride_dkb // HEAD_DIM) + k_tok * (stride_dks // HEAD_DIM)
+                        + hk * (stride_dkh // HEAD_DIM)) * V_DIM
+                       + col_ix[:, None] * (stride_dks // HEAD_DIM * V_DIM) + offs_dv[None, :])
+            tl.store(DV + dv_ptrs, dv.to(DV.dtype.element_ty),
+                     mask=(n0 + offs_n < seqlen_k)[:, None] & (offs_dv < V_DIM)[None, :])
 
 
 @triton.jit
 def _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, start, end, pos_q, seqlen_k, window, right,
               qk_scale,
-              stride_ks, stride_kd, stride_vs, stride_vd, offs_n, offs_d, slope2, softcap_scale,
+              stride_ks, stride_kd, stride_vs, stride_vd, offs_n, offs_d, offs_dv, slope2, softcap_scale,
               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+              HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
+              PRECISION: tl.constexpr,
               ROW64: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
               HAS_RIGHT: tl.constexpr):
     """Accumulate dQ of one query tile over the key tiles [start, end) (soft cap / ALiBi as in
-    _dkdv_tiles)."""
+    _dkdv_tiles; V is HEAD_DIM_V wide)."""
     d_ok = offs_d[None, :] < HEAD_DIM
+    dv_ok = offs_dv[None, :] < HEAD_DIM_V
     col_ix = _rows(offs_n, ROW64)
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
         if MASKED:
             kv_mask = (cols < seqlen_k)[:, None] & d_ok
+            v_mask = (cols < seqlen_k)[:, None] & dv_ok
         else:
             kv_mask = d_ok
+            v_mask = dv_ok
         tok = start_n.to(tl.int64)
         k = tl.load(K_head + tok * stride_ks + col_ix[:, None] * stride_ks
                     + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         v = tl.load(V_head + tok * stride_vs + col_ix[:, None] * stride_vs
-                    + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+                    + offs_dv[None, :] * stride_vd, mask=v_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s, cap = _score_mods(s, pos_q[:, None], cols[None, :], slope2, softcap_scale, SOFTCAP, ALIBI)
         p = tl.math.exp2(s - lse2[:, None])
@@ -922,7 +961,11 @@ def _bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ROW64: tl.constexpr = False, TAIL: tl.constexpr = False,
     SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, HAS_RIGHT: tl.constexpr = False,
+    HEAD_DIM_V: tl.constexpr = 0, BLOCK_DV: tl.constexpr = 0,
 ):
+    # HEAD_DIM_V / BLOCK_DV: v's head dim (V, dO) as in _fwd_kernel (0: HEAD_DIM / BLOCK_D)
+    V_DIM: tl.constexpr = HEAD_DIM if HEAD_DIM_V == 0 else HEAD_DIM_V
+    V_BLOCK: tl.constexpr = BLOCK_D if BLOCK_DV == 0 else BLOCK_DV
     if TAIL:
         pid_m = tl.program_id(0)
     else:
@@ -940,6 +983,7 @@ def _bwd_dq(
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, V_BLOCK)
     row_ix = _rows(offs_m, ROW64)
     k_tok = k_start.to(tl.int64)
     K_head = K + b64 * stride_kb + k_tok * stride_ks + hk * stride_kh
@@ -960,8 +1004,8 @@ def _bwd_dq(
         q = tl.load(Q + b64 * stride_qb + q_tok * stride_qs + h * stride_qh
                     + row_ix[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=mask, other=0.0)
         do = tl.load(DO + b64 * stride_dob + q_tok * stride_dos + h * stride_doh
-                     + row_ix[:, None] * stride_dos + offs_d[None, :] * stride_dod, mask=mask,
-                     other=0.0)
+                     + row_ix[:, None] * stride_dos + offs_dv[None, :] * stride_dod,
+                     mask=(rows < seqlen_q)[:, None] & (offs_dv < V_DIM)[None, :], other=0.0)
         lse2, delta = _load_row_stats(L_rows, D_rows, rows, seqlen_q)
 
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -969,17 +1013,17 @@ def _bwd_dq(
         lo, int_lo, int_hi, hi = _q_tile_band(m0, seqlen_q, seqlen_k, shift, window, window_right,
                                               CAUSAL, HAS_WINDOW, HAS_RIGHT, BLOCK_M, BLOCK_N)
         dq = _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, lo, int_lo, pos_q, seqlen_k, window,
-                       window_right, qk_scale, stride_ks, stride_kd, stride_vs, stride_vd, offs_n, offs_d, slope2,
-                       softcap_scale, True, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_N, PRECISION, ROW64,
-                       SOFTCAP, ALIBI, HAS_RIGHT)
+                       window_right, qk_scale, stride_ks, stride_kd, stride_vs, stride_vd, offs_n,
+                       offs_d, offs_dv, slope2, softcap_scale, True, CAUSAL, HAS_WINDOW, HEAD_DIM,
+                       V_DIM, BLOCK_N, PRECISION, ROW64, SOFTCAP, ALIBI, HAS_RIGHT)
         dq = _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, int_lo, int_hi, pos_q, seqlen_k,
-                       window, window_right, qk_scale, stride_ks, stride_kd, stride_vs, stride_vd, offs_n, offs_d,
-                       slope2, softcap_scale, False, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_N, PRECISION,
-                       ROW64, SOFTCAP, ALIBI, HAS_RIGHT)
+                       window, window_right, qk_scale, stride_ks, stride_kd, stride_vs, stride_vd,
+                       offs_n, offs_d, offs_dv, slope2, softcap_scale, False, CAUSAL, HAS_WINDOW,
+                       HEAD_DIM, V_DIM, BLOCK_N, PRECISION, ROW64, SOFTCAP, ALIBI, HAS_RIGHT)
         dq = _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, int_hi, hi, pos_q, seqlen_k, window,
-                       window_right, qk_scale, stride_ks, stride_kd, stride_vs, stride_vd, offs_n, offs_d, slope2,
-                       softcap_scale, True, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_N, PRECISION, ROW64,
-                       SOFTCAP, ALIBI, HAS_RIGHT)
+                       window_right, qk_scale, stride_ks, stride_kd, stride_vs, stride_vd, offs_n,
+                       offs_d, offs_dv, slope2, softcap_scale, True, CAUSAL, HAS_WINDOW, HEAD_DIM,
+                       V_DIM, BLOCK_N, PRECISION, ROW64, SOFTCAP, ALIBI, HAS_RIGHT)
 
         tl.store(DQ + b64 * stride_dqb + q_tok * stride_dqs + h * stride_dqh
                  + row_ix[:, None] * stride_dqs + offs_d[None, :],
@@ -1048,6 +1092,14 @@ def _block_d(head_dim: int) -> int:
     return max(16, next_pow2(head_dim))
 
 
+def _v_dims(head_dim: int, head_dim_v: int) -> dict:
+    """The kernels' HEAD_DIM_V / BLOCK_DV for v's head dim: none when it equals q's (the kernels'
+    default, 0: the same as HEAD_DIM / BLOCK_D, so that launch compiles exactly as before)."""
+    if head_dim_v == head_dim:
+        return {}
+    return dict(HEAD_DIM_V=head_dim_v, BLOCK_DV=_block_d(head_dim_v))
+
+
 def _precision(dtype: torch.dtype) -> str:
     # fp32 must not silently become TF32 (10-bit mantissa) on the GPU; 16-bit inputs ignore this.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -1101,18 +1153,19 @@ def flash_attn_forward(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, 
     # The kernels read index tensors as contiguous: copy a strided/expanded one (a few bytes).
     cu_seqlens_q, cu_seqlens_k, seqlens_k, block_table = _contiguous(
         cu_seqlens_q, cu_seqlens_k, seqlens_k, block_table)
-    hq, head_dim = q.shape[-2], q.shape[-1]
+    hq, head_dim, head_dim_v = q.shape[-2], q.shape[-1], v.shape[-1]
     group = hq // k.shape[-2]
+    out_shape = (*q.shape[:-1], head_dim_v)  # q's rows, v's head dim
     if varlen_q:
         # max_seqlen_q sizes the grid only (the kernel loops over longer sequences): >= 1 program
         batch, q_len, max_q = cu_seqlens_q.numel() - 1, q.shape[0], max(max_seqlen_q, 1)
         # tokens past cu_seqlens_q[-1] belong to no sequence and no program writes them: they read
         # as a row that sees no key (out 0, lse -inf), as on every backend (no host sync to find them)
-        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+        out = torch.zeros(out_shape, dtype=q.dtype, device=q.device)
         lse = torch.full((hq, q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
     else:
         batch, q_len, max_q = q.shape[0], q.shape[1], q.shape[1]
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
         lse = torch.empty((batch, hq, q.shape[1]), dtype=torch.float32, device=q.device)
     if paged:
         page, num_blocks = k.shape[1], k.shape[0]
@@ -1139,7 +1192,7 @@ def flash_attn_forward(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, 
     win_left, win_right, width, band_flags = _band_args(causal, window)
     num_splits = _fwd_num_splits(batch, heads, max_q, max_seqlen_k or kv_len, width, q.device, tile_rows)
     if num_splits > 1:  # float32 partial results per split, rows laid out like q's
-        opart = torch.empty((*q.shape[:-1], num_splits, head_dim), dtype=torch.float32, device=q.device)
+        opart = torch.empty((*q.shape[:-1], num_splits, head_dim_v), dtype=torch.float32, device=q.device)
         lpart = torch.empty((*q.shape[:-1], num_splits), dtype=torch.float32, device=q.device)
         sp = _tok_strides(opart[..., 0, :], varlen_q)[:3] + (opart.stride(-2),)
         slp = _tok_strides(lpart, varlen_q)[:3]
@@ -1167,7 +1220,8 @@ def flash_attn_forward(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, 
             VARLEN_Q=varlen_q, VARLEN_K=varlen_k, PAGED=paged, PAGE=page,
             HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), PRECISION=_precision(q.dtype),
             SPLIT=splits > 1, KV_SCALED=k_scale is not None, ROW64=row64, TAIL=tail,
-            PACK_GQA=pack, SOFTCAP=softcap is not None, ALIBI=alibi_slopes is not None, **config,
+            PACK_GQA=pack, SOFTCAP=softcap is not None, ALIBI=alibi_slopes is not None,
+            **_v_dims(head_dim, head_dim_v), **config,
         )
 
     covered = _Covered(tile_rows, "BLOCK_M")
@@ -1176,15 +1230,15 @@ def flash_attn_forward(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, 
         launch(_fwd_kernel, grid, bs, num_splits, False)
     if num_splits > 1:
         # every row's splits -> out (rows of q's layout) and lse, which is (B, Hq, Sq) / (Hq, Tq)
-        rows = out.view(-1, hq, head_dim)
+        rows = out.view(-1, hq, head_dim_v)
         lse_rows = torch.empty((rows.shape[0], hq), dtype=torch.float32, device=q.device)
-        merge_splits(opart.view(-1, hq, num_splits, head_dim), lpart.view(-1, hq, num_splits), rows,
+        merge_splits(opart.view(-1, hq, num_splits, head_dim_v), lpart.view(-1, hq, num_splits), rows,
                      lse_rows)
         lse.copy_(lse_rows.t() if varlen_q else lse_rows.view(batch, -1, hq).transpose(1, 2))
     if varlen_q:
         # max_seqlen_q came from the caller (no sync): rows past it, if any, in a tail launch
         # (after the merge, which writes every row), one program per head and sequence.
-        config = _tail_config(_FWD_TABLE, _FWD_INTERP, q.dtype, _block_d(head_dim))
+        config = _tail_config(_FWD_TABLE, _FWD_INTERP, q.dtype, _block_d(max(head_dim, head_dim_v)))
         for bs in _batch_chunks(batch):
             launch(_fwd_kernel.fn, (1, heads, bs.stop - bs.start), bs, 1, True, covered.rows, **config)
     return out, lse
@@ -1266,13 +1320,14 @@ def flash_attn_backward(dout, dlse, q, k, v, out, lse, *, causal, window, softma
     """
     varlen = cu_seqlens_q is not None
     cu_seqlens_q, cu_seqlens_k = _contiguous(cu_seqlens_q, cu_seqlens_k)
-    hq, hkv, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
+    hq, hkv, head_dim, head_dim_v = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     group = hq // hkv
     # varlen: tokens outside cu_seqlens_* belong to no sequence and no program writes their rows:
     # their gradient is 0 (zero-filled, as the torch backend gives; no host sync to find them)
     alloc = torch.zeros if varlen else torch.empty
     dq = alloc(q.shape, dtype=q.dtype, device=q.device)
     dk = alloc(k.shape, dtype=k.dtype, device=k.device)
+    # contiguous like dk: _bwd_dkdv derives dv's strides from dk's
     dv = alloc(v.shape, dtype=v.dtype, device=v.device)
     if varlen:
         batch, q_len, kv_len = cu_seqlens_q.numel() - 1, q.shape[0], k.shape[0]
@@ -1289,7 +1344,8 @@ def flash_attn_backward(dout, dlse, q, k, v, out, lse, *, causal, window, softma
     if dlse is not None:
         dlse = dlse.to(torch.float32).contiguous()  # small (like lse); may be an expanded grad
     delta = torch.empty_like(lse)
-    block_d = _block_d(head_dim)
+    block_d, block_dv = _block_d(head_dim), _block_d(head_dim_v)
+    block_wide = max(block_d, block_dv)  # the config tables' head-dim bucket
     sq, sk, sv = _tok_strides(q, varlen), _tok_strides(k, varlen), _tok_strides(v, varlen)
     sdo, so = _tok_strides(dout, varlen), _tok_strides(out, varlen)
     sdq, sdk = _tok_strides(dq, varlen), _tok_strides(dk, varlen)
@@ -1303,12 +1359,12 @@ def flash_attn_backward(dout, dlse, q, k, v, out, lse, *, causal, window, softma
         dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         sdqa = _tok_strides(dq_acc, varlen)[:3]
 
-    pre_m = max(16, min(128, 8192 // block_d))
+    pre_m = max(16, min(128, 8192 // block_dv))  # the preprocess reads O and dO: Dv wide
     win_left, win_right, width, band_flags = _band_args(causal, window)
     common = dict(**band_flags, BOTTOM_RIGHT=bottom_right,
                   VARLEN_Q=varlen, PAGED=False, HEAD_DIM=head_dim, BLOCK_D=block_d,
                   PRECISION=_precision(q.dtype), SOFTCAP=softcap is not None,
-                  ALIBI=alibi_slopes is not None)
+                  ALIBI=alibi_slopes is not None, **_v_dims(head_dim, head_dim_v))
     qk_scale, softcap_scale = _score_scales(softmax_scale, softcap)
     scalars = (q_len, kv_len, group, qk_scale, softmax_scale, win_left, win_right,
                *_tune_buckets(max(max_q, max_k), max_k, width))
@@ -1330,7 +1386,8 @@ def flash_attn_backward(dout, dlse, q, k, v, out, lse, *, causal, window, softma
                 cut(out), cut(dout), cut(dlse) if dlse is not None else lse_c, delta_c, cq,
                 so[0], so[1], so[2], *sdo, slb, slh, q_len,
                 triton.cdiv(max_q, pre_m) * pre_m if tail else 0,
-                HAS_DLSE=dlse is not None, VARLEN_Q=varlen, HEAD_DIM=head_dim, BLOCK_D=block_d,
+                # O and dO are v's head dim wide
+                HAS_DLSE=dlse is not None, VARLEN_Q=varlen, HEAD_DIM=head_dim_v, BLOCK_D=block_dv,
                 BLOCK_M=pre_m, ROW64=row64, TAIL=tail, num_warps=4,
             )
         covered = _Covered(max_k, "BLOCK_N")
@@ -1340,7 +1397,7 @@ def flash_attn_backward(dout, dlse, q, k, v, out, lse, *, causal, window, softma
             if tail:
                 kernel, grid = _bwd_dkdv.fn, (1, hkv, n)
                 config = _tail_config(_DKDV_TABLE if deterministic else _DKDV_ATOMIC_TABLE,
-                                      _DKDV_INTERP, q.dtype, block_d)
+                                      _DKDV_INTERP, q.dtype, block_wide)
             kernel[grid](
                 cut(q), cut(k), cut(v), cut(dout), lse_c, delta_c, cut(dk), cut(dv),
                 dq_acc if deterministic else cut(dq_acc), cq, ck,
@@ -1354,7 +1411,7 @@ def flash_attn_backward(dout, dlse, q, k, v, out, lse, *, causal, window, softma
             grid = lambda meta: (covered(meta), hq, n)  # noqa: E731
             if tail:
                 kernel, grid = _bwd_dq.fn, (1, hq, n)
-                config = _tail_config(_DQ_TABLE, _DQ_INTERP, q.dtype, block_d)
+                config = _tail_config(_DQ_TABLE, _DQ_INTERP, q.dtype, block_wide)
             kernel[grid](
                 cut(q), cut(k), cut(v), cut(dout), lse_c, delta_c, cut(dq), cq, ck,
                 *sq, *sk, *sv, *sdo, sdq[0], sdq[1], sdq[2], slb, slh, *mods, *scalars,

@@ -233,7 +233,7 @@ def _kernels_refuse(query, key, value, dropout: float) -> Optional[str]:
         return "dropout"
     if query.dtype not in P.FLOAT_DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
         return "dtype"
-    if value.shape[-1] != query.shape[-1] or query.shape[-1] > P.MAX_HEAD_DIM:
+    if max(query.shape[-1], value.shape[-1]) > P.MAX_HEAD_DIM:  # a value head dim of its own is served
         return "head dim"
     if query.shape[0] != key.shape[0]:
         return "batch broadcast"
@@ -241,8 +241,8 @@ def _kernels_refuse(query, key, value, dropout: float) -> Optional[str]:
 
 
 def _padded_attention(q, k, v, padding: _Padding, alignment: str, window, scale, backend, softcap=None):
-    """q (B, L, Hq, D), k/v (B, S, Hkv, D) (any strides) with a tagged padding mask of S keys ->
-    (B, L, Hq, D): compact the keys (and queries) to varlen, attend with ``alignment`` (see
+    """q (B, L, Hq, D), k (B, S, Hkv, D), v (B, S, Hkv, Dv) (any strides) with a tagged padding mask of
+    S keys -> (B, L, Hq, Dv): compact the keys (and queries) to varlen, attend with ``alignment`` (see
     :meth:`_Padding.alignment`), pad back with zeros."""
     if alignment == "dense":
         return flash_attn(q, k, v, causal=True, window=window, softmax_scale=scale, backend=backend,
@@ -256,11 +256,11 @@ def _padded_attention(q, k, v, padding: _Padding, alignment: str, window, scale,
                           softmax_scale=scale, cu_seqlens_q=cu_rows, cu_seqlens_k=cu_k, max_seqlen_q=q_len,
                           max_seqlen_k=max_k, block_table=None, seqlens_k=None, return_lse=False,
                           backend=backend, bottom_right=False, softcap=softcap)
-        return out.view(q.shape)
+        return out.view(*q.shape[:-1], v.shape[-1])
     out = flash_attn(q[bq, sq], ku, vu, causal=True, window=window, softmax_scale=scale, cu_seqlens_q=cu_q,
                      cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k, backend=backend,
                      softcap=softcap)
-    return out.new_zeros(q.shape).index_put((bq, sq), out)
+    return out.new_zeros(*q.shape[:-1], v.shape[-1]).index_put((bq, sq), out)
 
 
 def _check_padding_shape(mask, query, key) -> None:

@@ -322,6 +322,31 @@ def test_softcap_goes_to_the_kernels(calls):
     assert dict(calls) == {"kernels": 2}
 
 
+def test_value_head_dim_goes_to_the_kernels(calls):
+    # A value head dim of its own (DeepSeek's MLA: q/k 192, v 128 wide): our kernels, as transformers'
+    # sdpa computes it, without a mask and with a tagged padding mask (left padding, varlen).
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 2
+    q = torch.randn(2, 4, 9, 48, device=DEVICE)
+    k, v = torch.randn(2, 2, 9, 48, device=DEVICE), torch.randn(2, 2, 9, 16, device=DEVICE)
+    got, _ = gptkernels.hf.attention_forward(module, q, k, v, None)
+    want, _ = sdpa_attention_forward(module, q, k, v, None)
+    assert got.shape == want.shape == (2, 9, 4, 16)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    pad = torch.ones(2, 9, dtype=torch.bool, device=DEVICE)
+    pad[1, :3] = False  # row 1 left-padded by 3
+    pad._gptkernels = gptkernels.hf._Padding(pad, None)
+    got, _ = gptkernels.hf.attention_forward(module, q, k, v, pad)
+    dense = gptkernels.hf._dense_mask(pad._gptkernels, 9, None)
+    want, _ = sdpa_attention_forward(module, q, k, v, dense)
+    assert got.shape == (2, 9, 4, 16)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got[1, 3:], want[1, 3:], rtol=1e-4, atol=1e-5)  # the real rows
+    assert set(calls) <= {"kernels", "kernels:padded"} and sum(calls.values()) == 2
+
+
 def test_gpt_neo_patch(kernel_calls, calls):
     models = _models("gpt-neo")
     eager, ours = models["eager"], models["ours"]

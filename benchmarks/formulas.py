@@ -279,3 +279,40 @@ def fused_linear_bytes(m: int, n: int, k: int, elem_bytes: int, *, bias: bool = 
         (" + M*N (residual)" if residual else "")
     extra, ef = (12 * m, " + 12*M (position, table entry)") if cache else (0, "")
     return Count(float(value * elem_bytes + extra), f"({f})*elem{ef}")
+
+
+def window_pairs(seqlen_q: int, seqlen_k: int, left: int, right: int) -> int:
+    """Visible (query, key) pairs of FlashAttention's ``window_size=(left, right)`` without causality
+    (-1: that side unbounded), bottom-right aligned: row i at p = i + Sk - Sq sees keys
+    max(0, p - left) .. min(Sk - 1, p + right)."""
+    shift, total = seqlen_k - seqlen_q, 0
+    for i in range(seqlen_q):
+        p = i + shift
+        lo = 0 if left < 0 else max(0, p - left)
+        hi = seqlen_k - 1 if right < 0 else min(seqlen_k - 1, p + right)
+        total += max(0, hi - lo + 1)
+    return total
+
+
+def attention_pair_flops(batch: int, heads: int, pairs: int, head_dim: int, head_dim_v: int | None = None, *,
+                         backward: bool = False) -> Count:
+    """Matmul FLOPs of attention over ``pairs`` visible (query, key) pairs per head: QK^T costs 2*D and
+    PV 2*Dv per pair (Dv = D unless the value head dim differs); backward 2.5x. Soft cap and ALiBi
+    add elementwise work only, not counted (the same useful work as plain attention)."""
+    dv = head_dim if head_dim_v is None else head_dim_v
+    flops = 2.0 * batch * heads * pairs * (head_dim + dv)
+    formula = "2*B*H*pairs*(D+Dv)" if head_dim_v is not None else "4*B*H*D*pairs"
+    if backward:
+        return Count(2.5 * flops, f"2.5*[{formula}]")
+    return Count(flops, formula)
+
+
+def kvcache_decode_bytes(batch: int, cache_len: int, new: int, heads_q: int, heads_kv: int, head_dim: int,
+                         elem_bytes: int, rotary_dim: int = 0) -> Count:
+    """flash_attn_with_kvcache, one step: K and V of every key read once (the ``new`` appended ones
+    included, written once), q read and out written once, the rotary rows (float32 cos, sin) of the
+    new positions read once."""
+    keys = cache_len + new
+    value = (2 * batch * keys * heads_kv * head_dim + 2 * batch * new * heads_kv * head_dim
+             + 2 * batch * new * heads_q * head_dim) * elem_bytes + 2 * batch * new * (rotary_dim // 2) * 4
+    return Count(float(value), "(2*B*(L+n)*Hkv*D + 2*B*n*Hkv*D + 2*B*n*Hq*D)*elem + 2*B*n*(R/2)*4")

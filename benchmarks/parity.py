@@ -43,12 +43,19 @@ def _randn(gen, *shape, dtype, device, scale=1.0):
 # ---- attention ------------------------------------------------------------------------------------
 
 
-def _attn_fwd(b, sq, sk, hq, hkv, d, causal=True, window=None, varlen=None):
+def _mods(hq, device, softcap=None, alibi=False) -> dict:
+    """Issue 19's score modifiers as the ops take them (ALiBi: the benchmark's geometric slopes)."""
+    from .suite_attention import alibi_slopes
+
+    return {**({"softcap": softcap} if softcap else {}), **({"alibi_slopes": alibi_slopes(hq, device)} if alibi else {})}
+
+
+def _attn_fwd(b, sq, sk, hq, hkv, d, causal=True, window=None, varlen=None, **mods):
     def fn(dtype, backend, device, gen):
         import gptkernels
         from gptkernels import reference
 
-        kw = dict(causal=causal, window=window)
+        kw = dict(causal=causal, window=window, **_mods(hq, device, **mods))
         if varlen is None:
             q = _randn(gen, b, sq, hq, d, dtype=dtype, device=device)
             k, v = (_randn(gen, b, sk, hkv, d, dtype=dtype, device=device) for _ in range(2))
@@ -66,10 +73,12 @@ def _attn_fwd(b, sq, sk, hq, hkv, d, causal=True, window=None, varlen=None):
     return fn
 
 
-def _attn_bwd(b, s, hq, hkv, d, window=None, deterministic=True):
+def _attn_bwd(b, s, hq, hkv, d, window=None, deterministic=True, causal=True, **mods):
     def fn(dtype, backend, device, gen):
         import gptkernels
         from gptkernels import reference
+
+        kw = dict(causal=causal, window=window, **_mods(hq, device, **mods))
 
         inputs = [_randn(gen, b, s, h, d, dtype=dtype, device=device) for h in (hq, hkv, hkv)]
         dout = _randn(gen, b, s, hq, d, dtype=dtype, device=device)
@@ -79,11 +88,10 @@ def _attn_bwd(b, s, hq, hkv, d, window=None, deterministic=True):
             f(q, k, v).backward(cast(dout))
             return q.grad, k.grad, v.grad
 
-        got = grads(lambda q, k, v: gptkernels.flash_attn(q, k, v, causal=True, window=window, backend=backend,
-                                                          deterministic=deterministic), lambda t: t)
-        ref = grads(lambda q, k, v: reference.attention(q, k, v, causal=True, window=window), lambda t: t.double())
-        base = grads(lambda q, k, v: reference.attention(q, k, v, causal=True, window=window, upcast=False),
-                     lambda t: t)
+        got = grads(lambda q, k, v: gptkernels.flash_attn(q, k, v, backend=backend, deterministic=deterministic,
+                                                          **kw), lambda t: t)
+        ref = grads(lambda q, k, v: reference.attention(q, k, v, **kw), lambda t: t.double())
+        base = grads(lambda q, k, v: reference.attention(q, k, v, upcast=False, **kw), lambda t: t)
         return compare([(n, g, r, bb) for n, g, r, bb in zip(("dq", "dk", "dv"), got, ref, base)])
 
     return fn
@@ -150,18 +158,18 @@ def _paged_cache(gen, lens, block, hkv, d, dtype, device):
     return k, v, table.to(device), torch.tensor(lens, dtype=torch.int32, device=device)
 
 
-def _paged_decode(lens, block, hq, hkv, d, window=None):
+def _paged_decode(lens, block, hq, hkv, d, window=None, **mods):
     def fn(dtype, backend, device, gen):
         import gptkernels
         from gptkernels import reference
 
+        kw = dict(window=window, **_mods(hq, device, **mods))
         k, v, table, seq_lens = _paged_cache(gen, lens, block, hkv, d, dtype, device)
         q = _randn(gen, len(lens), hq, d, dtype=dtype, device=device)
-        out, lse = gptkernels.paged_decode(q, k, v, table, seq_lens, window=window, return_lse=True, backend=backend)
-        ref, ref_lse = reference.paged_decode(q.double(), k.double(), v.double(), table, seq_lens, window=window,
-                                              return_lse=True)
-        base, base_lse = reference.paged_decode(q, k, v, table, seq_lens, window=window, upcast=False,
-                                                return_lse=True)
+        out, lse = gptkernels.paged_decode(q, k, v, table, seq_lens, return_lse=True, backend=backend, **kw)
+        ref, ref_lse = reference.paged_decode(q.double(), k.double(), v.double(), table, seq_lens, return_lse=True,
+                                              **kw)
+        base, base_lse = reference.paged_decode(q, k, v, table, seq_lens, upcast=False, return_lse=True, **kw)
         return compare([("out", out, ref, base), ("lse", lse, ref_lse, base_lse)])
 
     return fn
@@ -207,6 +215,19 @@ def cases() -> list[Case]:
         Case("paged_decode", "lens 1,100,333 block=16 Hq=8 Hkv=2 D=64", _paged_decode([1, 100, 333], 16, 8, 2, 64)),
         Case("paged_decode", "lens 257,40 block=8 H=4 D=80 W=64", _paged_decode([257, 40], 8, 4, 4, 80, window=64)),
         Case("paged_decode", "lens 300,513 block=256 Hq=4 Hkv=1 D=128", _paged_decode([300, 513], 256, 4, 1, 128)),
+        # issue 19's paths (the benchmark's attn-feat / paged-features / blocks rows), small
+        Case("flash_attn", "B=1 S=65 Hq=4 Hkv=2 D=64 softcap 30", _attn_fwd(1, 65, 65, 4, 2, 64, softcap=30.0)),
+        Case("flash_attn", "B=1 S=65 Hq=4 Hkv=2 D=64 alibi", _attn_fwd(1, 65, 65, 4, 2, 64, alibi=True)),
+        Case("flash_attn", "B=1 S=70 H=2 D=64 window (9, 5) non-causal",
+             _attn_fwd(1, 70, 70, 2, 2, 64, causal=False, window=(9, 5))),
+        Case("flash_attn_bwd", "B=1 S=48 Hq=4 Hkv=2 D=64 softcap 30 + alibi",
+             _attn_bwd(1, 48, 4, 2, 64, softcap=30.0, alibi=True)),
+        Case("flash_attn_bwd", "B=1 S=50 H=2 D=64 window (7, 4) non-causal",
+             _attn_bwd(1, 50, 2, 2, 64, causal=False, window=(7, 4))),
+        Case("paged_decode", "lens 1,77 block=1 Hq=4 Hkv=2 D=64 softcap 30",
+             _paged_decode([1, 77], 1, 4, 2, 64, softcap=30.0)),
+        Case("paged_decode", "lens 300,1500 block=1024 Hq=4 Hkv=1 D=64 alibi",
+             _paged_decode([300, 1500], 1024, 4, 1, 64, alibi=True)),
     ]
 
 

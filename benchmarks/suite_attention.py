@@ -8,6 +8,12 @@ window 256 at S = 16k against full causal and against FlexAttention's sliding wi
 Last, decode: one query row against a dense KV cache (batch 1, Llama-3-8B's 32/8 heads), which
 `flash_attn` serves with split keys; GB/s of K/V read against the copy ceiling.
 
+Then issue 19's paths, after every other row (so they never take time from a headline row): soft
+cap, ALiBi, a two-sided non-causal window (256, 256) and a value head dim different from the query's
+(dv 128, d 192), forward and backward at B=2, S=4096, H=16, D=128, beside plain causal attention at
+the same shape and the peers that serve each one (FlexAttention with a score_mod / block mask, SDPA
+where it can express it, FlashAttention's flash_attn_func where the package is installed).
+
 Correctness before timing: the outputs (and gradients) of two (batch, head) slices, the first and the
 last, against the float64 reference on the same inputs, held to SPEC's parity rule with the eager
 bf16 computation as the yardstick. Heads are independent, so a slice's reference is exact.
@@ -71,7 +77,8 @@ def planned_rows(quick: bool) -> int:
             n += len(impls("fwd", s, None, quick)) + len(impls("bwd", s, None, quick))
     for s in cfg["window_s"]:
         n += len(impls("fwd", s, WINDOW, quick)) + len(impls("bwd", s, WINDOW, quick))
-    return n + len(cfg["decode_sk"]) * len(decode_impls())
+    return n + len(cfg["decode_sk"]) * len(decode_impls()) + \
+        sum(len(feature_impls(f, dr)) for f in FEATURES for dr in ("fwd", "bwd"))
 
 
 def tables(quick: bool) -> list[Table]:
@@ -99,6 +106,17 @@ def tables(quick: bool) -> list[Table]:
         ceiling="copy", plot="line",
         note="flash_attn splits the keys across programs here (flash-decoding); SDPA and Flex get GQA "
              "natively (enable_gqa) and is_causal=False (one row sees every key)."))
+    for direction, word in (("fwd", "forward"), ("bwd", "backward")):
+        f = formulas.attention_pair_flops(1, 1, 1, 1, 1, backward=direction == "bwd").formula
+        out.append(Table(
+            id=f"attn-feat-{direction}", suite="attention", x="feature", unit="TFLOP/s", formula=f,
+            ceiling="matmul", plot="bar",
+            title=f"Attention {word} with softcap, ALiBi, a two-sided window, dv != d, bf16, B={FEAT_B}, "
+                  f"S={FEAT_S}, H={FEAT_H}, D={FEAT_D}",
+            note="pairs: the visible (query, key) pairs (causal S*(S+1)/2, the window's band); soft cap and "
+                 "ALiBi add no matmul work, so each row's TFLOP/s against the 'causal' row is its cost. "
+                 f"dv != d: D={DV_DIMS[0]}, Dv={DV_DIMS[1]} (DeepSeek MLA's). The CUDA backend refuses "
+                 "these options (not listed)."))
     return out
 
 
@@ -195,15 +213,17 @@ def _forward_fn(impl: str, window: int | None):
     raise ValueError(f"unknown attention implementation {impl!r}")
 
 
-def _measure(sess: Session, table: str, case: Case, impl: str):
-    common = dict(ours=impl.startswith("gptkernels"), x=case.s, params=case.params, flops=case.flops)
-    label = str(case.s)
+def _measure(sess: Session, table: str, case: Case, impl: str, label: str | None = None, make_fn=None):
+    """One row; ``make_fn(impl)`` gives the forward (default: :func:`_forward_fn` with the case's window)."""
+    x = case.s if label is None else None
+    common = dict(ours=impl.startswith("gptkernels"), x=x, params=case.params, flops=case.flops)
+    label = str(case.s) if label is None else label
     if impl.startswith("flexattention"):  # a Flex compile that cannot finish is not started
         need = timing.COMPILE_S[f"flex {case.direction}"]
         if not sess.budget.allows(need):
             return sess.skip(table, label, impl, sess.budget.why_not(need, "a FlexAttention compile"), **common)
     try:
-        fwd = _forward_fn(impl, case.window)
+        fwd = _forward_fn(impl, case.window) if make_fn is None else make_fn(impl)
     except Exception as e:
         return sess.fail(table, label, impl, e, **common)
     if case.direction == "fwd":
@@ -336,3 +356,235 @@ def run(sess: Session, quick: bool) -> None:
         del dcase
         free_memory()
         free_memory()
+    _features(sess)
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 19's paths: softcap, ALiBi, two-sided windows, dv != d (tables attn-feat-fwd / attn-feat-bwd)
+# --------------------------------------------------------------------------------------------------
+
+FEAT_B, FEAT_S, FEAT_H, FEAT_D = 2, 4096, 16, 128
+SOFTCAP = 30.0  # Gemma-2's attention soft cap is 50, Grok's 30: any value exercises the same path
+TWO_SIDED = (256, 256)  # FlashAttention's window_size=(left, right), causal=False
+DV_DIMS = (192, 128)  # (d, dv): DeepSeek MLA's query/key and value head dims
+FEATURES = ("causal", f"softcap {SOFTCAP:g}", "alibi", f"window {TWO_SIDED}", f"dv {DV_DIMS[1]}, d {DV_DIMS[0]}")
+SDPA_ALIBI = "torch sdpa efficient (additive mask)"
+FLASH_ATTN_PEER = "flash-attn flash_attn_func"
+
+
+def feature_impls(feature: str, direction: str) -> list[str]:
+    """Ours (Triton) beside the peers that serve ``feature``: SDPA where it can express it (ALiBi as
+    an additive float mask; dv != d natively; no soft cap, no two-sided window here), FlexAttention
+    (score_mod / block mask), FlashAttention 2 where installed (it has no dv != d). "causal" is the
+    plain baseline at the same shape."""
+    names = ["gptkernels triton"]
+    if direction == "bwd":
+        names.append(ATOMIC_DQ)
+    if feature == "causal":
+        return names
+    if feature == "alibi":
+        names.append(SDPA_ALIBI)
+    if feature.startswith("dv"):
+        names += [f"torch sdpa {b}" for b in peers.SDPA_BACKENDS]  # flash: "No available kernel" (unavailable)
+    names.append("flexattention (compiled)")
+    if not feature.startswith("dv"):
+        names.append(FLASH_ATTN_PEER)
+    return names
+
+
+def alibi_slopes(heads: int, device=None) -> torch.Tensor:
+    """ALiBi's geometric slopes (Press et al.; BLOOM's for a power-of-two head count): 2^(-8 i / H),
+    i = 1..H, float32 (H,)."""
+    i = torch.arange(1, heads + 1, dtype=torch.float32)
+    return torch.pow(2.0, -8.0 * i / heads).to(device)
+
+
+def feature_options(feature: str, heads: int, device=None) -> dict:
+    """flash_attn's arguments for ``feature`` (and the reference's)."""
+    if feature.startswith("softcap"):
+        return {"causal": True, "window": None, "softcap": SOFTCAP}
+    if feature == "alibi":
+        return {"causal": True, "window": None, "alibi_slopes": alibi_slopes(heads, device)}
+    if feature.startswith("window"):
+        return {"causal": False, "window": TWO_SIDED}
+    return {"causal": True, "window": None}
+
+
+class FeatureCase(Case):
+    """One issue-19 feature at one shape (B, S, H, D; dv != d: D and Dv from DV_DIMS); the CPU test
+    builds it small, in float32."""
+
+    def __init__(self, feature: str, direction: str, *, b: int = FEAT_B, s: int = FEAT_S, h: int = FEAT_H,
+                 d: int = FEAT_D, dtype: torch.dtype = DTYPE):
+        self.feature, self.direction, self.s, self.b, self.h, self.dtype = feature, direction, s, b, h, dtype
+        self.d, self.dv = DV_DIMS if feature.startswith("dv") else (d, d)
+        self.opts = feature_options(feature, h, timing.DEVICE)
+        self.window = self.opts["window"]
+        left_right = self.window if isinstance(self.window, tuple) else None
+        pairs = formulas.window_pairs(s, s, *left_right) if left_right else formulas.band_area(s, s, None)
+        self.params = {"B": b, "H": h, "S": s, "D": self.d, "Dv": self.dv, "feature": feature,
+                       "causal": self.opts["causal"], "window": list(left_right) if left_right else None,
+                       "softcap": self.opts.get("softcap"), "alibi": "alibi_slopes" in self.opts,
+                       "dtype": str(dtype).replace("torch.", "")}
+        self.flops = formulas.attention_pair_flops(b, h, pairs, self.d, self.dv if self.dv != self.d else None,
+                                                   backward=direction == "bwd").value
+        per_set = 2 * b * s * h * (2 * self.d + 2 * self.dv)
+        self.sets = [self._make() for _ in range(timing.n_sets(per_set))]
+        self._ref = None
+        self._mask = None
+
+    def _make(self):
+        grad = self.direction == "bwd"
+        q, k = (torch.randn(self.b, self.s, self.h, self.d, device=timing.DEVICE, dtype=self.dtype) for _ in range(2))
+        v = torch.randn(self.b, self.s, self.h, self.dv, device=timing.DEVICE, dtype=self.dtype)
+        dout = torch.randn(self.b, self.s, self.h, self.dv, device=timing.DEVICE, dtype=self.dtype) if grad else None
+        return SimpleNamespace(q=q.requires_grad_(grad), k=k.requires_grad_(grad), v=v.requires_grad_(grad),
+                               dout=dout, out=None)
+
+    def _ref_opts(self, h: int) -> dict:
+        """The reference's arguments for the one-head slice ``h`` (its ALiBi slope)."""
+        opts = dict(self.opts)
+        if "alibi_slopes" in opts:
+            opts["alibi_slopes"] = opts["alibi_slopes"][h:h + 1]
+        return opts
+
+    def reference(self):
+        if self._ref is None:
+            from gptkernels import reference
+
+            s0, refs = self.sets[0], []
+            for b, h in self._slices():
+                per = {}
+                for tag, dtype, upcast in (("ref", torch.float64, True), ("base", self.dtype, False)):
+                    q, k, v = (t.detach()[b:b + 1, :, h:h + 1].to(dtype).clone().requires_grad_(
+                        self.direction == "bwd") for t in (s0.q, s0.k, s0.v))
+                    with torch.set_grad_enabled(self.direction == "bwd"):
+                        out = reference.attention(q, k, v, upcast=upcast, **self._ref_opts(h))
+                        if self.direction == "bwd":
+                            out.backward(s0.dout[b:b + 1, :, h:h + 1].to(dtype))
+                            per[tag] = (q.grad, k.grad, v.grad)
+                        else:
+                            per[tag] = (out.detach(),)
+                    del q, k, v, out
+                refs.append(per)
+                free_memory()
+            self._ref = refs
+        return self._ref
+
+    def sdpa_alibi_mask(self) -> torch.Tensor:
+        """ALiBi plus the causal mask as SDPA's additive float mask (1, H, S, S) in the inputs' dtype,
+        built once per case (not timed; 512 MB at the benchmark's shape), broadcast over the batch."""
+        if self._mask is None:
+            from gptkernels import reference
+
+            pos = torch.arange(self.s, device=timing.DEVICE)
+            bias = reference.alibi_bias(self.opts["alibi_slopes"], pos, pos, torch.float32)[None]
+            causal = reference.attention_mask(self.s, self.s, causal=True, device=timing.DEVICE)
+            self._mask = bias.masked_fill(~causal, float("-inf")).to(self.dtype)
+        return self._mask
+
+
+def dv_refusal(device=None) -> str | None:
+    """Why ``flash_attn`` cannot run dv != d here (None: it runs): asked of the torch backend on tiny
+    CPU tensors, which shares the public op's checks (no kernel compiled). The row is skipped with
+    this reason instead of failing."""
+    import gptkernels
+
+    q, k = (torch.randn(1, 2, 1, DV_DIMS[0]) for _ in range(2))
+    v = torch.randn(1, 2, 1, DV_DIMS[1])
+    try:
+        out = gptkernels.flash_attn(q, k, v, backend="torch")
+    except Exception as e:  # ValueError/TypeError: the op refuses dv != d (this build has no such path)
+        return f"flash_attn refuses dv != d here: {type(e).__name__}: {e}"[:300]
+    if out.shape[-1] != DV_DIMS[1]:
+        return f"flash_attn returned head dim {out.shape[-1]} for dv={DV_DIMS[1]}"
+    return None
+
+
+def _flex_feature_mods(case: FeatureCase):
+    """(score_mod, mask_mod) of FlexAttention for the case's feature (the same scores as ours)."""
+    score_mod = None
+    if "softcap" in case.opts:
+        cap = case.opts["softcap"]
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return cap * torch.tanh(score / cap)
+    elif "alibi_slopes" in case.opts:
+        slopes = case.opts["alibi_slopes"]
+
+        def score_mod(score, b, h, q_idx, kv_idx):  # Sq == Sk: bottom-right is top-left
+            return score - slopes[h] * (q_idx - kv_idx).abs()
+    if isinstance(case.window, tuple):
+        left, right = case.window
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (kv_idx >= q_idx - left) & (kv_idx <= q_idx + right)
+    else:
+        mask_mod = peers.causal_mod
+    return score_mod, mask_mod
+
+
+def _feature_fn(case: FeatureCase, impl: str, flex=None):
+    """The forward of one implementation of the case's feature on (B, S, H, D) tensors. ``flex``:
+    FlexAttention as called (default: compiled; the CPU test passes the eager function)."""
+    import gptkernels
+
+    t = (lambda x: x.transpose(1, 2))  # noqa: E731
+    if impl.startswith("gptkernels "):
+        backend, deterministic = impl.split()[1], impl != ATOMIC_DQ
+        return lambda q, k, v: gptkernels.flash_attn(q, k, v, backend=backend, deterministic=deterministic,
+                                                     **case.opts)
+    if impl == SDPA_ALIBI or impl.startswith("torch sdpa "):
+        import torch.nn.functional as F
+        from torch.nn.attention import sdpa_kernel
+
+        name = "efficient" if impl == SDPA_ALIBI else impl.split()[2]
+        mask = case.sdpa_alibi_mask() if impl == SDPA_ALIBI else None
+
+        def run(q, k, v):
+            with sdpa_kernel(peers.sdpa_backend(name)):
+                return t(F.scaled_dot_product_attention(t(q), t(k), t(v), attn_mask=mask, is_causal=mask is None))
+
+        return run
+    if impl.startswith("flexattention"):
+        flex = flex or peers.flex_compiled()
+        score_mod, mask_mod = _flex_feature_mods(case)
+        block_mask = peers.flex_block_mask(mask_mod, case.s, case.s, timing.DEVICE)
+        return lambda q, k, v: t(flex(t(q), t(k), t(v), score_mod=score_mod, block_mask=block_mask))
+    if impl == FLASH_ATTN_PEER:
+        try:
+            from flash_attn import flash_attn_func
+        except ImportError as e:
+            raise gptkernels.BackendUnavailableError(f"the flash-attn package is not installed ({e})") from e
+        window = case.window if isinstance(case.window, tuple) else (-1, -1)
+        slopes = case.opts.get("alibi_slopes")
+        cap = case.opts.get("softcap") or 0.0
+        return lambda q, k, v: flash_attn_func(q, k, v, causal=case.opts["causal"], window_size=window,
+                                               softcap=cap, alibi_slopes=slopes)
+    raise ValueError(f"unknown attention feature implementation {impl!r}")
+
+
+def _features(sess: Session) -> None:
+    """The attn-feat rows: every feature forward, then backward (Flex's backward compiles cost most)."""
+    for direction in ("fwd", "bwd"):
+        table = f"attn-feat-{direction}"
+        for feature in FEATURES:
+            names = [n for n in feature_impls(feature, direction) if sess.wanted(table, feature, n)]
+            if not names:
+                continue
+            if feature.startswith("dv"):
+                why = dv_refusal()
+                if why is not None:  # the op (or its reference) has no dv != d: every row says why
+                    for impl in names:
+                        sess.skip(table, feature, impl, why, ours=impl.startswith("gptkernels"))
+                    continue
+            try:
+                case = FeatureCase(feature, direction)
+            except Exception as e:
+                for impl in names:
+                    sess.fail(table, feature, impl, e, ours=impl.startswith("gptkernels"))
+                continue
+            for impl in names:
+                _measure(sess, table, case, impl, label=feature, make_fn=lambda i, c=case: _feature_fn(c, i))
+            del case
+            free_memory()

@@ -25,6 +25,7 @@ from . import formulas, peers, timing
 from .checks import compare, exact
 from .harness import Session, _short, classify, free_memory
 from .results import Row, Table
+from .suite_attention import alibi_slopes
 
 HQ, HKV, D, BLOCK = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -33,9 +34,10 @@ EAGER_MAX_TOKENS = 64 * 4096  # the eager reference gathers each sequence: fine 
 
 def config(quick: bool) -> dict:
     if quick:
-        return {"b64": (4096,), "b1": (131072,), "blocks": (16, 64, 256), "flex_blocks": False}
-    return {"b64": (1024, 2048, 4096, 8192), "b1": (8192, 32768, 131072), "blocks": (16, 32, 64, 128, 256),
-            "flex_blocks": True}
+        return {"b64": (4096,), "b1": (131072,), "blocks": (16, 64, 256, 1, 1024), "flex_blocks": False}
+    # block sizes beyond 16..256 (issue 19: 1..1024) after the issue-4 ones, which its target reads
+    return {"b64": (1024, 2048, 4096, 8192), "b1": (8192, 32768, 131072),
+            "blocks": (16, 32, 64, 128, 256, 1, 4, 512, 1024), "flex_blocks": True}
 
 
 DECODE_IMPLS = ("gptkernels triton", "gptkernels cuda", "gptkernels torch (eager)",
@@ -72,7 +74,8 @@ def _jobs(quick: bool):
 
 def planned_rows(quick: bool) -> int:
     return (sum(len(_decode_impls(b, c, t, quick)) for t, b, c, _, _ in _jobs(quick)) + len(APPEND_IMPLS)
-            + len(FP8_CASES))
+            + len(FP8_CASES) + sum(len(feature_impls(f)) for f in FEATURE_CASES)
+            + len(KV_CASES) * len(KV_IMPLS))
 
 
 def tables(quick: bool) -> list[Table]:
@@ -92,6 +95,18 @@ def tables(quick: bool) -> list[Table]:
               note="Each cache is credited with its own K/V bytes (fp8 reads half of bf16's); target (issue 16): "
                    "the fp8 decode >= 1.7x the bf16 decode's speed. fp8 is checked against float64 over the "
                    "dequantized cache."),
+        Table(id="paged-features", suite="paged", x="feature", unit="GB/s", ceiling="copy", plot="bar", formula=f,
+              title=f"paged_decode with softcap {SOFTCAP:g} / ALiBi, bf16, batch 64 x context {FP8_CTX}, Hq={HQ}, "
+                    f"Hkv={HKV}, D={D}, block {BLOCK}",
+              note="The same K/V bytes as paged-b64's 4096 row (its figure is the plain decode's); the CUDA backend "
+                   "refuses both options. SDPA: ALiBi as an additive mask over the gathered dense cache (not "
+                   "timed), the 4 query heads of a KV head as 4 query rows."),
+        Table(id="kvcache-decode", suite="paged", x="feature", unit="GB/s", ceiling="copy", plot="bar",
+              formula=formulas.kvcache_decode_bytes(1, 1, 1, 1, 1, 1, 2, 2).formula,
+              title=f"flash_attn_with_kvcache (rotary + append + decode), bf16, batch {KV_BATCH}, "
+                    f"{KV_CTX - 1} cached + 1 new token, Hq={HQ}, Hkv={HKV}, D={D}, page {KV_BLOCK}",
+              note="One fused call per step (FlashAttention's flash_attn_with_kvcache signature); page size 256 "
+                   "because FlashAttention 2's paged cache needs a multiple of 256."),
         Table(id="paged-append", suite="paged", title=f"paged_append, bf16, {APPEND_TOKENS} tokens "
               f"(64 x 1k prefill), Hkv={HKV}, D={D}, block {BLOCK}", x="T", unit="GB/s",
               formula=formulas.paged_append_bytes(1, 1, 1, 2).formula, ceiling="copy", plot=None),
@@ -415,7 +430,9 @@ def run(sess: Session, quick: bool) -> None:
         names = [n for n in _decode_impls(batch, ctx, table_id, quick) if sess.wanted(table_id, label, n)]
         fp8_here = (table_id, ctx) == ("paged-b64", FP8_CTX) and any(
             sess.wanted("paged-fp8", c, FP8_IMPL) for c in FP8_CASES)
-        if not names and not fp8_here:  # none of its rows is in this run's plan: the cache is not even built
+        feat_here = (table_id, ctx) == ("paged-b64", FP8_CTX) and any(
+            sess.wanted("paged-features", f, i) for f in FEATURE_CASES for i in feature_impls(f))
+        if not names and not fp8_here and not feat_here:  # none of its rows is planned: the cache is not built
             continue
         try:
             case = DecodeCase(batch, ctx, block)
@@ -443,7 +460,218 @@ def run(sess: Session, quick: bool) -> None:
                     cleanup()
         if fp8_here:  # the fp8 rows reuse this case's caches (64 x 4k)
             _fp8(sess, case)
+        if feat_here:  # so do the softcap / ALiBi rows
+            _features(sess, case)
         del case
         free_memory()
     _append(sess)
     free_memory()
+    _kvcache(sess)
+    free_memory()
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 19: softcap / ALiBi on the 64 x 4k decode (paged-features); the fused decode call (kvcache-decode)
+# --------------------------------------------------------------------------------------------------
+
+SOFTCAP = 30.0
+FEATURE_CASES = (f"softcap {SOFTCAP:g}", "alibi")
+SDPA_ALIBI = "torch sdpa efficient (dense cache, additive mask)"
+
+
+def feature_impls(feature: str) -> list[str]:
+    """Ours (Triton) and, for ALiBi, SDPA with an additive mask; SDPA has no soft cap, and
+    FlexAttention's paged helper is left out here (its block mask, not the score, is what it pages)."""
+    return ["gptkernels triton"] + ([SDPA_ALIBI] if feature == "alibi" else [])
+
+
+def feature_options(feature: str, device=None) -> dict:
+    if feature.startswith("softcap"):
+        return {"softcap": SOFTCAP}
+    return {"alibi_slopes": alibi_slopes(HQ, device)}
+
+
+def _feature_check(case: DecodeCase, opts: dict):
+    """The check of a feature row: float64 reference and eager bf16 over the first and last sequence."""
+    from gptkernels import reference
+
+    s0, rows = case.sets[0], case._rows()
+    blocks = s0.table[rows].long().flatten()
+    table = torch.arange(blocks.numel(), device=timing.DEVICE, dtype=torch.int32).view(len(rows), case.nblk)
+    k, v, q, lens = s0.k[blocks], s0.v[blocks], s0.q[rows], s0.lens[rows]
+    ref = reference.paged_decode(q.double(), k.double(), v.double(), table, lens, **opts)
+    base = reference.paged_decode(q, k, v, table, lens, upcast=False, **opts)
+    return lambda out, _s: compare([("out", out[rows], ref, base)])
+
+
+def _sdpa_alibi_fn(case: DecodeCase, slopes: torch.Tensor, backend: str = "efficient"):
+    """SDPA over the gathered cache with ALiBi as an additive float mask. GQA without a copy: the
+    HQ // HKV query heads of a KV head are that head's query rows ((B, Hkv, G, D) x (B, Hkv, ctx, D)),
+    each row with its own head's slope in the mask (1, Hkv, G, ctx)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import sdpa_kernel
+
+    from gptkernels import reference
+
+    g = HQ // HKV
+    pos_k = torch.arange(case.ctx, device=timing.DEVICE)
+    mask = reference.alibi_bias(slopes, torch.tensor([case.ctx - 1], device=timing.DEVICE), pos_k, torch.float32)
+    mask = mask.view(1, HKV, g, case.ctx).to(DTYPE)  # (Hq, 1, ctx) -> (1, Hkv, G, ctx), head hkv * G + g
+
+    def run(s):
+        k, v = case.dense(s)
+        with sdpa_kernel(peers.sdpa_backend(backend)):
+            out = F.scaled_dot_product_attention(s.q.view(case.batch, HKV, g, D), k, v, attn_mask=mask)
+        return out.reshape(case.batch, HQ, D)
+
+    def setup(sets):
+        for s in sets:
+            case.dense(s)
+        return sets
+
+    return run, setup
+
+
+def _features(sess: Session, case: DecodeCase) -> None:
+    """The paged-features rows, on the 64 x 4k case's caches (its K/V bytes: the plain decode's figure
+    is paged-b64's row at 4096)."""
+    import gptkernels
+
+    table_id = "paged-features"
+    for feature in FEATURE_CASES:
+        impls = [i for i in feature_impls(feature) if sess.wanted(table_id, feature, i)]
+        if not impls:
+            continue
+        common = dict(params=dict(case.params, feature=feature), bytes=case.bytes)
+        try:
+            opts = feature_options(feature, timing.DEVICE)
+            check = _feature_check(case, opts)
+        except Exception as e:
+            for impl in impls:
+                sess.fail(table_id, feature, impl, e, ours=impl.startswith("gptkernels"), **common)
+            continue
+        for impl in impls:
+            ours = impl.startswith("gptkernels")
+            setup = None
+            try:
+                if ours:
+                    run = (lambda s, o=opts: gptkernels.paged_decode(s.q, s.k, s.v, s.table, s.lens, backend="triton",
+                                                                     **o))
+                else:
+                    run, setup = _sdpa_alibi_fn(case, opts["alibi_slopes"])
+                with torch.no_grad():
+                    sess.measure(table_id, feature, impl, run=run, sets=case.sets, check=check, setup=setup,
+                                 ours=ours, **common)
+            except Exception as e:
+                sess.fail(table_id, feature, impl, e, ours=ours, **common)
+            finally:
+                if not ours:  # the gathered dense cache of SDPA's row
+                    case.drop_dense()
+        free_memory()
+
+
+KV_BATCH, KV_CTX, KV_BLOCK = 16, 4096, 256
+KV_CASES = ("plain", f"softcap {SOFTCAP:g}", "alibi")
+KV_IMPLS = ("gptkernels triton", "flash-attn flash_attn_with_kvcache")
+
+
+class KVCacheCase:
+    """One decode step of flash_attn_with_kvcache: a paged cache (shuffled pages) holding KV_CTX - 1
+    tokens per sequence, one new token (k, v) appended and rotated (full rotary), one query row. The
+    step writes the same slot with the same values on every call, so timing it repeatedly is the same
+    step. The reference (float64 and eager, first and last sequence) is taken at construction, from
+    copies of their pages, before any implementation writes to the cache."""
+
+    def __init__(self, feature: str, *, batch: int = KV_BATCH, ctx: int = KV_CTX, block: int = KV_BLOCK,
+                 hq: int = HQ, hkv: int = HKV, d: int = D, dtype: torch.dtype = DTYPE):
+        import gptkernels
+
+        self.feature, self.batch, self.ctx, self.block, self.dtype = feature, batch, ctx, block, dtype
+        self.hq, self.hkv, self.d = hq, hkv, d
+        self.nblk = -(-ctx // block)
+        self.opts = {} if feature == "plain" else (
+            {"softcap": SOFTCAP} if feature.startswith("softcap") else {"alibi_slopes": alibi_slopes(hq, timing.DEVICE)})
+        self.cos, self.sin = gptkernels.rotary_cos_sin(d, ctx, device=timing.DEVICE)
+        count = formulas.kvcache_decode_bytes(batch, ctx - 1, 1, hq, hkv, d, formulas.dtype_bytes(dtype), d)
+        self.bytes = count.value
+        self.params = {"B": batch, "cached": ctx - 1, "new": 1, "Hq": hq, "Hkv": hkv, "D": d, "rotary_dim": d,
+                       "page_size": block, "feature": feature, "dtype": str(dtype).replace("torch.", "")}
+        self.sets = [self._make() for _ in range(timing.n_sets(count.value))]
+        self._reference()
+
+    def _make(self):
+        dev, n = timing.DEVICE, self.batch * self.nblk
+        cache = (n, self.block, self.hkv, self.d)
+        return SimpleNamespace(
+            q=torch.randn(self.batch, 1, self.hq, self.d, device=dev, dtype=self.dtype),
+            k=torch.randn(self.batch, 1, self.hkv, self.d, device=dev, dtype=self.dtype),
+            v=torch.randn(self.batch, 1, self.hkv, self.d, device=dev, dtype=self.dtype),
+            kc=torch.randn(cache, device=dev, dtype=self.dtype), vc=torch.randn(cache, device=dev, dtype=self.dtype),
+            table=torch.randperm(n, device=dev).view(self.batch, self.nblk).to(torch.int32),
+            lens=torch.full((self.batch,), self.ctx - 1, device=dev, dtype=torch.int32))
+
+    def _rows(self):
+        return sorted({0, self.batch - 1})
+
+    def _reference(self):
+        from gptkernels import reference
+
+        s0, rows = self.sets[0], self._rows()
+        blocks = s0.table[rows].long().flatten()
+        table = torch.arange(blocks.numel(), device=timing.DEVICE, dtype=torch.int32).view(len(rows), self.nblk)
+        outs = []
+        for dtype, upcast in ((torch.float64, True), (self.dtype, False)):
+            kc, vc = s0.kc[blocks].to(dtype), s0.vc[blocks].to(dtype)  # copies: the cache stays as it is
+            q, k, v = (t[rows].to(dtype) for t in (s0.q, s0.k, s0.v))
+            outs.append(reference.flash_attn_with_kvcache(q, kc, vc, k, v, self.cos, self.sin, cache_seqlens=s0.lens[rows],
+                                                          block_table=table, upcast=upcast, **self.opts))
+        self._ref = tuple(outs)
+
+    def check(self, out, _s0):
+        return compare([("out", out[self._rows()], *self._ref)])
+
+
+def _kvcache_fn(case: KVCacheCase, impl: str):
+    import gptkernels
+
+    if impl == "gptkernels triton":
+        return lambda s: gptkernels.flash_attn_with_kvcache(s.q, s.kc, s.vc, s.k, s.v, case.cos, case.sin,
+                                                            cache_seqlens=s.lens, block_table=s.table,
+                                                            backend="triton", **case.opts)
+    if impl == "flash-attn flash_attn_with_kvcache":
+        try:
+            from flash_attn import flash_attn_with_kvcache
+        except ImportError as e:
+            raise gptkernels.BackendUnavailableError(f"the flash-attn package is not installed ({e})") from e
+        cos, sin = case.cos.to(case.dtype), case.sin.to(case.dtype)
+        cap = case.opts.get("softcap", 0.0)
+        return lambda s: flash_attn_with_kvcache(s.q, s.kc, s.vc, s.k, s.v, rotary_cos=cos, rotary_sin=sin,
+                                                 cache_seqlens=s.lens, block_table=s.table, causal=True,
+                                                 softcap=cap, rotary_interleaved=False,
+                                                 alibi_slopes=case.opts.get("alibi_slopes"))
+    raise ValueError(f"unknown flash_attn_with_kvcache implementation {impl!r}")
+
+
+def _kvcache(sess: Session) -> None:
+    table_id = "kvcache-decode"
+    for feature in KV_CASES:
+        impls = [i for i in KV_IMPLS if sess.wanted(table_id, feature, i)]
+        if not impls:
+            continue
+        try:
+            case = KVCacheCase(feature)
+        except Exception as e:
+            for impl in impls:
+                sess.fail(table_id, feature, impl, e, ours=impl.startswith("gptkernels"))
+            continue
+        for impl in impls:
+            common = dict(ours=impl.startswith("gptkernels"), params=case.params, bytes=case.bytes)
+            try:
+                run = _kvcache_fn(case, impl)
+            except Exception as e:
+                sess.fail(table_id, feature, impl, e, **common)
+                continue
+            with torch.no_grad():
+                sess.measure(table_id, feature, impl, run=run, sets=case.sets, check=case.check, **common)
+        del case
+        free_memory()

@@ -517,11 +517,15 @@ def _planned(suite: str) -> set[tuple[str, str, str]]:
             rows |= {(table, str(s), i) for i in suite_attention.impls(direction, s, window, True)}
         rows |= {("attn-decode", str(sk), i) for sk in suite_attention.config(True)["decode_sk"]
                  for i in suite_attention.decode_impls()}
+        rows |= {(f"attn-feat-{dr}", f, i) for f in suite_attention.FEATURES for dr in ("fwd", "bwd")
+                 for i in suite_attention.feature_impls(f, dr)}
     elif suite == "paged":
         for table, b, ctx, _, x in suite_paged._jobs(True):
             rows |= {(table, str(x), i) for i in suite_paged._decode_impls(b, ctx, table, True)}
         rows |= {("paged-append", str(suite_paged.APPEND_TOKENS), i) for i in suite_paged.APPEND_IMPLS}
         rows |= {("paged-fp8", c, suite_paged.FP8_IMPL) for c in suite_paged.FP8_CASES}
+        rows |= {("paged-features", f, i) for f in suite_paged.FEATURE_CASES for i in suite_paged.feature_impls(f)}
+        rows |= {("kvcache-decode", f, i) for f in suite_paged.KV_CASES for i in suite_paged.KV_IMPLS}
     elif suite == "quant":
         rows |= {("quant-gemm", str(m), i) for m in suite_quant.GEMM_M for i in suite_quant.GEMM_IMPLS}
         rows |= {("quant-decode", suite_quant.DECODE_CASE, suite_quant.decode_impl(f)) for f in suite_quant.FORMATS}
@@ -595,13 +599,20 @@ def _fake_suites(monkeypatch, built):
             built.append((tag, *args))
             return SimpleNamespace(s=args[0], direction=args[-1] if tag == "attn" else None, window=None,
                                    params={}, flops=1.0, bytes=1.0, sets=[], sk=args[0], check=None,
-                                   batch=args[0], ctx=args[1] if len(args) > 1 else None)
+                                   batch=args[0], ctx=args[1] if len(args) > 1 else None, drop_dense=lambda: None)
         return make
 
     monkeypatch.setattr(suite_attention, "Case", fake_case("attn"))
     monkeypatch.setattr(suite_attention, "DecodeCase", fake_case("attn-decode"))
     monkeypatch.setattr(suite_attention, "_forward_fn", lambda impl, window: None)
     monkeypatch.setattr(suite_attention, "_decode_fn", lambda impl: None)
+    monkeypatch.setattr(suite_attention, "FeatureCase", fake_case("attn"))
+    monkeypatch.setattr(suite_attention, "_feature_fn", lambda case, impl: None)
+    monkeypatch.setattr(suite_attention, "dv_refusal", lambda: None)
+    monkeypatch.setattr(suite_paged, "KVCacheCase", fake_case("kvcache"))
+    monkeypatch.setattr(suite_paged, "_kvcache_fn", lambda case, impl: None)
+    monkeypatch.setattr(suite_paged, "_feature_check", lambda case, opts: None)
+    monkeypatch.setattr(suite_paged, "_sdpa_alibi_fn", lambda case, slopes: (None, None))
     monkeypatch.setattr(suite_paged, "DecodeCase", fake_case("paged"))
     monkeypatch.setattr(suite_paged, "_decode_fn", lambda impl, case: (None, None, None))
     monkeypatch.setattr(suite_rotary, "Case", fake_case("rotary"))
@@ -791,3 +802,205 @@ def test_run_smoke_two_passes_within_the_budget(tmp_path, monkeypatch):
     assert len(keys) == len(set(keys)) == 4 * 4 + 1 and all(r["status"] == "ok" for r in doc["rows"])
     assert keys.index(("quant", "next")) < keys.index(("attention", "rest"))  # before the rest
     assert {t for t, c in keys if c == "next"} == {"paged", "quant", "attention", "rotary", "model"}
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 19's rows: softcap, ALiBi, two-sided windows, dv != d, page sizes 1..1024, the fused decode call
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sq,sk,left,right", [(70, 70, 9, 5), (17, 130, 3, 40), (130, 17, -1, 2), (50, 50, 0, -1),
+                                              (33, 33, -1, -1)])
+def test_window_pairs_is_the_reference_mask(sq, sk, left, right):
+    mask = reference.attention_mask(sq, sk, causal=False, window=(left, right))
+    pairs = sq * sk if mask is None else int(mask.sum())
+    assert formulas.window_pairs(sq, sk, left, right) == pairs
+    f = formulas.attention_pair_flops(2, 3, pairs, 192, 128)
+    assert f.value == 2 * 2 * 3 * pairs * (192 + 128) and "(D+Dv)" in f.formula
+    assert formulas.attention_pair_flops(2, 3, pairs, 64).value == 4 * 2 * 3 * 64 * pairs
+    assert formulas.attention_pair_flops(2, 3, pairs, 64, backward=True).value == 2.5 * 4 * 2 * 3 * 64 * pairs
+    b, lc, hq, hkv, d = 3, 99, 8, 2, 64
+    assert formulas.kvcache_decode_bytes(b, lc, 1, hq, hkv, d, 2, d).value == \
+        (2 * b * (lc + 1) * hkv * d + 2 * b * hkv * d + 2 * b * hq * d) * 2 + 2 * b * (d // 2) * 4
+
+
+def test_issue19_rows_are_listed_after_the_headline():
+    feat = {(t, c, i) for t, c, i in _planned("attention") if t.startswith("attn-feat")}
+    assert {c for _, c, _ in feat} == set(suite_attention.FEATURES)
+    assert len(feat) == sum(len(suite_attention.feature_impls(f, d)) for f in suite_attention.FEATURES
+                            for d in ("fwd", "bwd"))
+    for direction in ("fwd", "bwd"):
+        impls = {f: suite_attention.feature_impls(f, direction) for f in suite_attention.FEATURES}
+        assert all(i[0] == "gptkernels triton" for i in impls.values())
+        assert suite_attention.SDPA_ALIBI in impls["alibi"]  # ALiBi as SDPA's additive mask
+        assert "torch sdpa efficient" in impls["dv 128, d 192"]  # dv != d: SDPA natively
+        assert not any("sdpa" in i for f in ("softcap 30", "window (256, 256)") for i in impls[f])  # SDPA cannot
+        assert all("flexattention (compiled)" in v for f, v in impls.items() if f != "causal")
+        assert suite_attention.FLASH_ATTN_PEER not in impls["dv 128, d 192"]  # FA2 has no dv != d
+    paged = _planned("paged")
+    assert {c for t, c, _ in paged if t == "paged-blocks"} >= {"1", "1024"}
+    assert {(c, i) for t, c, i in paged if t == "paged-features"} == {
+        ("softcap 30", "gptkernels triton"), ("alibi", "gptkernels triton"), ("alibi", suite_paged.SDPA_ALIBI)}
+    assert {c for t, c, _ in paged if t == "kvcache-decode"} == set(suite_paged.KV_CASES)
+    ids = [t.id for t in suite_attention.tables(True)] + [t.id for t in suite_paged.tables(True)]
+    assert {"attn-feat-fwd", "attn-feat-bwd", "paged-features", "kvcache-decode"} <= set(ids)
+    # none of them is a headline or SMOKE_NEXT row: they never take time from those
+    for plan in (run.SMOKE_HEADLINE, run.SMOKE_NEXT):
+        rows = {(t, c) for s in plan.values() for (t, c) in s}
+        assert not {t for t, _ in rows} & {"attn-feat-fwd", "attn-feat-bwd", "paged-features", "kvcache-decode"}
+        assert not {c for t, c in rows if t == "paged-blocks"} & {"1", "1024"}
+    # the attention suite measures them last
+    rec = _Recorder(None, budget=None)
+    order = []
+    rec.sess.measure = lambda table, case, impl, **kw: order.append(table) or Row(
+        table=table, case=case, impl=impl, status="skipped", message="recorded")
+    rec.sess.select = lambda t, c, i: t.startswith("attn-feat") or (t, c, i) in _headline("attention")
+    built = []
+    mp = pytest.MonkeyPatch()
+    try:
+        _fake_suites(mp, built)
+        mp.setattr(suite_attention, "_measure", lambda sess, table, case, impl, **kw: order.append(table))
+        suite_attention.run(rec.sess, True)
+    finally:
+        mp.undo()
+    first_feat = order.index("attn-feat-fwd")
+    assert all(t.startswith("attn-feat") for t in order[first_feat:]) and first_feat == len(_headline("attention"))
+
+
+def test_paged_rest_pass_lists_the_issue19_rows(monkeypatch):
+    built = []
+    _fake_suites(monkeypatch, built)
+    monkeypatch.setattr(suite_paged, "_fp8_sets", lambda case: ([], None))
+    monkeypatch.setattr(suite_paged, "_append", lambda sess: None)
+    monkeypatch.setattr(timing, "DEVICE", "cpu")  # the ALiBi slopes are made on it
+    done = _headline("paged")
+    rec = _Recorder(lambda t, c, i: (t, c, i) not in done, budget=30.0)  # 30 s: no Flex compile fits
+    suite_paged.run(rec.sess, True)
+    flex = {(t, c, i) for t, c, i in _planned("paged") if i.startswith("flexattention")}
+    append = {(t, c, i) for t, c, i in _planned("paged") if t == "paged-append"}
+    assert set(rec.rows) == _planned("paged") - done - flex - append and {s[:3] for s in rec.skipped} == flex
+    assert [b[1] for b in built if b[0] == "kvcache"] == list(suite_paged.KV_CASES)
+
+
+@pytest.fixture
+def cpu_suites(monkeypatch):
+    """The suites pointed at CPU tensors (their kernels in the interpreter), float32."""
+    monkeypatch.setattr(timing, "DEVICE", "cpu")
+    monkeypatch.setattr(suite_paged, "DTYPE", torch.float32)
+
+
+def _sdpa_math(monkeypatch):
+    """SDPA's fused backends are GPU-only: the CPU test forces its math backend under the same call."""
+    from torch.nn.attention import SDPBackend
+
+    from benchmarks import peers
+
+    monkeypatch.setattr(peers, "sdpa_backend", lambda name: SDPBackend.MATH)
+
+
+@pytest.mark.parametrize("feature", suite_attention.FEATURES)
+def test_attention_feature_rows_check_in_the_interpreter(feature, cpu_suites, monkeypatch):
+    """Each attn-feat case built small on CPU (float32): our Triton row (forward; backward for the
+    modifiers), FlexAttention (eager, forward: no Flex backward on CPU) and SDPA where listed pass the
+    case's float64 check; the same call without the feature does not (the check can fail)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    import gptkernels
+
+    _sdpa_math(monkeypatch)
+    monkeypatch.setattr(suite_attention, "TWO_SIDED", (5, 3))  # a band narrower than S = 40
+    small = dict(b=1, s=40, h=2, d=32, dtype=torch.float32)
+    for direction in ("fwd", "bwd") if feature != "causal" else ("fwd",):
+        case = suite_attention.FeatureCase(feature, direction, **small)
+        s0 = case.sets[0]
+        for impl in suite_attention.feature_impls(feature, direction):
+            if impl == suite_attention.FLASH_ATTN_PEER or (impl.startswith("flex") and direction == "bwd") or \
+                    impl == "torch sdpa flash":  # flash SDPA: GPU only
+                continue
+            fn = suite_attention._feature_fn(case, impl, flex=flex_attention)
+            if direction == "fwd":
+                with torch.no_grad():
+                    chk = case.check((fn(s0.q, s0.k, s0.v),))
+            else:
+                fn(s0.q, s0.k, s0.v).backward(s0.dout)
+                chk = case.check((s0.q.grad, s0.k.grad, s0.v.grad))
+                s0.q.grad = s0.k.grad = s0.v.grad = None
+            assert chk.ok, (impl, direction, chk.problem)
+        if feature != "causal" and direction == "fwd":
+            plain = {k: v for k, v in case.opts.items() if k not in ("softcap", "alibi_slopes")}
+            if isinstance(case.window, tuple):
+                plain = {"causal": True, "window": None}
+            if not feature.startswith("dv"):
+                with torch.no_grad():
+                    wrong = gptkernels.flash_attn(s0.q, s0.k, s0.v, backend="triton", **plain)
+                assert not case.check((wrong,)).ok
+    assert case.params["feature"] == feature and case.flops > 0
+
+
+def test_dv_row_is_skipped_with_the_reason_when_flash_attn_refuses(monkeypatch):
+    import gptkernels
+
+    assert suite_attention.dv_refusal() is None or "refuses dv != d" in suite_attention.dv_refusal()
+
+    def refuse(*a, **k):
+        raise ValueError("flash_attn: v must have q's head dim 192")
+
+    monkeypatch.setattr(gptkernels, "flash_attn", refuse)
+    why = suite_attention.dv_refusal()
+    assert why.startswith("flash_attn refuses dv != d here: ValueError: flash_attn: v must have")
+    monkeypatch.setattr(suite_attention, "FeatureCase", lambda *a, **k: pytest.fail("no dv case is built"))
+    feature = suite_attention.FEATURES[-1]
+    rec = _Recorder(lambda t, c, i: c == feature)
+    for t in suite_attention.tables(True):
+        rec.sess.table(t)
+    suite_attention._features(rec.sess)
+    assert not rec.rows and {(t, c) for t, c, _, _ in rec.skipped} == {("attn-feat-fwd", feature),
+                                                                        ("attn-feat-bwd", feature)}
+    assert all(w == why for *_, w in rec.skipped)
+
+
+def test_paged_feature_and_kvcache_rows_check_in_the_interpreter(cpu_suites, monkeypatch):
+    """paged-features (ours and SDPA's additive ALiBi mask over the gathered cache) and kvcache-decode
+    (the fused call, called twice: the step is repeatable) built small on CPU, checked against
+    float64; a call without the feature fails the check."""
+    import gptkernels
+
+    _sdpa_math(monkeypatch)
+    case = suite_paged.DecodeCase(3, 50, 16)
+    s0 = case.sets[0]
+    for feature in suite_paged.FEATURE_CASES:
+        opts = suite_paged.feature_options(feature)
+        check = suite_paged._feature_check(case, opts)
+        out = gptkernels.paged_decode(s0.q, s0.k, s0.v, s0.table, s0.lens, backend="triton", **opts)
+        assert check(out, s0).ok
+        assert not check(gptkernels.paged_decode(s0.q, s0.k, s0.v, s0.table, s0.lens, backend="triton"), s0).ok
+        if feature == "alibi":
+            run_sdpa, setup = suite_paged._sdpa_alibi_fn(case, opts["alibi_slopes"])
+            setup(case.sets)
+            assert check(run_sdpa(s0), s0).ok
+            case.drop_dense()
+    for feature in suite_paged.KV_CASES:
+        kv = suite_paged.KVCacheCase(feature, batch=3, ctx=40, block=16, hq=4, hkv=2, d=32, dtype=torch.float32)
+        fn = suite_paged._kvcache_fn(kv, "gptkernels triton")
+        assert kv.check(fn(kv.sets[0]), None).ok and kv.check(fn(kv.sets[0]), None).ok
+        if feature != "plain":
+            k0 = kv.sets[0]
+            plain = gptkernels.flash_attn_with_kvcache(k0.q, k0.kc, k0.vc, k0.k, k0.v, kv.cos, kv.sin,
+                                                       cache_seqlens=k0.lens, block_table=k0.table, backend="triton")
+            assert not kv.check(plain, None).ok
+    if not ON_GPU:
+        with pytest.raises(gptkernels.BackendUnavailableError, match="flash-attn package is not installed"):
+            suite_paged._kvcache_fn(kv, "flash-attn flash_attn_with_kvcache")
+
+
+def test_parity_sweep_issue19_cases():
+    """The CPU parity sweep's softcap / ALiBi / two-sided window / page size 1 and 1024 cases pass."""
+    def issue19(c):
+        return any(w in c.shape for w in ("softcap", "alibi", "non-causal", "block=1 ", "block=1024"))
+
+    assert sum(issue19(c) for c in parity.cases()) == 7
+    rows = parity.run(["flash_attn", "flash_attn_bwd", "paged_decode"], dtype_list=[torch.float32],
+                      case_filter=issue19)
+    triton_rows = [r for r in rows if r.impl == "gptkernels triton"]
+    assert len(triton_rows) == 7 and all(r.status == "pass" for r in triton_rows), \
+        [(r.case, r.message) for r in triton_rows if r.status != "pass"]

@@ -239,3 +239,12 @@ def check_alibi_slopes(op: str, slopes, batch: int, num_heads: int, device: torc
                          f"({batch}, {num_heads}), got shape {tuple(slopes.shape)}")
     if slopes.device != device:
         raise ValueError(f"{op}: alibi_slopes must be on the same device as the data ({device}), got {slopes.device}")
+
+
+def check_dropout(op: str, dropout_p) -> float:
+    """``dropout_p``: a float in [0, 1) (FlashAttention's; 0: no dropout)."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"{op}: dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if not 0 <= dropout_p < 1:  # also refuses NaN
+        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
+    return float(dropout_p)

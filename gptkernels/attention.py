@@ -48,6 +48,8 @@ def _flash_attn_fwd(
     v_scale: Optional[torch.Tensor] = None,
     softcap: Optional[float] = None,
     alibi_slopes: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # deterministic only matters to the backward; it is an input here so autograd can save it
     fwd = backend_fn(backend, "flash_attn_forward", OP)
@@ -55,13 +57,28 @@ def _flash_attn_fwd(
                cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                block_table=block_table, seqlens_k=seqlens_k, bottom_right=bottom_right,
-               **_options(k_scale=k_scale, v_scale=v_scale, softcap=softcap, alibi_slopes=alibi_slopes))
+               **_options(k_scale=k_scale, v_scale=v_scale, softcap=softcap, alibi_slopes=alibi_slopes),
+               **_dropout(dropout_p, dropout_seed))
 
 
 def _band(window_left: int, window_right: int) -> dict:
     """The launchers' ``causal`` / ``window`` from the ops' normalised window (``_policy.window_bounds``;
     -1: unbounded): right = 0 is causal attention, the pair the window."""
     return dict(causal=window_right == 0, window=(window_left, window_right))
+
+
+def _dropout(dropout_p: float, dropout_seed: int) -> dict:
+    """The launchers' dropout arguments: none without dropout (a backend without it, cuda, then
+    serves the call; with it, cuda refuses naming dropout_p)."""
+    return dict(dropout_p=dropout_p, dropout_seed=dropout_seed) if dropout_p > 0 else {}
+
+
+def dropout_seed(generator: Optional[torch.Generator] = None) -> int:
+    """The Philox seed of a call with dropout: one draw from ``generator`` (default: torch's global
+    CPU generator, which ``torch.manual_seed`` seeds; no device sync), so that the same generator
+    state gives the same mask. In [2**31, 2**62): always a 64-bit kernel argument (no recompiles)."""
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(2**31, 2**62, (), generator=generator, device=device))
 
 
 def _options(**options):
@@ -73,7 +90,7 @@ def _options(**options):
 @_flash_attn_fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k, max_seqlen_q, max_seqlen_k,
       window_left, window_right, softmax_scale, bottom_right, backend, deterministic, k_scale=None, v_scale=None,
-      softcap=None, alibi_slopes=None):
+      softcap=None, alibi_slopes=None, dropout_p=0.0, dropout_seed=0):
     # out: q's rows with v's head dim (Dv may differ from D)
     return (q.new_empty((*q.shape[:-1], v.shape[-1])),
             q.new_empty(P.lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32))
@@ -100,29 +117,33 @@ def _flash_attn_bwd(
     deterministic: bool,
     softcap: Optional[float] = None,
     alibi_slopes: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     bwd = backend_fn(backend, "flash_attn_backward", OP)
     return bwd(dout, dlse, q, k, v, out, lse, **_band(window_left, window_right),
                softmax_scale=softmax_scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, bottom_right=bottom_right,
-               deterministic=deterministic, **_options(softcap=softcap, alibi_slopes=alibi_slopes))
+               deterministic=deterministic, **_options(softcap=softcap, alibi_slopes=alibi_slopes),
+               **_dropout(dropout_p, dropout_seed))
 
 
 @_flash_attn_bwd.register_fake
 def _(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
       window_left, window_right, softmax_scale, bottom_right, backend, deterministic, softcap=None,
-      alibi_slopes=None):
+      alibi_slopes=None, dropout_p=0.0, dropout_seed=0):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _fwd_setup_context(ctx, inputs, output):
     (q, k, v, cu_q, cu_k, block_table, seqlens_k, max_q, max_k, left, right, scale,
      bottom_right, backend, deterministic) = inputs[:15]
-    # then an fp8 paged cache's scales (forward only), softcap and ALiBi slopes
-    softcap, alibi_slopes = (list(inputs[17:19]) + [None, None])[:2]
+    # then an fp8 paged cache's scales (forward only), softcap, ALiBi slopes, dropout p and seed
+    softcap, alibi_slopes, dropout_p, seed = (list(inputs[17:21]) + [None, None, 0.0, 0])[:4]
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi_slopes)
-    ctx.params = (max_q, max_k, left, right, scale, bottom_right, backend, deterministic, softcap)
+    ctx.params = (max_q, max_k, left, right, scale, bottom_right, backend, deterministic, softcap,
+                  dropout_p, seed)
     ctx.paged = block_table is not None
 
 
@@ -130,11 +151,13 @@ def _fwd_backward(ctx, dout, dlse):
     if ctx.paged:
         raise BackendUnavailableError(f"{OP}: attention over a paged KV cache is not differentiable")
     q, k, v, out, lse, cu_q, cu_k, alibi_slopes = ctx.saved_tensors
-    max_q, max_k, left, right, scale, bottom_right, backend, deterministic, softcap = ctx.params
+    max_q, max_k, left, right, scale, bottom_right, backend, deterministic, softcap, dropout_p, seed = \
+        ctx.params
+    # dropout: the same seed, so the backward regenerates the forward's mask
     dq, dk, dv = _flash_attn_bwd(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, left,
                                  right, scale, bottom_right, backend, deterministic, softcap,
-                                 alibi_slopes)
-    return (dq, dk, dv) + (None,) * 16  # no gradient for the other 16 inputs (ALiBi slopes included)
+                                 alibi_slopes, dropout_p, seed)
+    return (dq, dk, dv) + (None,) * 18  # no gradient for the other 18 inputs (ALiBi slopes included)
 
 
 _flash_attn_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
@@ -263,7 +286,13 @@ def _check_flash_attn(q, k, v, causal, window, softmax_scale, cu_seqlens_q, cu_s
 def _flash_attn(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, cu_seqlens_k,
                 max_seqlen_q, max_seqlen_k, block_table, seqlens_k, return_lse, backend,
                 bottom_right, deterministic=True, op=OP, names=None, k_scale=None, v_scale=None,
-                softcap=None, alibi_slopes=None):
+                softcap=None, alibi_slopes=None, dropout_p=0.0, generator=None):
+    dropout_p = C.check_dropout(op, dropout_p)
+    if dropout_p > 0 and (block_table is not None or seqlens_k is not None):
+        raise ValueError(f"{op}: dropout_p > 0 is not served with paged keys (block_table: inference); "
+                         f"got dropout_p={dropout_p}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{op}: generator must be None or a torch.Generator, got {type(generator).__name__}")
     max_q, max_k = _check_flash_attn(q, k, v, causal, window, softmax_scale, cu_seqlens_q,
                                      cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table, seqlens_k,
                                      op=op, names=names, k_scale=k_scale, v_scale=v_scale,
@@ -281,7 +310,7 @@ def _flash_attn(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, cu_seql
             q, k, v, causal=causal, window=window, softmax_scale=scale, cu_seqlens_q=cu_seqlens_q,
             cu_seqlens_k=cu_seqlens_k, block_table=block_table, seqlens_k=seqlens_k,
             bottom_right=bottom_right, return_lse=True, k_scale=k_scale, v_scale=v_scale,
-            softcap=softcap, alibi_slopes=alibi_slopes)
+            softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, generator=generator)
     else:
         if needs_grad(alibi_slopes):
             raise BackendUnavailableError(
@@ -295,15 +324,17 @@ def _flash_attn(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, cu_seql
             backend_fn(backend, "flash_attn_backward", OP)  # fail now, not in backward
         out, lse = _flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k,
                                    max_q, max_k, *P.window_bounds(causal, window), scale, bottom_right,
-                                   backend, deterministic, k_scale, v_scale, softcap, alibi_slopes)
+                                   backend, deterministic, k_scale, v_scale, softcap, alibi_slopes,
+                                   dropout_p, dropout_seed(generator) if dropout_p > 0 else 0)
     return (out, lse) if return_lse else out
 
 
 def flash_attn(q, k, v, *, causal=True, window=None, softmax_scale=None, cu_seqlens_q=None,
                cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, block_table=None,
                seqlens_k=None, return_lse=False, backend=None, deterministic=True, k_scale=None,
-               v_scale=None, softcap=None, alibi_slopes=None):
-    """Fused softmax attention (causal, sliding window, GQA, varlen, paged keys, softcap, ALiBi).
+               v_scale=None, softcap=None, alibi_slopes=None, dropout_p=0.0, generator=None):
+    """Fused softmax attention (causal, sliding window, GQA, varlen, paged keys, softcap, ALiBi,
+    dropout).
 
     Dense: q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D). Varlen: q (Tq, Hq, D), k/v (Tk, Hkv, D) with int32
     ``cu_seqlens_q``/``cu_seqlens_k`` (B+1,). Paged keys: k/v are caches (num_blocks, block_size, Hkv, D)
@@ -329,6 +360,14 @@ def flash_attn(q, k, v, *, causal=True, window=None, softmax_scale=None, cu_seql
     ``alibi_slopes``; BLOOM, MPT). Both are differentiated through for q, k, v; the slopes get no
     gradient on the kernel backends (FlashAttention's neither). The CUDA backend refuses both.
 
+    ``dropout_p`` (a float in [0, 1); FlashAttention's): each attention probability is kept with
+    probability 1 - dropout_p and scaled by 1 / (1 - dropout_p) (lse is of the undropped scores);
+    the backward regenerates the same mask. The mask comes from a seed drawn from ``generator``
+    (default: torch's global generator, so ``torch.manual_seed`` reproduces it): the Triton
+    kernels draw it with Philox, the torch backend with torch's generator, so the two backends'
+    masks differ (as FlashAttention's and torch's SDPA's do). Not with paged keys (inference); the
+    CUDA backend refuses it.
+
     Returns ``out`` like q (head dim Dv), or ``(out, lse)`` with ``return_lse=True`` (lse float32,
     (B, Hq, Sq) dense or (Hq, Tq) varlen). Pass ``max_seqlen_q``/``max_seqlen_k`` with varlen inputs
     to avoid a host sync.
@@ -343,7 +382,8 @@ def flash_attn(q, k, v, *, causal=True, window=None, softmax_scale=None, cu_seql
                        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                        block_table=block_table, seqlens_k=seqlens_k, return_lse=return_lse,
                        backend=backend, bottom_right=True, deterministic=deterministic,
-                       k_scale=k_scale, v_scale=v_scale, softcap=softcap, alibi_slopes=alibi_slopes)
+                       k_scale=k_scale, v_scale=v_scale, softcap=softcap, alibi_slopes=alibi_slopes,
+                       dropout_p=dropout_p, generator=generator)
 
 
 def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,

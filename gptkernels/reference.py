@@ -115,12 +115,13 @@ def attention_mask(
     return visible
 
 
-def _attend(q, k, v, scale, mask, dtype, *, softcap=None, bias=None):
+def _attend(q, k, v, scale, mask, dtype, *, softcap=None, bias=None, keep=None, dropout_p=0.0):
     """Softmax attention of one batch. q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D), mask (Sq, Sk) or None;
     ``softcap`` and an additive ``bias`` broadcasting to (B, Hq, Sq, Sk) (ALiBi) as defined above.
 
     Returns out (B, Sq, Hq, D) in ``dtype`` and lse (B, Hq, Sq). Rows that see no key give zeros and
-    lse = -inf.
+    lse = -inf. Dropout: ``keep`` (bool, broadcasting to (B, Hq, Sq, Sk)) keeps a probability, scaled
+    by 1 / (1 - ``dropout_p``); lse stays that of the undropped scores (FlashAttention's).
     """
     group = q.shape[2] // k.shape[2]
     qt = q.to(dtype).transpose(1, 2)  # B, Hq, Sq, D
@@ -138,6 +139,8 @@ def _attend(q, k, v, scale, mask, dtype, *, softcap=None, bias=None):
     else:
         lse = torch.logsumexp(scores, dim=-1)
         probs = torch.softmax(scores, dim=-1)
+    if keep is not None:
+        probs = probs.masked_fill(~keep, 0.0) / (1.0 - dropout_p)
     out = probs @ vt
     return out.transpose(1, 2), lse
 
@@ -196,6 +199,9 @@ def attention(
     v_scale: torch.Tensor | None = None,
     softcap: float | None = None,
     alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
 ):
     """Attention with exactly SPEC's semantics (dense, varlen, paged keys, GQA, window, lse).
 
@@ -209,7 +215,16 @@ def attention(
       and ``seqlens_k`` (B,); q is dense (B, Sq, Hq, D) or varlen with ``cu_seqlens_q``. An fp8 cache
       is read as stored * ``k_scale`` / ``v_scale`` ((Hkv,) or ()).
     * ``softcap`` and ``alibi_slopes`` ((Hq,) or (B, Hq)): the score modifiers defined above.
+    * ``dropout_p`` > 0 (dense and varlen keys, not paged): each probability is kept with
+      probability 1 - dropout_p and scaled by 1 / (1 - dropout_p); lse is of the undropped scores.
+      The keep mask is ``dropout_mask`` when given (bool (B, Hq, Sq, Sk) dense, (Hq, Tq, Tk) varlen:
+      sequence b's block is ``[:, q0:q1, :seqlen_k]``; e.g. the Triton kernels' mask from
+      ``gptkernels.triton.flash_attn.dropout_mask``, for parity tests), else drawn here from torch's
+      ``generator`` (default: the global one): the torch and Triton backends draw different masks
+      for the same seed, as FlashAttention's and torch's SDPA do.
     """
+    if dropout_p > 0 and block_table is not None:
+        raise ValueError("reference.attention: dropout_p > 0 is not served with paged keys (inference)")
     lens_k = None
     if block_table is not None:
         # The kernels clamp each length to the table's capacity (max_blocks * block_size).
@@ -218,7 +233,23 @@ def attention(
     return _attention(q, k, v, causal=causal, window=window, softmax_scale=softmax_scale,
                       cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, block_table=block_table,
                       lens_k=lens_k, bottom_right=bottom_right, upcast=upcast, return_lse=return_lse,
-                      k_scale=k_scale, v_scale=v_scale, softcap=softcap, alibi_slopes=alibi_slopes)
+                      k_scale=k_scale, v_scale=v_scale, softcap=softcap, alibi_slopes=alibi_slopes,
+                      dropout_p=dropout_p, dropout_mask=dropout_mask, generator=generator)
+
+
+def _keep(dropout_p, dropout_mask, generator, shape, device, rows=None, cols=None):
+    """The dropout keep mask (bool, ``shape`` = (B, Hq, Sq, Sk)) of one attend call, or None without
+    dropout: ``dropout_mask`` (a varlen one cut to a sequence's ``rows`` and first ``cols`` keys and
+    given a batch dim) or a draw from torch's ``generator``."""
+    if not dropout_p > 0:
+        return None
+    if dropout_mask is None:
+        gen_device = generator.device if generator is not None else device
+        u = torch.rand(shape, generator=generator, device=gen_device)
+        return (u >= dropout_p).to(device)
+    if rows is not None:
+        return dropout_mask[:, rows, :cols][None].to(device)
+    return dropout_mask.to(device)
 
 
 def _alibi(slopes, b, seqlen_q, seqlen_k, bottom_right, dtype, device):
@@ -234,7 +265,7 @@ def _alibi(slopes, b, seqlen_q, seqlen_k, bottom_right, dtype, device):
 
 def _attention(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, cu_seqlens_k, block_table,
                lens_k, bottom_right, upcast, return_lse, k_scale=None, v_scale=None, softcap=None,
-               alibi_slopes=None):
+               alibi_slopes=None, dropout_p=0.0, dropout_mask=None, generator=None):
     """:func:`attention` with the paged key lengths given (``lens_k``: one int per sequence)."""
     dtype = _compute_dtype(q.dtype, upcast)
     scale = softmax_scale_default(q.shape[-1], softmax_scale)
@@ -246,7 +277,10 @@ def _attention(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, cu_seqle
         mask = attention_mask(q.shape[1], k.shape[1], causal=causal, window=window,
                               bottom_right=bottom_right, device=q.device)
         bias = _alibi(alibi_slopes, None, q.shape[1], k.shape[1], bottom_right, dtype, q.device)
-        out, lse = _attend(q, k, v, scale, mask, dtype, softcap=softcap, bias=bias)
+        keep = _keep(dropout_p, dropout_mask, generator, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]),
+                     q.device)
+        out, lse = _attend(q, k, v, scale, mask, dtype, softcap=softcap, bias=bias, keep=keep,
+                           dropout_p=dropout_p)
         out = out.to(q.dtype).contiguous()  # (B, Sq, Hq, D) row-major, as the kernels write it
         return (out, lse.to(lse_dtype).contiguous()) if return_lse else out
 
@@ -282,7 +316,10 @@ def _attention(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, cu_seqle
         if key_ok is not None and not bool(key_ok.all()):
             mask = key_ok[None, :].expand(qb.shape[0], -1) if mask is None else mask & key_ok[None, :]
         bias = _alibi(alibi_slopes, b, qb.shape[0], kb.shape[0], bottom_right, dtype, q.device)
-        ob, lb = _attend(qb[None], kb[None], vb[None], scale, mask, dtype, softcap=softcap, bias=bias)
+        keep = _keep(dropout_p, dropout_mask, generator, (1, q.shape[-2], qb.shape[0], kb.shape[0]),
+                     q.device, slice(q0, q1) if varlen_q else None, kb.shape[0])
+        ob, lb = _attend(qb[None], kb[None], vb[None], scale, mask, dtype, softcap=softcap, bias=bias,
+                         keep=keep, dropout_p=dropout_p)
         if varlen_q:
             out[q0:q1] = ob[0]
             lse[:, q0:q1] = lb[0]

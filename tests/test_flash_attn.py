@@ -48,7 +48,7 @@ def _attend(fn, q, k, v, dout, dlse, grad, **kw):
 
 
 def check_attention(q, k, v, *, grad=False, with_dlse=False, max_seqlen_q=None, max_seqlen_k=None,
-                    deterministic=True, lse_floor=False, **kw):
+                    deterministic=True, lse_floor=False, ref_kw=None, **kw):
     """Kernel vs float64 reference vs eager same-dtype reference: out, lse and (grad) dq, dk, dv.
     ``deterministic`` goes to the kernel only (False: the atomic-dQ backward). ``lse_floor``: the
     backward recomputes P = exp(s - lse), whose float32 rounding costs about |lse| * 2**-24
@@ -57,7 +57,8 @@ def check_attention(q, k, v, *, grad=False, with_dlse=False, max_seqlen_q=None, 
     delta = rowsum(dO * O) is taken from O rounded to its dtype (as FlashAttention does; eager
     autograd keeps the exact softmax): with the scores' gradient nearly cancelling (equal keys, dQ
     exactly 0) that rounding shows in dQ and dK, bounded by scale * max|q or k| * max_row
-    sum|dO * O| * (the dtype's unit roundoff)."""
+    sum|dO * O| * (the dtype's unit roundoff). ``ref_kw``: arguments for the references only (the
+    kernel's dropout mask)."""
     out_shape = (*q.shape[:-1], v.shape[-1])  # q's rows, v's head dim (which may differ from q's)
     dout = randn(*out_shape, dtype=q.dtype) if grad else None
     dlse = None
@@ -71,7 +72,7 @@ def check_attention(q, k, v, *, grad=False, with_dlse=False, max_seqlen_q=None, 
                                      deterministic=deterministic, **kw)
 
     def ref(q_, k_, v_, upcast=True):
-        return reference.attention(q_, k_, v_, return_lse=True, upcast=upcast, **kw)
+        return reference.attention(q_, k_, v_, return_lse=True, upcast=upcast, **kw, **(ref_kw or {}))
 
     out, lse, grads = _attend(kernel, q, k, v, dout, dlse, grad)
     r_out, r_lse, r_grads = _attend(ref, q.double(), k.double(), v.double(),
@@ -1412,3 +1413,178 @@ def test_value_head_dim_gpu(dims, dtype):
                     seqlens_k=seqlens)
     check_attention(randn(3, 64, 8, d, dtype=dtype), k_cache, v_cache, causal=True, block_table=table,
                     seqlens_k=seqlens)
+
+
+# --------------------------------------------------------------------------------------------------
+# Dropout (issue 19 item 5)
+# --------------------------------------------------------------------------------------------------
+
+
+def _dropout_seed(seed):
+    """(generator for the kernel call, the Philox seed that call draws from it)."""
+    from gptkernels.attention import dropout_seed
+
+    return torch.Generator().manual_seed(seed), dropout_seed(torch.Generator().manual_seed(seed))
+
+
+def check_dropout(q, k, v, p, *, seed=0, varlen_lens=None, **kw):
+    """check_attention with dropout_p = p: the references use the very mask the kernels draw
+    (gptkernels.triton.flash_attn.dropout_mask, the kernels' own jitted helper)."""
+    from gptkernels.triton.flash_attn import dropout_mask
+
+    gen, philox_seed = _dropout_seed(seed)
+    if varlen_lens is None:
+        mask = dropout_mask(philox_seed, p, q.shape[0], q.shape[2], q.shape[1], k.shape[1], device=q.device)
+    else:
+        mask = dropout_mask(philox_seed, p, 1, q.shape[1], q.shape[0], k.shape[0], varlen=True, device=q.device)
+    return check_attention(q, k, v, dropout_p=p, generator=gen, ref_kw={"dropout_mask": mask}, **kw)
+
+
+# (batch, Sq, Sk, Hq, Hkv, D, causal, window)
+_DROPOUT_CASES = [
+    (2, 40, 40, 4, 2, 32, True, None),       # GQA, causal
+    (1, 33, 70, 2, 1, 16, False, None),      # Sq < Sk, full attention
+    (1, 70, 70, 2, 2, 64, True, 16),         # sliding window
+    (1, 40, 33, 2, 1, 24, False, (5, 7)),    # two-sided window, Sq > Sk
+]
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", _DROPOUT_CASES, ids=str)
+def test_dropout_parity(case, dtype, deterministic):
+    # forward (out, lse of the undropped scores) and both backwards against the float64 reference
+    # with the kernels' keep mask
+    b, sq, sk, hq, hkv, d, causal, window = case
+    q, k, v = randn(b, sq, hq, d, dtype=dtype), randn(b, sk, hkv, d, dtype=dtype), randn(b, sk, hkv, d, dtype=dtype)
+    check_dropout(q, k, v, 0.17, causal=causal, window=window, grad=True, with_dlse=True,
+                  deterministic=deterministic)
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dropout_varlen(dtype, deterministic):
+    lq, lk = (30, 1, 45), (50, 20, 45)
+    q = randn(sum(lq), 4, 32, dtype=dtype)
+    k, v = randn(sum(lk), 2, 32, dtype=dtype), randn(sum(lk), 2, 32, dtype=dtype)
+    # an understated max_seqlen_q: the tail launches draw the same bits
+    check_dropout(q, k, v, 0.25, varlen_lens=True, causal=True, cu_seqlens_q=_cu(lq), cu_seqlens_k=_cu(lk),
+                  max_seqlen_q=20, max_seqlen_k=50, grad=True, deterministic=deterministic)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dropout_packed_gqa_decode(dtype):
+    # one query row, a group of 4 (PACK_GQA: a tile's rows are (query, head) pairs), keys split
+    from gptkernels.triton.flash_attn import _pack_gqa
+
+    assert _pack_gqa(4, 1)
+    q, k, v = randn(2, 1, 8, 32, dtype=dtype), randn(2, 150, 2, 32, dtype=dtype), randn(2, 150, 2, 32, dtype=dtype)
+    check_dropout(q, k, v, 0.1, causal=True)
+    check_dropout(q, k, v, 0.5, seed=3, causal=True, window=40)
+
+
+def _dropout_run(p, generator=None, deterministic=True, backend=BACKEND, seed=None):
+    """(out, dq, dk, dv) of a fixed call; ``seed``: torch.manual_seed(seed) just before it."""
+    torch.manual_seed(11)
+    q, k, v = (randn(1, 37, 4, 16).requires_grad_() for _ in range(3))
+    if seed is not None:
+        torch.manual_seed(seed)
+    out = gptkernels.flash_attn(q, k, v, dropout_p=p, generator=generator, backend=backend,
+                                deterministic=deterministic)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    return (out.detach(), *grads)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_dropout_reproducible(backend):
+    # the same torch.manual_seed (or generator state): bit-identical out and gradients; another
+    # seed: another mask; p = 0: bit-identical to no dropout, and no draw from the generator
+    a, b, c = (_dropout_run(0.3, backend=backend, seed=s) for s in (1, 1, 2))
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    for x, y in zip(a, c):
+        assert not torch.equal(x, y)
+    for deterministic in (True, False):  # the atomic-dQ backward regenerates the same mask
+        d = _dropout_run(0.3, backend=backend, seed=1, deterministic=deterministic)
+        assert torch.equal(d[0], a[0])
+        for x, y in zip(d[1:], a[1:]):  # (other tile shapes on a GPU: not bit-equal)
+            torch.testing.assert_close(x, y)
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    for x, y in zip(_dropout_run(0.3, g1, backend=backend), _dropout_run(0.3, g2, backend=backend)):
+        assert torch.equal(x, y)
+    g = torch.Generator().manual_seed(4)
+    state = g.get_state()
+    for x, y in zip(_dropout_run(0.0, g, backend=backend), _dropout_run(0, backend=backend)):
+        assert torch.equal(x, y)
+    assert torch.equal(g.get_state(), state)
+    plain = _dropout_run(0.0, backend=backend)
+    torch.manual_seed(11)
+    q, k, v = (randn(1, 37, 4, 16).requires_grad_() for _ in range(3))
+    ref = gptkernels.flash_attn(q, k, v, backend=backend)
+    assert torch.equal(plain[0], ref.detach())
+
+
+def test_dropout_mask_statistics():
+    # Philox bits: the kept fraction of a large mask within 5 sigma of 1 - p; heads, rows and
+    # sequences draw independent bits (matching fraction p^2 + (1-p)^2); reproducible
+    from gptkernels.triton.flash_attn import dropout_mask
+
+    _, seed = _dropout_seed(0)
+    p = 0.1
+    m = dropout_mask(seed, p, 2, 4, 64, 256, device=DEVICE)
+    assert m.shape == (2, 4, 64, 256) and m.dtype == torch.bool
+    n = m.numel()
+    assert abs(m.float().mean().item() - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5
+    same = p * p + (1 - p) ** 2
+    for a, b in ((m[0, 0], m[0, 1]), (m[0, 0], m[1, 0]), (m[0, 0, :32], m[0, 0, 32:])):
+        frac = (a == b).float().mean().item()
+        assert abs(frac - same) < 5 * (same * (1 - same) / a.numel()) ** 0.5
+    assert torch.equal(m, dropout_mask(seed, p, 2, 4, 64, 256, device=DEVICE))
+    assert not torch.equal(m, dropout_mask(seed + 1, p, 2, 4, 64, 256, device=DEVICE))
+    # varlen masks index packed tokens: (Hq, Tq, Tk)
+    assert dropout_mask(seed, p, 3, 4, 10, 12, varlen=True, device=DEVICE).shape == (4, 10, 12)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_dropout_bad_input(backend):
+    q, k, v = randn(1, 4, 2, 16), randn(1, 6, 2, 16), randn(1, 6, 2, 16)
+    for p in (1.0, -0.1, float("nan"), 2):
+        with pytest.raises(ValueError, match=r"^flash_attn: dropout_p must be in \[0, 1\)"):
+            gptkernels.flash_attn(q, k, v, dropout_p=p, backend=backend)
+    for p in ("0.1", True, torch.tensor(0.1)):
+        with pytest.raises(TypeError, match="^flash_attn: dropout_p must be a float"):
+            gptkernels.flash_attn(q, k, v, dropout_p=p, backend=backend)
+    with pytest.raises(TypeError, match="^flash_attn: generator must be None or a torch.Generator"):
+        gptkernels.flash_attn(q, k, v, dropout_p=0.1, generator=3, backend=backend)
+    k_cache, v_cache, table, seqlens = _paged_cache([9], 8, 2, 16, torch.float32)
+    with pytest.raises(ValueError, match="^flash_attn: dropout_p > 0 is not served with paged keys"):
+        gptkernels.flash_attn(q, k_cache, v_cache, block_table=table, seqlens_k=seqlens, dropout_p=0.1,
+                              backend=backend)
+
+
+def test_dropout_refused_by_cuda():
+    # the CUDA launcher refuses before it touches the extension (so this runs without a GPU)
+    from gptkernels import cuda as cuda_backend
+
+    q, k, v = (randn(1, 4, 2, 64, dtype=torch.float16) for _ in range(3))
+    kw = dict(causal=True, window=None, softmax_scale=0.125, cu_seqlens_q=None, cu_seqlens_k=None,
+              max_seqlen_q=None, max_seqlen_k=None, block_table=None, seqlens_k=None, bottom_right=True)
+    with pytest.raises(gptkernels.BackendUnavailableError,
+                       match="flash_attn: backend 'cuda' cannot serve this call: no CUDA kernel for dropout_p"):
+        cuda_backend.flash_attn_forward(q, k, v, dropout_p=0.1, dropout_seed=5, **kw)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_dropout_gpu(dtype):
+    # the GPU's configs (wgmma tiles, autotuned), longer sequences, varlen, packed GQA decode
+    q, k, v = randn(2, 300, 8, 128, dtype=dtype), randn(2, 350, 2, 128, dtype=dtype), \
+        randn(2, 350, 2, 128, dtype=dtype)
+    for deterministic in (True, False):
+        check_dropout(q, k, v, 0.1, causal=True, grad=True, with_dlse=True, deterministic=deterministic)
+    check_dropout(q, k, v, 0.1, causal=True, window=64, grad=True)
+    check_dropout(q[:, :1], k, v, 0.1, causal=True)
+    lq, lk = (100, 1, 250), (300, 40, 250)
+    check_dropout(randn(sum(lq), 8, 64, dtype=dtype), randn(sum(lk), 2, 64, dtype=dtype),
+                  randn(sum(lk), 2, 64, dtype=dtype), 0.1, varlen_lens=True, causal=True,
+                  cu_seqlens_q=_cu(lq), cu_seqlens_k=_cu(lk), max_seqlen_q=250, max_seqlen_k=300, grad=True)

@@ -85,13 +85,17 @@ def register_fakes(namespace: str) -> None:
 
 def flash_attn_forward(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                        max_seqlen_k, block_table, seqlens_k, bottom_right, k_scale=None, v_scale=None,
-                       softcap=None, alibi_slopes=None):
+                       softcap=None, alibi_slopes=None, dropout_p=None, dropout_seed=None):
     """(out, lse): out like q (contiguous), lse float32 (B, Hq, Sq) dense or (Hq, Tq) varlen.
 
     float16/bfloat16 only, head dims 32, 64, 80, 96, 128, rows 16-byte aligned (head dim contiguous).
     ``softmax_scale`` and, for varlen q, ``max_seqlen_q`` come resolved from gptkernels.attention.
     """
     _refuse_options("flash_attn", k_scale=k_scale, v_scale=v_scale, softcap=softcap, alibi_slopes=alibi_slopes)
+    if dropout_p:  # passed only when > 0 (gptkernels.attention)
+        raise BackendUnavailableError(
+            f"flash_attn: backend 'cuda' cannot serve this call: no CUDA kernel for dropout_p > 0 "
+            f"(got {dropout_p}; dropout runs on backend='triton' or 'torch')")
     if v.shape[-1] != q.shape[-1]:
         raise BackendUnavailableError(
             f"flash_attn: backend 'cuda' cannot serve this call: no CUDA kernel for a head dim of v "

@@ -30,6 +30,10 @@ Design (details, FLOP/byte predictions and what a GPU session must tune: ``notes
   caller (no sync), so a tail launch (``TAIL``: one program per head and sequence, which finds
   nothing to do when the value was right) computes any rows past them: an understated value costs
   time, never correctness.
+* Dropout (``DROPOUT``, off by default: the flag-off launch compiles as before): the keep mask is
+  Philox bits on a counter that is a function of (sequence, head, query row, key) only
+  (``_rng_seq``, ``_dropout_keep``), so the forward and both backward kernels regenerate it from
+  the seed; nothing is stored.
 * Head dims 1..256: the D tile is padded to a power of two (>= 16, the smallest tl.dot) and masked.
 * float32 uses ``input_precision="ieee"`` (TF32 would break fp32 parity on the GPU).
 * Safety: sequence bounds read from cu_seqlens / seqlens_k are clamped to the tensors' extents and a
@@ -106,6 +110,36 @@ def _rows(offs, ROW64: tl.constexpr):
     if ROW64:
         offs = offs.to(tl.int64)
     return offs
+
+
+@triton.jit
+def _rng_seq(rng_offset, b64, hq, q_start, q_len, kv_len, VARLEN_Q: tl.constexpr):
+    """Dropout: the Philox counter of sequence b's first (query row, key quad), int64. Keys go by
+    quads (one Philox call gives four 32-bit words: keys 4c .. 4c + 3), a row has cdiv(kv_len, 4);
+    (query head h, row i, quad c) of a sequence is ``_rng_seq + (h * q_len + i) * cdiv(kv_len, 4)
+    + c``, i.e. ``rng_offset + ((b * Hq + h) * q_len + q_start + i) * cdiv(kv_len, 4) + c`` (dense:
+    q_start = 0; varlen: no batch term, q_start + i is the packed token, q_len = Tq, kv_len = Tk):
+    unique per (sequence, head, query, key), whichever kernel, tile shape or row packing asks."""
+    seq = q_start.to(tl.int64)
+    if not VARLEN_Q:
+        seq += b64 * hq * q_len
+    return rng_offset + seq * ((kv_len + 3) // 4)
+
+
+@triton.jit
+def _dropout_keep(seed, rng_seq, h, rows, col0, q_len, kv_len, dropout_p, BLOCK_N: tl.constexpr):
+    """Dropout keep mask of a tile: query head(s) ``h`` (a scalar, or per row with PACK_GQA), query
+    rows ``rows`` of the sequence, keys col0 .. col0 + BLOCK_N (col0 a multiple of 4: tiles start
+    at multiples of BLOCK_N >= 16). One Philox call (``tl.randint4x``) per four keys on the counters
+    of :func:`_rng_seq`, its words interleaved back into key order; kept with probability
+    1 - dropout_p. The forward, both backward kernels and :func:`dropout_mask` all call this, so
+    they regenerate the same bits."""
+    quads = col0 // 4 + tl.arange(0, BLOCK_N // 4)
+    offs = rng_seq + (h * q_len + rows).to(tl.int64)[:, None] * ((kv_len + 3) // 4) + quads[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, offs)
+    # join(join(r0, r2), join(r1, r3))[..., t, u] = r_(2t + u): key 4c + 2t + u after the reshape
+    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [offs.shape[0], BLOCK_N])
+    return tl.uint_to_uniform_float(r) >= dropout_p
 
 
 @triton.jit
@@ -420,6 +454,10 @@ def _pick(table, atomic_table=None, decode_table=None, shaped=False):
         if shaped:
             rows = _fit_rows(rows, named_args["seq_bucket"], named_args["band_bucket"],
                              kwargs.get("PACK_GQA", False), kwargs.get("HAS_WINDOW", False))
+        if kwargs.get("DROPOUT"):
+            # the Philox state needs registers: 64-key tiles first (128 keys spill ~500 bytes in
+            # the sm_90a forward, 64 none), and the atomic-dQ kernel unpipelined (notes/attention.md)
+            rows = sorted(rows, key=lambda r: (r[1] > 64, tbl is atomic_table and r[3] > 1))
         if os.environ.get(ENV_AUTOTUNE, "1") == "0":
             rows = rows[:1]
         by_row = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c for c in cfgs}
@@ -432,7 +470,7 @@ def _pick(table, atomic_table=None, decode_table=None, shaped=False):
 #: power-of-two buckets of the longest query sequence and of the band width (keys a row sees), which
 #: decide the tile shape that fills the GPU and wastes least on boundary tiles.
 _TUNE_KEY = ["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "PAGED", "VARLEN_Q", "seq_bucket", "band_bucket",
-             "SOFTCAP", "ALIBI", "HAS_RIGHT", "HEAD_DIM_V"]
+             "SOFTCAP", "ALIBI", "HAS_RIGHT", "HEAD_DIM_V", "DROPOUT"]
 
 
 def _autotune(table, interp, extra_key=(), reset_to_zero=None, atomic_table=None, decode_table=None,
@@ -449,6 +487,8 @@ def _autotune(table, interp, extra_key=(), reset_to_zero=None, atomic_table=None
 #: last-dim stride and 16-divisible row strides are what make the loads vectorised and pipelined.
 _VARYING = ["q_len", "kv_len", "group", "window", "window_right", "row0", "num_blocks", "stride_tb",
             "num_splits"]
+#: ... and the dropout seed and offset (drawn per call)
+_RNG_ARGS = ["seed", "rng_offset"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -465,8 +505,11 @@ def _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, start, end, pos_q, seqlen_k, wi
                PAGED: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
                HEAD_DIM_V: tl.constexpr,
                BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ROW64: tl.constexpr,
-               SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, HAS_RIGHT: tl.constexpr):
+               SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, HAS_RIGHT: tl.constexpr,
+               seed, rng_seq, rng_h, rng_rows, q_len, kv_len, dropout_p, DROPOUT: tl.constexpr):
     # K tiles are HEAD_DIM (q's) wide, V tiles HEAD_DIM_V (v's; the same when equal)
+    # DROPOUT: l (and so lse) sums the undropped P; the output takes the kept P (the 1 / (1 - p)
+    # scale is applied once, to the output)
     d_ok = offs_d[None, :] < HEAD_DIM
     dv_ok = offs_dv[None, :] < HEAD_DIM_V
     for start_n in range(start, end, BLOCK_N):
@@ -505,6 +548,9 @@ def _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, start, end, pos_q, seqlen_k, wi
         p = tl.math.exp2(s - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            p = tl.where(_dropout_keep(seed, rng_seq, rng_h, rng_rows, start_n, q_len, kv_len,
+                                       dropout_p, BLOCK_N), p, 0.0)
         v = tl.load(V_head + v_base + v_rows[:, None] + offs_dv[None, :] * stride_vd, mask=v_mask,
                     other=0.0).to(q.dtype)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
@@ -514,7 +560,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, start, end, pos_q, seqlen_k, wi
 
 @_autotune(_FWD_TABLE, _FWD_INTERP, extra_key=["SPLIT", "PACK_GQA"], decode_table=_FWD_DECODE_TABLE,
            shaped=True)
-@triton.jit(do_not_specialize=_VARYING)
+@triton.jit(do_not_specialize=_VARYING + _RNG_ARGS)
 def _fwd_kernel(
     Q, K, V, Out, Lse,
     cu_q, cu_k, seqlens_k, block_table,
@@ -529,13 +575,14 @@ def _fwd_kernel(
     K_scale, V_scale, stride_kscale_h, stride_vscale_h,
     Slopes, stride_slb, stride_slh, softcap_scale,
     q_len, kv_len, group, qk_scale, window, window_right, seq_bucket, band_bucket, row0,
+    seed, rng_offset, dropout_p,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_SCALED: tl.constexpr = False,
     ROW64: tl.constexpr = False, TAIL: tl.constexpr = False, PACK_GQA: tl.constexpr = False,
     SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, HAS_RIGHT: tl.constexpr = False,
-    HEAD_DIM_V: tl.constexpr = 0, BLOCK_DV: tl.constexpr = 0,
+    HEAD_DIM_V: tl.constexpr = 0, BLOCK_DV: tl.constexpr = 0, DROPOUT: tl.constexpr = False,
 ):
     # PACK_GQA (few query rows, GQA): one program per KV head (grid axis 1) whose query tile holds
     # the rows of every query head of the group, row r = query i * group + head g: each K/V tile is
@@ -578,6 +625,15 @@ def _fwd_kernel(
         qk_scale = qk_scale * tl.load(K_scale + hk * stride_kscale_h)
         v_scale = tl.load(V_scale + hk * stride_vscale_h)
     b64 = b.to(tl.int64)
+    if DROPOUT:  # kept P is scaled by 1 / (1 - p): once, on the output
+        v_scale = v_scale / (1.0 - dropout_p)
+        if PACK_GQA:
+            rng_seq = _rng_seq(rng_offset, b64, tl.num_programs(1) * group, q_start, q_len, kv_len,
+                               VARLEN_Q)
+        else:
+            rng_seq = _rng_seq(rng_offset, b64, tl.num_programs(1), q_start, q_len, kv_len, VARLEN_Q)
+    else:
+        rng_seq = b64  # unused
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -620,6 +676,10 @@ def _fwd_kernel(
                               other=0.0) * _LOG2E_C)[:, None]
         else:
             slope2 = m0  # unused
+        if DROPOUT and PACK_GQA:  # a packed row's own head
+            rng_h = h + g
+        else:
+            rng_h = h
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -647,19 +707,22 @@ def _fwd_kernel(
                                    stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
                                    offs_n, offs_d, offs_dv, slope2, softcap_scale, True, CAUSAL,
                                    HAS_WINDOW, PAGED, PAGE, HEAD_DIM, V_DIM, BLOCK_N, PRECISION, ROW64,
-                                   SOFTCAP, ALIBI, HAS_RIGHT)
+                                   SOFTCAP, ALIBI, HAS_RIGHT, seed, rng_seq, rng_h, qi, q_len, kv_len,
+                                   dropout_p, DROPOUT)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, lo2, hi2, pos_q, seqlen_k,
                                    window, window_right, qk_scale, b, block_table, stride_tb, num_blocks,
                                    stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
                                    offs_n, offs_d, offs_dv, slope2, softcap_scale, False, CAUSAL,
                                    HAS_WINDOW, PAGED, PAGE, HEAD_DIM, V_DIM, BLOCK_N, PRECISION, ROW64,
-                                   SOFTCAP, ALIBI, HAS_RIGHT)
+                                   SOFTCAP, ALIBI, HAS_RIGHT, seed, rng_seq, rng_h, qi, q_len, kv_len,
+                                   dropout_p, DROPOUT)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, lo3, hi3, pos_q, seqlen_k,
                                    window, window_right, qk_scale, b, block_table, stride_tb, num_blocks,
                                    stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
                                    offs_n, offs_d, offs_dv, slope2, softcap_scale, True, CAUSAL,
                                    HAS_WINDOW, PAGED, PAGE, HEAD_DIM, V_DIM, BLOCK_N, PRECISION, ROW64,
-                                   SOFTCAP, ALIBI, HAS_RIGHT)
+                                   SOFTCAP, ALIBI, HAS_RIGHT, seed, rng_seq, rng_h, qi, q_len, kv_len,
+                                   dropout_p, DROPOUT)
 
         # Rows that saw no key: l = 0, acc = 0 -> out 0 and lse -inf.
         seen = l_i > 0.0
@@ -745,7 +808,8 @@ def _dkdv_tiles(dk, dv, k, v, Q_b, DO_b, DQ_b, L_b, D_b, lo, int_lo, int_hi, hi,
                 HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
                 ATOMIC_DQ: tl.constexpr,
                 ROW64: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-                HAS_RIGHT: tl.constexpr):
+                HAS_RIGHT: tl.constexpr, seed, rng_seq, q_len, kv_len, dropout_p, n0,
+                DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr):
     """Accumulate dK, dV of one key tile over the query tiles [lo, hi) of every query head of its
     GQA group: one loop over (head, query tile) pairs (a nested head loop costs ~25 registers in the
     sm_90a compile, which the 128 x 64 tiles do not have), masked only outside [int_lo, int_hi).
@@ -760,6 +824,9 @@ def _dkdv_tiles(dk, dv, k, v, Q_b, DO_b, DQ_b, L_b, D_b, lo, int_lo, int_hi, hi,
     Soft cap / ALiBi (``_score_mods``): the scores are recomputed as in the forward; the cap's
     chain rule scales dS by 1 - tanh^2 (ALiBi adds a constant: nothing to differentiate).
     dO (like V, dV) is HEAD_DIM_V wide, Q (like K, dK, dQ) HEAD_DIM wide.
+
+    Dropout (``DROPOUT``, keep mask Z regenerated by :func:`_dropout_keep`, r = 1 / (1 - p)):
+    dV += (P Z r)^T dO, dP = (dO V^T) Z r, dS = P (dP - delta) (delta from the dropped output).
     """
     d_ok = offs_d[None, :] < HEAD_DIM
     dv_ok = offs_dv[None, :] < HEAD_DIM_V
@@ -795,8 +862,14 @@ def _dkdv_tiles(dk, dv, k, v, Q_b, DO_b, DQ_b, L_b, D_b, lo, int_lo, int_hi, hi,
             # zero keys score 0, p = exp2(0 - lse) overflows when lse is very negative, and
             # inf x 0 in dS K would be NaN. (dK/dV rows past the sequence are never stored.)
             p = tl.where((cols < seqlen_k)[None, :], p, 0.0)
-        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PRECISION)
+        p_v = p  # the P that multiplies V in the forward
+        if DROPOUT:
+            keep = _dropout_keep(seed, rng_seq, h, rows, n0, q_len, kv_len, dropout_p, BLOCK_N)
+            p_v = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        dv = tl.dot(tl.trans(p_v.to(do.dtype)), do, dv, input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if DROPOUT:
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:  # d(softcap * tanh(x / softcap)) / dx
             ds = ds * (1.0 - cap * cap)
@@ -811,7 +884,7 @@ def _dkdv_tiles(dk, dv, k, v, Q_b, DO_b, DQ_b, L_b, D_b, lo, int_lo, int_hi, hi,
 # DQacc is zeroed between autotuning trials (each trial adds into it with ATOMIC_DQ).
 @_autotune(_DKDV_TABLE, _DKDV_INTERP, extra_key=["ATOMIC_DQ"], reset_to_zero=["DQacc"],
            atomic_table=_DKDV_ATOMIC_TABLE)
-@triton.jit(do_not_specialize=_VARYING[:6])
+@triton.jit(do_not_specialize=_VARYING[:6] + _RNG_ARGS)
 def _bwd_dkdv(
     Q, K, V, DO, Lse, Delta, DK, DV, DQacc,
     cu_q, cu_k,
@@ -824,13 +897,14 @@ def _bwd_dkdv(
     stride_lb, stride_lh,
     Slopes, stride_slb, stride_slh, softcap_scale,
     q_len, kv_len, group, qk_scale, sm_scale, window, window_right, seq_bucket, band_bucket, row0,
+    seed, rng_offset, dropout_p,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     VARLEN_Q: tl.constexpr, PAGED: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ROW64: tl.constexpr = False, TAIL: tl.constexpr = False,
     SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, HAS_RIGHT: tl.constexpr = False,
-    HEAD_DIM_V: tl.constexpr = 0, BLOCK_DV: tl.constexpr = 0,
+    HEAD_DIM_V: tl.constexpr = 0, BLOCK_DV: tl.constexpr = 0, DROPOUT: tl.constexpr = False,
 ):
     # HEAD_DIM_V / BLOCK_DV: v's head dim (V, dO, dV) as in _fwd_kernel (0: HEAD_DIM / BLOCK_D)
     V_DIM: tl.constexpr = HEAD_DIM if HEAD_DIM_V == 0 else HEAD_DIM_V
@@ -851,6 +925,11 @@ def _bwd_dkdv(
     offs_dv = tl.arange(0, V_BLOCK)
     q_tok = q_start.to(tl.int64)
     k_tok = k_start.to(tl.int64)
+    if DROPOUT:
+        rng_seq = _rng_seq(rng_offset, b64, tl.num_programs(1) * group, q_start, q_len, kv_len,
+                           VARLEN_Q)
+    else:
+        rng_seq = b64  # unused
 
     n_first, n_step, n_count = _tile_loop(pid_n, row0, seqlen_k, BLOCK_N, TAIL)
     for it in range(0, n_count):
@@ -878,7 +957,8 @@ def _bwd_dkdv(
                              stride_doh, stride_dod, stride_dqas, stride_dqah, stride_lh, offs_m,
                              offs_d, offs_dv, Slopes + b64 * stride_slb, stride_slh, softcap_scale,
                              CAUSAL, HAS_WINDOW, HEAD_DIM, V_DIM, BLOCK_M, PRECISION, ATOMIC_DQ, ROW64,
-                             SOFTCAP, ALIBI, HAS_RIGHT)
+                             SOFTCAP, ALIBI, HAS_RIGHT, seed, rng_seq, q_len, kv_len, dropout_p, n0,
+                             DROPOUT, BLOCK_N)
         # the store's row offsets and mask are computed again here rather than kept live through
         # the loop above (registers)
         col_ix = _rows(n0 + offs_n, ROW64)
@@ -908,9 +988,10 @@ def _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, start, end, pos_q, seqlen_
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
               PRECISION: tl.constexpr,
               ROW64: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-              HAS_RIGHT: tl.constexpr):
-    """Accumulate dQ of one query tile over the key tiles [start, end) (soft cap / ALiBi as in
-    _dkdv_tiles; V is HEAD_DIM_V wide)."""
+              HAS_RIGHT: tl.constexpr, seed, rng_seq, h, rows, q_len, kv_len, dropout_p,
+              DROPOUT: tl.constexpr):
+    """Accumulate dQ of one query tile over the key tiles [start, end) (soft cap / ALiBi / dropout
+    as in _dkdv_tiles; V is HEAD_DIM_V wide)."""
     d_ok = offs_d[None, :] < HEAD_DIM
     dv_ok = offs_dv[None, :] < HEAD_DIM_V
     col_ix = _rows(offs_n, ROW64)
@@ -935,6 +1016,9 @@ def _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, start, end, pos_q, seqlen_
             p = tl.where(_visible(pos_q[:, None], cols[None, :], seqlen_k, window, right, CAUSAL,
                                   HAS_WINDOW, HAS_RIGHT), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if DROPOUT:
+            dp = tl.where(_dropout_keep(seed, rng_seq, h, rows, start_n, q_len, kv_len, dropout_p,
+                                        BLOCK_N), dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - cap * cap)
@@ -943,7 +1027,7 @@ def _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, start, end, pos_q, seqlen_
 
 
 @_autotune(_DQ_TABLE, _DQ_INTERP, shaped=True)
-@triton.jit(do_not_specialize=_VARYING[:6])
+@triton.jit(do_not_specialize=_VARYING[:6] + _RNG_ARGS)
 def _bwd_dq(
     Q, K, V, DO, Lse, Delta, DQ,
     cu_q, cu_k,
@@ -955,13 +1039,14 @@ def _bwd_dq(
     stride_lb, stride_lh,
     Slopes, stride_slb, stride_slh, softcap_scale,
     q_len, kv_len, group, qk_scale, sm_scale, window, window_right, seq_bucket, band_bucket, row0,
+    seed, rng_offset, dropout_p,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     VARLEN_Q: tl.constexpr, PAGED: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ROW64: tl.constexpr = False, TAIL: tl.constexpr = False,
     SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, HAS_RIGHT: tl.constexpr = False,
-    HEAD_DIM_V: tl.constexpr = 0, BLOCK_DV: tl.constexpr = 0,
+    HEAD_DIM_V: tl.constexpr = 0, BLOCK_DV: tl.constexpr = 0, DROPOUT: tl.constexpr = False,
 ):
     # HEAD_DIM_V / BLOCK_DV: v's head dim (V, dO) as in _fwd_kernel (0: HEAD_DIM / BLOCK_D)
     V_DIM: tl.constexpr = HEAD_DIM if HEAD_DIM_V == 0 else HEAD_DIM_V
@@ -994,6 +1079,10 @@ def _bwd_dq(
         slope2 = tl.load(Slopes + b64 * stride_slb + h * stride_slh) * _LOG2E_C
     else:
         slope2 = qk_scale  # unused
+    if DROPOUT:
+        rng_seq = _rng_seq(rng_offset, b64, tl.num_programs(1), q_start, q_len, kv_len, VARLEN_Q)
+    else:
+        rng_seq = b64  # unused
 
     m_first, m_step, m_count = _tile_loop(pid_m, row0, seqlen_q, BLOCK_M, TAIL)
     for it in range(0, m_count):
@@ -1015,15 +1104,18 @@ def _bwd_dq(
         dq = _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, lo, int_lo, pos_q, seqlen_k, window,
                        window_right, qk_scale, stride_ks, stride_kd, stride_vs, stride_vd, offs_n,
                        offs_d, offs_dv, slope2, softcap_scale, True, CAUSAL, HAS_WINDOW, HEAD_DIM,
-                       V_DIM, BLOCK_N, PRECISION, ROW64, SOFTCAP, ALIBI, HAS_RIGHT)
+                       V_DIM, BLOCK_N, PRECISION, ROW64, SOFTCAP, ALIBI, HAS_RIGHT,
+                       seed, rng_seq, h, rows, q_len, kv_len, dropout_p, DROPOUT)
         dq = _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, int_lo, int_hi, pos_q, seqlen_k,
                        window, window_right, qk_scale, stride_ks, stride_kd, stride_vs, stride_vd,
                        offs_n, offs_d, offs_dv, slope2, softcap_scale, False, CAUSAL, HAS_WINDOW,
-                       HEAD_DIM, V_DIM, BLOCK_N, PRECISION, ROW64, SOFTCAP, ALIBI, HAS_RIGHT)
+                       HEAD_DIM, V_DIM, BLOCK_N, PRECISION, ROW64, SOFTCAP, ALIBI, HAS_RIGHT,
+                       seed, rng_seq, h, rows, q_len, kv_len, dropout_p, DROPOUT)
         dq = _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, int_hi, hi, pos_q, seqlen_k, window,
                        window_right, qk_scale, stride_ks, stride_kd, stride_vs, stride_vd, offs_n,
                        offs_d, offs_dv, slope2, softcap_scale, True, CAUSAL, HAS_WINDOW, HEAD_DIM,
-                       V_DIM, BLOCK_N, PRECISION, ROW64, SOFTCAP, ALIBI, HAS_RIGHT)
+                       V_DIM, BLOCK_N, PRECISION, ROW64, SOFTCAP, ALIBI, HAS_RIGHT,
+                       seed, rng_seq, h, rows, q_len, kv_len, dropout_p, DROPOUT)
 
         tl.store(DQ + b64 * stride_dqb + q_tok * stride_dqs + h * stride_dqh
                  + row_ix[:, None] * stride_dqs + offs_d[None, :],
@@ -1143,10 +1235,14 @@ def _lse_strides(q: torch.Tensor, varlen: bool) -> tuple[int, int]:
 
 def flash_attn_forward(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, cu_seqlens_k,
                        max_seqlen_q, max_seqlen_k, block_table, seqlens_k, bottom_right,
-                       k_scale=None, v_scale=None, softcap=None, alibi_slopes=None):
+                       k_scale=None, v_scale=None, softcap=None, alibi_slopes=None, dropout_p=0.0,
+                       dropout_seed=0):
     """Attention forward. Returns (out like q, contiguous; lse float32 (B, Hq, Sq) or (Hq, Tq)).
     ``k_scale``/``v_scale``: an fp8 paged cache's per-KV-head scales ((Hkv,) or ()); ``softcap``
-    (> 0) and ``alibi_slopes`` ((Hq,) or (B, Hq) float32, any strides) as in gptkernels/reference.py."""
+    (> 0) and ``alibi_slopes`` ((Hq,) or (B, Hq) float32, any strides) as in gptkernels/reference.py.
+    ``dropout_p`` > 0 (dense and varlen keys): P is kept with probability 1 - dropout_p (mask from
+    Philox with ``dropout_seed``, :func:`dropout_mask`) and scaled by 1 / (1 - dropout_p); lse is
+    of the undropped scores."""
     varlen_q = cu_seqlens_q is not None
     varlen_k = cu_seqlens_k is not None
     paged = block_table is not None
@@ -1215,8 +1311,9 @@ def flash_attn_forward(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, 
             lpart if varlen_q or splits == 1 else lpart[bs], *sp, *slp, splits,
             *_kv_scale_args(k_scale, v_scale, dummy), *_slope_args(alibi_slopes, bs, dummy), softcap_scale,
             q_len, kv_len, group, qk_scale, win_left, win_right,
-            *_tune_buckets(tile_rows, max_seqlen_k or kv_len, width), row0, **band_flags,
-            BOTTOM_RIGHT=bottom_right,
+            *_tune_buckets(tile_rows, max_seqlen_k or kv_len, width), row0,
+            dropout_seed, _rng_offset(bs, varlen_q, hq, q_len, kv_len), dropout_p, **band_flags,
+            BOTTOM_RIGHT=bottom_right, **_dropout_flag(dropout_p),
             VARLEN_Q=varlen_q, VARLEN_K=varlen_k, PAGED=paged, PAGE=page,
             HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), PRECISION=_precision(q.dtype),
             SPLIT=splits > 1, KV_SCALED=k_scale is not None, ROW64=row64, TAIL=tail,
@@ -1242,6 +1339,51 @@ def flash_attn_forward(q, k, v, *, causal, window, softmax_scale, cu_seqlens_q, 
         for bs in _batch_chunks(batch):
             launch(_fwd_kernel.fn, (1, heads, bs.stop - bs.start), bs, 1, True, covered.rows, **config)
     return out, lse
+
+
+def _rng_offset(bs: slice, varlen: bool, hq: int, q_len: int, kv_len: int) -> int:
+    """The dropout offset of a launch's first sequence (``_rng_seq``: a dense launch's b counts from
+    the chunk's first sequence; varlen rows are packed tokens, with no batch term)."""
+    return 0 if varlen else bs.start * hq * q_len * kv_len
+
+
+def _dropout_flag(dropout_p: float) -> dict:
+    """DROPOUT=True when dropout is on; nothing otherwise, so the default launch compiles exactly as
+    before the flag existed."""
+    return dict(DROPOUT=True) if dropout_p > 0 else {}
+
+
+@triton.jit
+def _dropout_mask_kernel(Mask, seed, rng_offset, dropout_p, hq, q_len, kv_len,
+                         VARLEN_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Mask (B, Hq, q_len, kv_len) int8, contiguous; varlen: B = 1 and rows are packed tokens
+    h = tl.program_id(1).to(tl.int64)
+    b64 = tl.program_id(2).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rng_seq = _rng_seq(rng_offset, b64, hq, b64 * 0, q_len, kv_len, VARLEN_Q)
+    base = Mask + ((b64 * hq + h) * q_len + rows.to(tl.int64))[:, None] * kv_len
+    for n0 in range(0, kv_len, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(seed, rng_seq, h, rows, n0, q_len, kv_len, dropout_p, BLOCK_N)
+        tl.store(base + cols[None, :], keep.to(tl.int8),
+                 mask=(rows < q_len)[:, None] & (cols < kv_len)[None, :])
+
+
+def dropout_mask(seed: int, dropout_p: float, batch: int, heads: int, q_len: int, kv_len: int, *,
+                 varlen: bool = False, device=None) -> torch.Tensor:
+    """The keep mask the kernels draw for ``dropout_seed=seed`` (for tests and debugging, as
+    FlashAttention's ``return_attn_probs`` S_dmask): bool (B, Hq, Sq, Sk) for dense inputs, or
+    ``varlen=True`` (Hq, Tq, Tk) over the packed tokens (sequence b's block is
+    ``[:, q0:q1, :seqlen_k_b]``: keys count from each sequence's first). Computed by the same jitted
+    :func:`_dropout_keep` as the kernels."""
+    rows_b = 1 if varlen else batch
+    mask = torch.empty((rows_b, heads, q_len, kv_len), dtype=torch.int8, device=device)
+    if mask.numel():
+        _dropout_mask_kernel[(triton.cdiv(q_len, 32), heads, rows_b)](
+            mask, seed, 0, float(dropout_p), heads, q_len, kv_len, VARLEN_Q=varlen, BLOCK_M=32,
+            BLOCK_N=32)
+    mask = mask.bool()
+    return mask[0] if varlen else mask
 
 
 def _score_scales(softmax_scale: float, softcap: float | None) -> tuple[float, float]:
@@ -1310,13 +1452,15 @@ def _pack_row64(*tensors) -> bool:
 
 def flash_attn_backward(dout, dlse, q, k, v, out, lse, *, causal, window, softmax_scale,
                         cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bottom_right,
-                        deterministic=True, softcap=None, alibi_slopes=None):
+                        deterministic=True, softcap=None, alibi_slopes=None, dropout_p=0.0,
+                        dropout_seed=0):
     """Attention backward (dense and varlen). Returns contiguous (dq, dk, dv).
 
     ``deterministic=True``: dK/dV and dQ in two kernels (7 tile matmuls per tile pair, bit-exact
     repeats). ``False``: one kernel adds dQ into a float32 buffer with atomics (5 tile matmuls, an
-    extra q-sized float32 buffer, the last bits of dQ vary between runs). ``softcap`` and
-    ``alibi_slopes`` as in the forward (the slopes get no gradient).
+    extra q-sized float32 buffer, the last bits of dQ vary between runs). ``softcap``,
+    ``alibi_slopes`` and ``dropout_p`` / ``dropout_seed`` as in the forward (the slopes get no
+    gradient; the dropout mask is regenerated from the seed, never stored).
     """
     varlen = cu_seqlens_q is not None
     cu_seqlens_q, cu_seqlens_k = _contiguous(cu_seqlens_q, cu_seqlens_k)
@@ -1364,7 +1508,8 @@ def flash_attn_backward(dout, dlse, q, k, v, out, lse, *, causal, window, softma
     common = dict(**band_flags, BOTTOM_RIGHT=bottom_right,
                   VARLEN_Q=varlen, PAGED=False, HEAD_DIM=head_dim, BLOCK_D=block_d,
                   PRECISION=_precision(q.dtype), SOFTCAP=softcap is not None,
-                  ALIBI=alibi_slopes is not None, **_v_dims(head_dim, head_dim_v))
+                  ALIBI=alibi_slopes is not None, **_v_dims(head_dim, head_dim_v),
+                  **_dropout_flag(dropout_p))
     qk_scale, softcap_scale = _score_scales(softmax_scale, softcap)
     scalars = (q_len, kv_len, group, qk_scale, softmax_scale, win_left, win_right,
                *_tune_buckets(max(max_q, max_k), max_k, width))
@@ -1381,6 +1526,7 @@ def flash_attn_backward(dout, dlse, q, k, v, out, lse, *, causal, window, softma
         ck = _cu_chunk(cu_k, bs) if varlen else cu_k
         lse_c, delta_c = cut(lse), cut(delta)
         mods = (*_slope_args(alibi_slopes, bs, lse), softcap_scale)
+        rng = (dropout_seed, _rng_offset(bs, varlen, hq, q_len, kv_len), dropout_p)
         for tail in passes:
             _bwd_preprocess[(1 if tail else triton.cdiv(max_q, pre_m), hq, n)](
                 cut(out), cut(dout), cut(dlse) if dlse is not None else lse_c, delta_c, cq,
@@ -1402,7 +1548,7 @@ def flash_attn_backward(dout, dlse, q, k, v, out, lse, *, causal, window, softma
                 cut(q), cut(k), cut(v), cut(dout), lse_c, delta_c, cut(dk), cut(dv),
                 dq_acc if deterministic else cut(dq_acc), cq, ck,
                 *sq, *sk, *sv, *sdo, sdk[0], sdk[1], sdk[2], *sdqa, slb, slh, *mods, *scalars,
-                covered.rows if tail else 0,
+                covered.rows if tail else 0, *rng,
                 **common, ATOMIC_DQ=not deterministic, ROW64=row64, TAIL=tail, **config,
             )
         covered = _Covered(max_q, "BLOCK_M")
@@ -1415,7 +1561,7 @@ def flash_attn_backward(dout, dlse, q, k, v, out, lse, *, causal, window, softma
             kernel[grid](
                 cut(q), cut(k), cut(v), cut(dout), lse_c, delta_c, cut(dq), cq, ck,
                 *sq, *sk, *sv, *sdo, sdq[0], sdq[1], sdq[2], slb, slh, *mods, *scalars,
-                covered.rows if tail else 0, **common,
+                covered.rows if tail else 0, *rng, **common,
                 ROW64=row64, TAIL=tail, **config,
             )
     if not deterministic:

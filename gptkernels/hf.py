@@ -27,7 +27,8 @@ sdpa: custom mask overlays (``or_mask_function``/``and_mask_function``, block or
 bidirectional masks, packed sequences found from position ids, static caches (queries not at the
 end of the keys), 4-D masks given by the caller, rows padded on different sides in one batch or
 padding between real tokens (a prefill, or a windowed decode: right-padded generation past the
-window), dropout, float64, position bias, a batch-1 query broadcast over a batch of keys.
+window), float64, position bias, a batch-1 query broadcast over a batch of keys. Attention dropout in
+training goes to the kernels (``flash_attn(dropout_p=)``, its own mask, drawn from torch's generator).
 Gemma-2's ``softcap`` goes to the kernels (``flash_attn(softcap=)``); transformers' sdpa refuses it,
 so a softcapped call that falls back raises transformers' own error (use ``"eager"`` there).
 """
@@ -227,10 +228,8 @@ def _prepare_mask(general, batch_size: int, q_length: int, kv_length: int, q_off
 # --------------------------------------------------------------------------------------------------
 
 
-def _kernels_refuse(query, key, value, dropout: float) -> Optional[str]:
+def _kernels_refuse(query, key, value) -> Optional[str]:
     """Why our kernels cannot serve these tensors (None: they can)."""
-    if dropout:
-        return "dropout"
     if query.dtype not in P.FLOAT_DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
         return "dtype"
     if max(query.shape[-1], value.shape[-1]) > P.MAX_HEAD_DIM:  # a value head dim of its own is served
@@ -240,13 +239,14 @@ def _kernels_refuse(query, key, value, dropout: float) -> Optional[str]:
     return None
 
 
-def _padded_attention(q, k, v, padding: _Padding, alignment: str, window, scale, backend, softcap=None):
+def _padded_attention(q, k, v, padding: _Padding, alignment: str, window, scale, backend, softcap=None,
+                      dropout_p=0.0):
     """q (B, L, Hq, D), k (B, S, Hkv, D), v (B, S, Hkv, Dv) (any strides) with a tagged padding mask of
     S keys -> (B, L, Hq, Dv): compact the keys (and queries) to varlen, attend with ``alignment`` (see
     :meth:`_Padding.alignment`), pad back with zeros."""
     if alignment == "dense":
         return flash_attn(q, k, v, causal=True, window=window, softmax_scale=scale, backend=backend,
-                          softcap=softcap)
+                          softcap=softcap, dropout_p=dropout_p)
     (bq, sq, cu_q, max_q), (bk, sk, cu_k, max_k) = padding.unpad(q.shape[1])
     ku, vu = k[bk, sk], v[bk, sk]
     if alignment == "top-left":  # every query row, each row's from its first (real) key
@@ -255,11 +255,11 @@ def _padded_attention(q, k, v, padding: _Padding, alignment: str, window, scale,
         out = _flash_attn(q.reshape(batch * q_len, *q.shape[2:]), ku, vu, causal=True, window=window,
                           softmax_scale=scale, cu_seqlens_q=cu_rows, cu_seqlens_k=cu_k, max_seqlen_q=q_len,
                           max_seqlen_k=max_k, block_table=None, seqlens_k=None, return_lse=False,
-                          backend=backend, bottom_right=False, softcap=softcap)
+                          backend=backend, bottom_right=False, softcap=softcap, dropout_p=dropout_p)
         return out.view(*q.shape[:-1], v.shape[-1])
     out = flash_attn(q[bq, sq], ku, vu, causal=True, window=window, softmax_scale=scale, cu_seqlens_q=cu_q,
                      cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k, backend=backend,
-                     softcap=softcap)
+                     softcap=softcap, dropout_p=dropout_p)
     return out.new_zeros(*q.shape[:-1], v.shape[-1]).index_put((bq, sq), out)
 
 
@@ -294,7 +294,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                                  dropout=dropout, scaling=scaling, is_causal=is_causal, kwargs=kwargs)
     extra = next((k for k in SDPA_ONLY if kwargs.get(k) is not None), None)
     softcap = kwargs.get("softcap")  # Gemma-2's attn_logit_softcapping (the fallback keeps it in kwargs)
-    refuse = extra or _kernels_refuse(query, key, value, dropout)
+    refuse = extra or _kernels_refuse(query, key, value)
     padding = getattr(attention_mask, "_gptkernels", None)
     if padding is not None and padding.mask is attention_mask:
         q_len = query.shape[2]
@@ -306,7 +306,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             return fallback("padding layout", attention_mask=_dense_mask(padding, q_len, padding.window))
         calls["kernels" if padding.full else "kernels:padded"] += 1
         out = _padded_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), padding,
-                                alignment, padding.window, scaling, gptkernels_backend, softcap)
+                                alignment, padding.window, scaling, gptkernels_backend, softcap, dropout)
         return out.contiguous(), None
     if attention_mask is not None:
         # a 4-D (or foreign) mask: transformers' semantics
@@ -319,11 +319,13 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     calls["kernels"] += 1
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = bool(causal) and query.shape[2] > 1
-    if softcap is not None:  # sdpa's top-left semantics, through flash_attn (sdpa has no softcap)
+    if softcap is not None or dropout:
+        # sdpa's top-left semantics, through flash_attn (sdpa has no softcap; its dropout is torch's)
         out = _flash_attn(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=causal,
                           window=None, softmax_scale=scaling, cu_seqlens_q=None, cu_seqlens_k=None,
                           max_seqlen_q=None, max_seqlen_k=None, block_table=None, seqlens_k=None,
-                          return_lse=False, backend=gptkernels_backend, bottom_right=False, softcap=softcap)
+                          return_lse=False, backend=gptkernels_backend, bottom_right=False, softcap=softcap,
+                          dropout_p=dropout)
         return out.contiguous(), None
     out = sdpa(query, key, value, is_causal=causal, scale=scaling,
                enable_gqa=query.shape[1] != key.shape[1], backend=gptkernels_backend)
@@ -371,8 +373,8 @@ def _gpt_neo_attention_forward(self, hidden_states, attention_mask=None, layer_p
     padding = getattr(attention_mask, "_gptkernels", None)
     if padding is not None and padding.mask is not attention_mask:
         padding = None
-    refuse = ("output_attentions" if output_attentions else
-              _kernels_refuse(query, key, value, self.attn_dropout.p if self.training else 0.0))
+    dropout = self.attn_dropout.p if self.training else 0.0
+    refuse = "output_attentions" if output_attentions else _kernels_refuse(query, key, value)
     if padding is not None:
         _check_padding_shape(attention_mask, query, key)
         if refuse is None and padding.window is not None:  # not from create_causal_mask: not GPT-Neo's own
@@ -392,11 +394,12 @@ def _gpt_neo_attention_forward(self, hidden_states, attention_mask=None, layer_p
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         if padding is None:  # GPT-Neo's own bias: bottom-right causal, whatever the lengths
             calls["kernels"] += 1
-            out = flash_attn(q, k, v, causal=True, window=window, softmax_scale=1.0, backend=self._gptkernels_backend)
+            out = flash_attn(q, k, v, causal=True, window=window, softmax_scale=1.0, backend=self._gptkernels_backend,
+                             dropout_p=dropout)
         else:
             calls["kernels" if padding.full else "kernels:padded"] += 1
             out = _padded_attention(q, k, v, padding, padding.alignment(q_len, window), window, 1.0,
-                                    self._gptkernels_backend)
+                                    self._gptkernels_backend, dropout_p=dropout)
         attn_output, attn_weights = out.transpose(1, 2), None
     attn_output = self._merge_heads(attn_output, self.num_heads, self.head_dim)
     attn_output = self.resid_dropout(self.out_proj(attn_output))
@@ -407,9 +410,10 @@ def patch(model: torch.nn.Module, backend: Optional[str] = None) -> torch.nn.Mod
     """Make a Hugging Face GPT-Neo model (``GPTNeoModel``, ``GPTNeoForCausalLM``, ...) run our
     attention kernels, in place: every attention layer (global, and local with its ``window_size``),
     forward and backward, padded batches and generation with a cache included. The results are
-    those of its ``"eager"`` attention; calls the kernels cannot serve (attention dropout in training,
-    ``output_attentions``, float64, a window over right-padded keys with holes) run that eager code
-    and are counted in :data:`calls`. Returns ``model``."""
+    those of its ``"eager"`` attention (attention dropout in training runs in the kernels, with their
+    own mask); calls the kernels cannot serve (``output_attentions``, float64, a window over
+    right-padded keys with holes) run that eager code and are counted in :data:`calls`. Returns
+    ``model``."""
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
     from transformers.models.gpt_neo import modeling_gpt_neo as neo
 

@@ -347,6 +347,41 @@ def test_value_head_dim_goes_to_the_kernels(calls):
     assert set(calls) <= {"kernels", "kernels:padded"} and sum(calls.values()) == 2
 
 
+@pytest.mark.parametrize("name", ["gpt2", "gpt-neo"])
+def test_training_dropout_runs_the_kernels(name, calls):
+    # Attention dropout in training (GPT-2's attn_pdrop): flash_attn(dropout_p=) in every layer, not
+    # transformers' sdpa / eager; reproducible from torch's seed; the same as the kernels called by
+    # hand with that seed; gradients flow.
+    cfg = dict(CONFIGS[name], attn_pdrop=0.5, resid_pdrop=0.0, embd_pdrop=0.0)
+    cfg.pop("attention_dropout", None)
+    if name == "gpt-neo":
+        cfg["attention_dropout"], cfg["resid_dropout"], cfg["embed_dropout"] = cfg.pop("attn_pdrop"), 0.0, 0.0
+        cfg.pop("resid_pdrop"), cfg.pop("embd_pdrop")
+    ours = _models(cfg)["ours"].train()
+    ids = _ids(2, 9)
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        losses.append(ours(ids, labels=ids).loss)
+    assert torch.equal(losses[0], losses[1])  # the same seed, the same masks
+    with torch.no_grad():
+        plain = ours.eval()(ids, labels=ids).loss
+    assert not torch.equal(losses[0].detach(), plain)  # dropout did something
+    losses[0].backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in ours.parameters() if p.requires_grad)
+    assert gptkernels.hf.fallbacks() == {} and sum(calls.values()) == 3 * LAYERS  # 3 forwards
+
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 1
+    q, k, v = (torch.randn(2, 4, 9, 16, device=DEVICE) for _ in range(3))
+    torch.manual_seed(3)
+    got, _ = gptkernels.hf.attention_forward(module, q, k, v, None, dropout=0.25, gptkernels_backend=BACKEND)
+    torch.manual_seed(3)
+    want = gptkernels.flash_attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=0.25,
+                                 backend=BACKEND)
+    assert torch.equal(got, want)
+
+
 def test_gpt_neo_patch(kernel_calls, calls):
     models = _models("gpt-neo")
     eager, ours = models["eager"], models["ours"]

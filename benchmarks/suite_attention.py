@@ -367,7 +367,10 @@ FEAT_B, FEAT_S, FEAT_H, FEAT_D = 2, 4096, 16, 128
 SOFTCAP = 30.0  # Gemma-2's attention soft cap is 50, Grok's 30: any value exercises the same path
 TWO_SIDED = (256, 256)  # FlashAttention's window_size=(left, right), causal=False
 DV_DIMS = (192, 128)  # (d, dv): DeepSeek MLA's query/key and value head dims
-FEATURES = ("causal", f"softcap {SOFTCAP:g}", "alibi", f"window {TWO_SIDED}", f"dv {DV_DIMS[1]}, d {DV_DIMS[0]}")
+DROPOUT_P = 0.1  # GPT-2's attn_pdrop
+DROPOUT_SEED = 1234  # every timed call draws its Philox seed from a generator seeded with this
+FEATURES = ("causal", f"softcap {SOFTCAP:g}", "alibi", f"window {TWO_SIDED}", f"dropout {DROPOUT_P:g}",
+            f"dv {DV_DIMS[1]}, d {DV_DIMS[0]}")
 SDPA_ALIBI = "torch sdpa efficient (additive mask)"
 FLASH_ATTN_PEER = "flash-attn flash_attn_func"
 
@@ -380,7 +383,9 @@ def feature_impls(feature: str, direction: str) -> list[str]:
     names = ["gptkernels triton"]
     if direction == "bwd":
         names.append(ATOMIC_DQ)
-    if feature == "causal":
+    if feature == "causal" or feature.startswith("dropout"):
+        # dropout: ours only; a peer's dropout mask is its own, so its output has nothing to be
+        # checked against (ours is checked with the kernels' own mask, see FeatureCase._ref_opts)
         return names
     if feature == "alibi":
         names.append(SDPA_ALIBI)
@@ -407,7 +412,14 @@ def feature_options(feature: str, heads: int, device=None) -> dict:
         return {"causal": True, "window": None, "alibi_slopes": alibi_slopes(heads, device)}
     if feature.startswith("window"):
         return {"causal": False, "window": TWO_SIDED}
+    if feature.startswith("dropout"):
+        return {"causal": True, "window": None, "dropout_p": DROPOUT_P}
     return {"causal": True, "window": None}
+
+
+def dropout_generator() -> torch.Generator:
+    """A fresh generator per call, so every timed call (and the check) draws the same dropout seed."""
+    return torch.Generator().manual_seed(DROPOUT_SEED)
 
 
 class FeatureCase(Case):
@@ -425,6 +437,7 @@ class FeatureCase(Case):
         self.params = {"B": b, "H": h, "S": s, "D": self.d, "Dv": self.dv, "feature": feature,
                        "causal": self.opts["causal"], "window": list(left_right) if left_right else None,
                        "softcap": self.opts.get("softcap"), "alibi": "alibi_slopes" in self.opts,
+                       "dropout_p": self.opts.get("dropout_p", 0.0),
                        "dtype": str(dtype).replace("torch.", "")}
         self.flops = formulas.attention_pair_flops(b, h, pairs, self.d, self.dv if self.dv != self.d else None,
                                                    backward=direction == "bwd").value
@@ -441,11 +454,21 @@ class FeatureCase(Case):
         return SimpleNamespace(q=q.requires_grad_(grad), k=k.requires_grad_(grad), v=v.requires_grad_(grad),
                                dout=dout, out=None)
 
-    def _ref_opts(self, h: int) -> dict:
-        """The reference's arguments for the one-head slice ``h`` (its ALiBi slope)."""
+    def _ref_opts(self, b: int, h: int) -> dict:
+        """The reference's arguments for the one-head slice (b, h): its ALiBi slope; with dropout the
+        kernels' own keep mask for the seed every timed call draws (as FlashAttention's tests use
+        its S_dmask)."""
         opts = dict(self.opts)
         if "alibi_slopes" in opts:
             opts["alibi_slopes"] = opts["alibi_slopes"][h:h + 1]
+        if "dropout_p" in opts:
+            from gptkernels.attention import dropout_seed
+            from gptkernels.triton.flash_attn import dropout_mask
+
+            keep = dropout_mask(dropout_seed(dropout_generator()), opts["dropout_p"], self.b, self.h, self.s,
+                                self.s, device=timing.DEVICE)
+            opts["dropout_mask"] = keep[b:b + 1, h:h + 1].clone()
+            del keep
         return opts
 
     def reference(self):
@@ -459,7 +482,7 @@ class FeatureCase(Case):
                     q, k, v = (t.detach()[b:b + 1, :, h:h + 1].to(dtype).clone().requires_grad_(
                         self.direction == "bwd") for t in (s0.q, s0.k, s0.v))
                     with torch.set_grad_enabled(self.direction == "bwd"):
-                        out = reference.attention(q, k, v, upcast=upcast, **self._ref_opts(h))
+                        out = reference.attention(q, k, v, upcast=upcast, **self._ref_opts(b, h))
                         if self.direction == "bwd":
                             out.backward(s0.dout[b:b + 1, :, h:h + 1].to(dtype))
                             per[tag] = (q.grad, k.grad, v.grad)
@@ -532,6 +555,9 @@ def _feature_fn(case: FeatureCase, impl: str, flex=None):
     t = (lambda x: x.transpose(1, 2))  # noqa: E731
     if impl.startswith("gptkernels "):
         backend, deterministic = impl.split()[1], impl != ATOMIC_DQ
+        if "dropout_p" in case.opts:
+            return lambda q, k, v: gptkernels.flash_attn(q, k, v, backend=backend, deterministic=deterministic,
+                                                         generator=dropout_generator(), **case.opts)
         return lambda q, k, v: gptkernels.flash_attn(q, k, v, backend=backend, deterministic=deterministic,
                                                      **case.opts)
     if impl == SDPA_ALIBI or impl.startswith("torch sdpa "):

@@ -204,6 +204,19 @@ def paged_append(tokens, hkv, d, page=16) -> Case:
                 min_bytes=F.paged_append_io_bytes(tokens, hkv, d, ELEM))
 
 
+def dropout_mask_case(b, h, s, p=0.1) -> Case:
+    """The kernels' dropout keep mask written out (gptkernels.triton.flash_attn.dropout_mask, the
+    tests' and debuggers' view of what flash_attn(dropout_p=) drops): one int8 per (b, h, i, j)."""
+
+    def build():
+        from gptkernels.triton.flash_attn import dropout_mask
+
+        return lambda: dropout_mask(1234, p, b, h, s, s)
+
+    return Case(f"dropout mask B={b} H={h} S={s}", "dropout mask", f"B={b} H={h} Sq=Sk={s} p={p}", build,
+                min_bytes=float(b * h * s * s))
+
+
 def rotary(tokens, hq, hk, d, rot, *, interleaved=False, inplace=False) -> Case:
     def build():
         import gptkernels
@@ -334,6 +347,7 @@ def cases() -> list[Case]:
         paged_decode([2048, 300], 8, 2, 128, window=256),
         paged_decode([2048], 8, 2, 128, fp8=True),
         paged_append(256, 8, 128),
+        dropout_mask_case(1, 2, 256),
         rotary(512, 8, 8, 128, 128),
         rotary(1024, 8, 2, 128, 32),
         rotary(512, 8, 8, 128, 64, interleaved=True, inplace=True),

@@ -391,9 +391,11 @@ def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scal
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` with a sliding ``window``.
 
     Same layout (..., H, L, E) and semantics, including torch's top-left causal alignment when
-    L != S. A value head dim Ev different from the query's E is served (out (..., H, L, Ev)). Calls
-    that the kernels do not cover go to torch's own SDPA: an ``attn_mask``, dropout, head dims over
-    256, or float64. ``window`` (which needs ``is_causal=True``) is then folded into the mask.
+    L != S. A value head dim Ev different from the query's E is served (out (..., H, L, Ev)), and
+    ``dropout_p`` (the kernels' own mask, drawn as :func:`flash_attn` draws it: torch's generator
+    seeds it, but the mask is not torch SDPA's). Calls that the kernels do not cover go to torch's
+    own SDPA: an ``attn_mask``, head dims over 256, or float64. ``window`` (which needs
+    ``is_causal=True``) is then folded into the mask.
     """
     op = "sdpa"
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -405,7 +407,7 @@ def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scal
     hq, hkv = query.shape[-3], key.shape[-3]
     if hq != hkv and not enable_gqa:
         raise ValueError(f"{op}: query has {hq} heads and key {hkv}: pass enable_gqa=True for GQA/MQA")
-    kernel_ok = (attn_mask is None and dropout_p == 0.0 and query.dtype in P.FLOAT_DTYPES
+    kernel_ok = (attn_mask is None and query.dtype in P.FLOAT_DTYPES
                  and max(query.shape[-1], value.shape[-1]) <= P.MAX_HEAD_DIM)
     if not kernel_ok:
         mask = attn_mask
@@ -438,5 +440,6 @@ def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scal
                       window=window, softmax_scale=scale, cu_seqlens_q=None, cu_seqlens_k=None,
                       max_seqlen_q=None, max_seqlen_k=None, block_table=None, seqlens_k=None,
                       return_lse=False, backend=backend, bottom_right=False, op=op,
-                      names={"q": "query", "k": "key", "v": "value", "softmax_scale": "scale"})
+                      names={"q": "query", "k": "key", "v": "value", "softmax_scale": "scale"},
+                      dropout_p=dropout_p)
     return out.transpose(1, 2).reshape(*lead, hq, query.shape[-2], value.shape[-1])

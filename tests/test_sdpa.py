@@ -131,11 +131,6 @@ def test_fallthrough_to_torch(kernel_calls):
     for mask in (bool_mask, float_mask):
         assert torch.equal(gptkernels.sdpa(q, k, v, attn_mask=mask),
                            F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
-    # dropout: torch's SDPA with the same random stream
-    torch.manual_seed(1)
-    got = gptkernels.sdpa(q, k, v, dropout_p=0.3)
-    torch.manual_seed(1)
-    assert torch.equal(got, F.scaled_dot_product_attention(q, k, v, dropout_p=0.3))
     # a window with an attn_mask is folded into the mask (top-left aligned)
     band = reference.attention_mask(17, 23, causal=True, window=5, bottom_right=False, device=q.device)
     assert torch.equal(gptkernels.sdpa(q, k, v, attn_mask=bool_mask, is_causal=True, window=5),
@@ -150,6 +145,23 @@ def test_fallthrough_to_torch(kernel_calls):
     v300 = randn(2, 2, 23, 300)
     assert torch.equal(gptkernels.sdpa(q, k, v300), F.scaled_dot_product_attention(q, k, v300))
     assert not kernel_calls, "a call the kernels do not cover reached them"
+
+
+def test_dropout_runs_the_kernels(kernel_calls):
+    # dropout_p: flash_attn's dropout (its own mask, seeded from torch's generator), not torch SDPA's
+    # fallthrough: the same seed, the same result as flash_attn called with it; gradients flow
+    q, k, v = (randn(2, 2, 17, 32).requires_grad_() for _ in range(3))
+    t = (lambda x: x.transpose(1, 2))  # noqa: E731
+    torch.manual_seed(1)
+    got = gptkernels.sdpa(q, k, v, dropout_p=0.3, is_causal=True)
+    torch.manual_seed(1)
+    want = t(gptkernels.flash_attn(t(q), t(k), t(v), dropout_p=0.3))
+    assert torch.equal(got, want) and len(kernel_calls) == 2
+    assert not torch.equal(got, gptkernels.sdpa(q, k, v, is_causal=True))
+    got.sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
+    with pytest.raises(ValueError, match="dropout_p"):
+        gptkernels.sdpa(q, k, v, dropout_p=1.0)
 
 
 def test_bad_input():

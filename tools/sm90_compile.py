@@ -177,7 +177,8 @@ def compile_launch(kernel, args, kwargs, config=None):
     sig, consts, attrs = {}, {}, {}
     for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
         if param.is_constexpr:
-            sig[name], consts[(i,)] = "constexpr", values[name]
+            # a constexpr the launcher leaves at its default (e.g. HEAD_DIM_V when Dv == D)
+            sig[name], consts[(i,)] = "constexpr", values[name] if name in values else param.default
             continue
         ty, key = native_specialize_impl(CUDABackend, values[name], False, True, True)
         sig[name] = ty

@@ -336,6 +336,10 @@ def test_real_pytest_shards_are_counted(tmp_path):
         "def test_left_out():\n    raise SystemExit('deselected: never runs')\n"
         "@pytest.mark.skip(reason='needs a CUDA GPU')\n"
         "def test_skipped():\n    pass\n")
+    # pytest's rootdir (node ids are relative to it) is this folder wherever the checkout is: without
+    # a config file here, a checkout sharing a parent with it (both under /tmp) made that parent the
+    # rootdir, and the --deselect id below missed
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
     check = _real_check(tmp_path)
     path = os.path.relpath(tmp_path / "test_tiny.py", REPO)  # the jobs run in the checkout, as on the GPU
     # (node ids are relative to pytest's rootdir: the checkout on the GPU, the tmp folder here)

@@ -144,12 +144,19 @@ class Case:
         dout = torch.randn(shape, device=timing.DEVICE, dtype=DTYPE) if grad else None
         return SimpleNamespace(q=t[0], k=t[1], v=t[2], dout=dout, out=None)
 
+    dtype = DTYPE
+
     # (batch, head) slices the check looks at: the first and the last
     def _slices(self):
         return [(0, 0), (self.b - 1, self.h - 1)]
 
+    def _ref_opts(self, b: int, h: int) -> dict:
+        """The reference's arguments for the one-head slice (b, h)."""
+        return {"causal": True, "window": self.window}
+
     def reference(self):
-        """Per slice: float64 reference and eager bf16 (out, and dq/dk/dv for the backward)."""
+        """Per slice: float64 reference and eager in the inputs' dtype (out, and dq/dk/dv for the
+        backward)."""
         if self._ref is None:
             from gptkernels import reference
 
@@ -157,11 +164,11 @@ class Case:
             refs = []
             for b, h in self._slices():
                 per = {}
-                for tag, dtype, upcast in (("ref", torch.float64, True), ("base", DTYPE, False)):
+                for tag, dtype, upcast in (("ref", torch.float64, True), ("base", self.dtype, False)):
                     q, k, v = (t.detach()[b:b + 1, :, h:h + 1].to(dtype).clone().requires_grad_(
                         self.direction == "bwd") for t in (s0.q, s0.k, s0.v))
                     with torch.set_grad_enabled(self.direction == "bwd"):
-                        out = reference.attention(q, k, v, causal=True, window=self.window, upcast=upcast)
+                        out = reference.attention(q, k, v, upcast=upcast, **self._ref_opts(b, h))
                         if self.direction == "bwd":
                             out.backward(s0.dout[b:b + 1, :, h:h + 1].to(dtype))
                             per[tag] = (q.grad, k.grad, v.grad)
@@ -470,29 +477,6 @@ class FeatureCase(Case):
             opts["dropout_mask"] = keep[b:b + 1, h:h + 1].clone()
             del keep
         return opts
-
-    def reference(self):
-        if self._ref is None:
-            from gptkernels import reference
-
-            s0, refs = self.sets[0], []
-            for b, h in self._slices():
-                per = {}
-                for tag, dtype, upcast in (("ref", torch.float64, True), ("base", self.dtype, False)):
-                    q, k, v = (t.detach()[b:b + 1, :, h:h + 1].to(dtype).clone().requires_grad_(
-                        self.direction == "bwd") for t in (s0.q, s0.k, s0.v))
-                    with torch.set_grad_enabled(self.direction == "bwd"):
-                        out = reference.attention(q, k, v, upcast=upcast, **self._ref_opts(b, h))
-                        if self.direction == "bwd":
-                            out.backward(s0.dout[b:b + 1, :, h:h + 1].to(dtype))
-                            per[tag] = (q.grad, k.grad, v.grad)
-                        else:
-                            per[tag] = (out.detach(),)
-                    del q, k, v, out
-                refs.append(per)
-                free_memory()
-            self._ref = refs
-        return self._ref
 
     def sdpa_alibi_mask(self) -> torch.Tensor:
         """ALiBi plus the causal mask as SDPA's additive float mask (1, H, S, S) in the inputs' dtype,

@@ -33,6 +33,19 @@ FULL_GRID = full_grid()
 requires_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU: none is visible on this machine")
 
 
+def torchrun_cli(args: list[str], nproc: int = 2):
+    """``torchrun --standalone --nproc-per-node nproc -m gptkernels *args`` from the repository root,
+    one thread per rank -> the CompletedProcess (stdout/stderr as text)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                           str(nproc), "-m", "gptkernels", *args], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
 def grid(small: list, full: list) -> list:
     """Parameter values: ``full`` on a GPU, ``small`` in the interpreter (FULL_GRID decides)."""
     return full if FULL_GRID else small

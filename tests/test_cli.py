@@ -16,6 +16,7 @@ import torch
 import gptkernels
 from gptkernels.__main__ import main
 from gptkernels.models import TINY, from_config
+from tests.helpers import torchrun_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CPU = ["generate", "--tiny", "gpt2", "--device", "cpu", "--backend", "torch", "--max-new-tokens", "3"]
@@ -304,10 +305,7 @@ def test_torchrun_tp2_int4_fp8_cache_matches_single_process(capsys):
     not cross them) and calibrates its own KV heads' scales, so the tokens are the single process's."""
     args = ["generate", "--tiny", "gpt-neox", "--prompt", "5 6 7 8", "--prompt", "9 10", "--max-new-tokens", "5",
             "--backend", "torch", "--quantize", "int4", "--group-size", "32", "--kv-cache-dtype", "float8_e4m3fn"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "gptkernels", *args, "--tp", "2"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun_cli([*args, "--tp", "2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert main(args) == 0
     single = capsys.readouterr().out

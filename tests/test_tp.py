@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 import tempfile
 
 import pytest
@@ -24,11 +22,10 @@ import gptkernels
 from gptkernels.models import TINY, from_config, from_hf_config
 from gptkernels.models.tp import head_split, make_plan
 from tests import tp_worker
-from tests.helpers import requires_gpu
+from tests.helpers import requires_gpu, torchrun_cli
 from tests.hf_models import VARIANTS, hf_model, hf_positions
 
 TOL = 1e-4
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: Every family and the quirks sharding must keep: GPT-2's Conv1D and fused c_attn, GPT-Neo's local
 #: layers, GPT-NeoX's per-head qkv with parallel and sequential residual, OPT's project_in/out and
@@ -273,10 +270,7 @@ def test_cli_torchrun_tp2_matches_single_process(capsys):
 
     args = ["generate", "--tiny", "gpt-neox", "--prompt", "5 6 7 8", "--prompt", "9 10",
             "--max-new-tokens", "6", "--backend", "torch"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "gptkernels", *args, "--tp", "2"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun_cli([*args, "--tp", "2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert main(args) == 0
     single = _tokens(capsys.readouterr().out)
